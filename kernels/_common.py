@@ -1,0 +1,100 @@
+"""``@triton.jit`` helpers shared by every kernel family, and the generic gradient-scaling kernel.
+
+The elementary functions are written out here instead of taken from libdevice because the same code must run
+under Triton's interpreter (which has no libdevice) and under every Triton release from 3.6 on, whose libdevice
+import paths differ. Near 0, where ``exp(u) - 1`` and ``log(1 + v)`` cancel, they switch to a truncated Taylor
+series; away from 0 the direct formula's relative error is at most a few ulps divided by the threshold.
+"""
+
+import struct
+
+import triton
+import triton.language as tl
+
+
+def split_f64(v):
+    """A Python float as an fp32 (hi, lo) pair, rebuilt on the device by ``join_f64``: Triton passes Python floats
+    as fp32, which would round e.g. label_smoothing=0.1 by 1.5e-8, too coarse for fp64 inputs."""
+    v = float(v)
+    hi = struct.unpack("f", struct.pack("f", v))[0] if abs(v) < 3.4e38 else v
+    return hi, v - hi
+
+
+@triton.jit
+def join_f64(hi, lo, DTYPE: tl.constexpr):
+    """The float ``split_f64`` split, in the compute dtype (exact to ~2^-48 relative in fp64)."""
+    return (tl.zeros([], DTYPE) + hi) + lo
+
+
+@triton.jit
+def expm1(u):
+    """exp(u) - 1 without cancellation. |u| < 0.1: Taylor to u^8 (truncation 0.1^8 / 9! ~ 3e-14, relative);
+    elsewhere exp(u) - 1 loses at most log2(1 / 0.1) ~ 3.3 bits to cancellation."""
+    series = u * (1.0 + u / 2.0 * (1.0 + u / 3.0 * (1.0 + u / 4.0 * (1.0 + u / 5.0 * (
+        1.0 + u / 6.0 * (1.0 + u / 7.0 * (1.0 + u / 8.0)))))))
+    return tl.where(tl.abs(u) < 0.1, series, tl.exp(u) - 1.0)
+
+
+@triton.jit
+def log1p(v):
+    """log(1 + v) for v > -1 without cancellation: alternating Taylor series to v^10 for |v| < 0.1 (truncation
+    0.1^10 / 11 ~ 1e-11, relative), log(1 + v) elsewhere."""
+    series = v * (1.0 - v * (1.0 / 2.0 - v * (1.0 / 3.0 - v * (1.0 / 4.0 - v * (1.0 / 5.0 - v * (
+        1.0 / 6.0 - v * (1.0 / 7.0 - v * (1.0 / 8.0 - v * (1.0 / 9.0 - v / 10.0)))))))))
+    return tl.where(tl.abs(v) < 0.1, series, tl.log(1.0 + v))
+
+
+@triton.jit
+def soft_cap(x, cap):
+    """Gemma 2's logit soft-capping, ``cap * tanh(x / cap)``, and its derivative ``1 - tanh^2`` for the chain
+    rule. tanh(u) = 1 - 2 / (1 + exp(2u)) saturates to +-1 without overflow; its absolute error, ~1 ulp of 1,
+    is an absolute error of ~cap ulps in the capped logit, far below what a softmax can resolve."""
+    t = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * x / cap))
+    return cap * t, 1.0 - t * t
+
+
+@triton.jit
+def pow_nonneg(base, exponent):
+    """base ** exponent for base >= 0 and exponent >= 0, with 0 ** 0 == 1 (exp2(0 * log2(0)) would be NaN)."""
+    positive = base > 0.0
+    p = tl.exp2(exponent * tl.log2(tl.where(positive, base, 1.0)))
+    return tl.where(positive, p, tl.where(exponent == 0.0, 1.0, 0.0))
+
+
+@triton.jit
+def online_logsumexp_update(m, s, x, AXIS: tl.constexpr):
+    """Merge a tile ``x`` into the running (max, sum of exp(x - max)) pair along ``AXIS``: the streaming
+    log-sum-exp of Milakov & Gimelshein (2018). Returns the new (m, s) and the shift used, m or 0 where m is
+    still -inf, so a row whose values are all -inf so far keeps m = -inf and s = 0, never NaN."""
+    m_new = tl.maximum(m, tl.max(x, axis=AXIS))
+    shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+    s_new = s * tl.exp(m - shift) + tl.sum(tl.exp(x - tl.expand_dims(shift, AXIS)), axis=AXIS)
+    return m_new, s_new, shift
+
+
+@triton.jit
+def _scale_unless_one_kernel(
+    grad_ptr, scale_ptr,
+    numel,
+    BLOCK: tl.constexpr,
+):
+    """grad *= scale, in place, for a scalar scale on the device. When scale == 1 (a plain ``loss.backward()``)
+    every program returns after one scalar load: the gradient a fused forward wrote is already final and the
+    backward moves no bytes, without a host sync to find that out."""
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        g = tl.load(grad_ptr + offsets, mask=mask)
+        tl.store(grad_ptr + offsets, (g * scale).to(g.dtype), mask=mask)
+
+
+def scale_unless_one(grad, scale):
+    """``grad`` (contiguous, any float dtype) times the 0-d device tensor ``scale``, in place; returns ``grad``."""
+    from .configs import SCALE_BLOCK, SCALE_NUM_WARPS
+
+    numel = grad.numel()
+    if numel:
+        grid = (triton.cdiv(numel, SCALE_BLOCK),)
+        _scale_unless_one_kernel[grid](grad, scale, numel, BLOCK=SCALE_BLOCK, num_warps=SCALE_NUM_WARPS)
+    return grad

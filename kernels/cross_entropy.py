@@ -1,0 +1,376 @@
+"""Cross-entropy family kernels: softmax cross-entropy with label smoothing, focal weighting, z-loss and logit
+soft-capping, for class-index and class-probability targets.
+
+Every problem is seen as ``rows x classes``: row ``r`` of an ``(N, C, d1, ..., dk)`` input is
+``(r // inner, :, r % inner)`` with ``inner = d1 * ... * dk``, so K-dimensional inputs need no transpose copy.
+
+Per row, with ``x`` the (soft-capped) logits, ``lse = logsumexp(x)``, ``a_c`` the smoothing / soft-target
+coefficients and ``B = sum_c a_c``:
+
+    ce     = (1 - eps) * w_y * (lse - x_y) + eps / C * (B * lse - sum_c a_c x_c)   class-index target
+    ce     = B * lse - sum_c a_c x_c,  a_c = ((1 - eps) t_c + eps / C) * w_c        probability target
+    loss   = alpha_y * (1 - p_y) ** gamma * ce + z * lse ** 2,      p_y = exp(x_y - lse)
+
+and the gradient with respect to ``x_c`` collapses to three per-row coefficients (``p_c = exp(x_c - lse)``):
+
+    dloss/dx_c = p_c * (K1 + [c != y] * Kf) - a_c * K3 - [c == y] * Ky
+
+    K1 = alpha F ((1 - eps) w_y + eps / C * B) + 2 z lse,     F = (1 - p_y) ** gamma
+    Kf = alpha ce gamma p_y F / (1 - p_y)                     focal term, c != y
+    Ky = alpha F (1 - eps) w_y + alpha ce gamma p_y F         one-hot term (focal part exact at c == y)
+    K3 = alpha F eps / C                                      (1 for probability targets)
+
+The focal derivative ``gamma (1 - p_y) ** (gamma - 1) p_y (p_c - [c == y])`` is written as ``F * p_c / (1 - p_y)``
+for c != y, where ``p_c <= 1 - p_y`` keeps the ratio in [0, 1], and as the exact ``-gamma p_y F`` at c == y: both
+stay finite for ``0 < gamma < 1`` at saturated predictions, where the naive ``(1 - p_y) ** (gamma - 1)`` is inf.
+``1 - p_y`` is ``-expm1(x_y - lse)``, accurate when p_y is close to 1.
+
+Two launch modes share one pass-2 helper:
+- fused (``COMPUTE_GRAD``): one launch reads each row in pass 1 (online max / sum-exp), then again in reverse
+  block order in pass 2 (the blocks read last are still in L2) to write the gradient, already scaled by the
+  reduction's ``1 / denominator`` on the device; the backward is then a no-op when ``grad_output == 1``.
+- split (``STORE_COEFS``): the forward stores ``lse`` and (K1, Kf, Ky, K3) per row; the backward kernel reads the
+  logits once more and scales by a per-row ``grad_output`` (``reduction='none'``) or writes the gradient of
+  probability targets as well.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import expm1, join_f64, online_logsumexp_update, pow_nonneg, soft_cap, split_f64
+from .configs import cross_entropy_config
+
+
+@triton.jit
+def _row_offsets(rows, inner, stride_outer, stride_inner):
+    """Element offset of each row's first class, in 64 bits (rows * stride passes 2^31 at LLM sizes)."""
+    rows = rows.to(tl.int64)
+    return (rows // inner) * stride_outer + (rows % inner) * stride_inner
+
+
+@triton.jit
+def _load_logits(logits_ptr, offs, mask, softcap, HAS_SOFTCAP: tl.constexpr, DTYPE: tl.constexpr):
+    """Load a tile of logits in the compute dtype, soft-capped, padded lanes set to -inf after the cap."""
+    x = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(DTYPE)
+    dcap = x  # unused unless HAS_SOFTCAP
+    if HAS_SOFTCAP:
+        x, dcap = soft_cap(x, softcap)
+    return tl.where(mask, x, float("-inf")), dcap
+
+
+@triton.jit
+def _smoothing_coef(target_ptr, weight_ptr, cols, t_offs, mask, eps, n_classes,
+                    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, DTYPE: tl.constexpr):
+    """a_c: the weight of class c in the smoothed / soft-target term (see the module docstring)."""
+    if PROB_TARGET:
+        t = tl.load(target_ptr + t_offs, mask=mask, other=0.0).to(DTYPE)
+        a = (1.0 - eps) * t + eps / n_classes
+    else:
+        a = tl.zeros(cols.shape, DTYPE) + 1.0
+    if HAS_WEIGHT:
+        a = a * tl.load(weight_ptr + cols, mask=cols < n_classes, other=0.0).to(DTYPE)
+    return tl.where(mask, a, 0.0)
+
+
+@triton.jit
+def _ce_grad_pass(
+    logits_ptr, target_ptr, weight_ptr, grad_ptr, grad_target_ptr,
+    logits_base, target_base, grad_base,
+    row_mask, y, lse, k1, kf, ky, k3, target_grad_scale,
+    n_classes, stride_logits_class, stride_target_class, stride_grad_class, eps, softcap,
+    BLOCK_C: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_INPUT_GRAD: tl.constexpr, COMPUTE_TARGET_GRAD: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
+    """Pass 2 over a [BLOCK_R] group of rows: dloss/dlogits from the per-row coefficients and, for probability
+    targets, dloss/dtarget_c = -(1 - eps) * w_c * log p_c. Blocks are visited last-to-first so that the ones
+    pass 1 read most recently are read first, while they are still in L2."""
+    num_blocks = tl.cdiv(n_classes, BLOCK_C)
+    for i in range(0, num_blocks):
+        cols = (num_blocks - 1 - i) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        t_offs = target_base[:, None] + cols[None, :] * stride_target_class
+        x, dcap = _load_logits(logits_ptr, logits_base[:, None] + cols[None, :] * stride_logits_class, mask,
+                               softcap, HAS_SOFTCAP, DTYPE)
+        if COMPUTE_INPUT_GRAD:
+            p = tl.exp(x - lse[:, None])
+            is_target = cols[None, :] == y[:, None]
+            g = p * (k1[:, None] + tl.where(is_target, 0.0, kf[:, None])) - tl.where(is_target, ky[:, None], 0.0)
+            if HAS_COEF:
+                a = _smoothing_coef(target_ptr, weight_ptr, cols[None, :], t_offs, mask, eps, n_classes,
+                                    PROB_TARGET, HAS_WEIGHT, DTYPE)
+                g -= a * k3[:, None]
+            if HAS_SOFTCAP:
+                g *= dcap
+            g_offs = grad_base[:, None] + cols[None, :] * stride_grad_class
+            tl.store(grad_ptr + g_offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_TARGET_GRAD:
+            log_p = x - lse[:, None]
+            if HAS_WEIGHT:
+                log_p *= tl.load(weight_ptr + cols, mask=cols < n_classes, other=0.0).to(DTYPE)[None, :]
+            gt = tl.where(mask, -target_grad_scale[:, None] * log_p, 0.0)
+            tl.store(grad_target_ptr + t_offs, gt.to(grad_target_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    # pointers
+    logits_ptr, target_ptr, weight_ptr, alpha_ptr, grad_scale_ptr,
+    loss_ptr, lse_ptr, coef_ptr, grad_ptr,
+    # shapes
+    n_rows, n_classes, inner,
+    # strides (in elements)
+    stride_logits_outer, stride_logits_inner, stride_logits_class,
+    stride_target_outer, stride_target_inner, stride_target_class,
+    stride_grad_outer, stride_grad_inner, stride_grad_class,
+    # constants
+    ignore_index,
+    eps_hi, eps_lo, gamma_hi, gamma_lo, alpha_hi, alpha_lo, z_hi, z_lo, cap_hi, cap_lo,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, STORE_COEFS: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """Per-row loss and log-sum-exp; with COMPUTE_GRAD the gradient (times ``grad_scale``) in the same launch,
+    with STORE_COEFS the per-row gradient coefficients for ``_ce_bwd_kernel``."""
+    eps = join_f64(eps_hi, eps_lo, DTYPE)
+    gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
+    z = join_f64(z_hi, z_lo, DTYPE)
+    softcap = join_f64(cap_hi, cap_lo, DTYPE)
+    HAS_COEF: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    logits_base = _row_offsets(rows, inner, stride_logits_outer, stride_logits_inner)
+    target_base = _row_offsets(rows, inner, stride_target_outer, stride_target_inner)
+    if PROB_TARGET:
+        y = tl.full([BLOCK_R], -1, tl.int64)
+        valid = row_mask
+        in_range = row_mask
+    else:
+        y = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        valid = row_mask & (y != ignore_index)
+        in_range = (y >= 0) & (y < n_classes)
+
+    # Pass 1: online max / sum-exp; with coefficients, B = sum a_c and A = sum a_c (x_c - m) relative to the
+    # running max m, so that B * lse - sum a_c x_c = B * (lse - m) - A does not cancel for large logits.
+    m = tl.full([BLOCK_R], float("-inf"), DTYPE)
+    s = tl.zeros([BLOCK_R], DTYPE)
+    coef_sum = tl.zeros([BLOCK_R], DTYPE)
+    coef_dot = tl.zeros([BLOCK_R], DTYPE)
+    for start in range(0, n_classes, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        x, _ = _load_logits(logits_ptr, logits_base[:, None] + cols[None, :] * stride_logits_class, mask,
+                            softcap, HAS_SOFTCAP, DTYPE)
+        m_old = m
+        m, s, m_ref = online_logsumexp_update(m, s, x, 1)
+        if HAS_COEF:
+            a = _smoothing_coef(target_ptr, weight_ptr, cols[None, :],
+                                target_base[:, None] + cols[None, :] * stride_target_class, mask, eps, n_classes,
+                                PROB_TARGET, HAS_WEIGHT, DTYPE)
+            coef_dot = tl.where(m_old > float("-inf"), coef_dot + coef_sum * (m_old - m_ref), coef_dot)
+            coef_dot += tl.sum(tl.where(mask, a * (x - m_ref[:, None]), 0.0), axis=1)
+            coef_sum += tl.sum(a, axis=1)
+    lse = m + tl.log(s)
+    smooth = coef_sum * (lse - m) - coef_dot  # sum_c a_c (lse - x_c)
+
+    if PROB_TARGET:
+        ce = smooth
+        loss = ce + z * lse * lse
+        k1 = coef_sum + 2.0 * z * lse
+        kf = tl.zeros([BLOCK_R], DTYPE)
+        ky = tl.zeros([BLOCK_R], DTYPE)
+        k3 = tl.zeros([BLOCK_R], DTYPE) + 1.0
+    else:
+        gather = valid & in_range
+        x_y, _ = _load_logits(logits_ptr, logits_base + y * stride_logits_class, gather, softcap, HAS_SOFTCAP, DTYPE)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y, mask=gather, other=0.0).to(DTYPE)
+        else:
+            w_y = tl.zeros([BLOCK_R], DTYPE) + 1.0
+        if HAS_ALPHA:
+            alpha = tl.load(alpha_ptr + y, mask=gather, other=0.0).to(DTYPE)
+        else:
+            alpha = tl.zeros([BLOCK_R], DTYPE) + join_f64(alpha_hi, alpha_lo, DTYPE)
+        log_p_y = x_y - lse
+        ce = (1.0 - eps) * w_y * (-log_p_y)
+        if HAS_SMOOTHING:
+            ce += eps / n_classes * smooth
+        p_y = tl.exp(log_p_y)
+        one_minus_p_y = -expm1(log_p_y)
+        focal = pow_nonneg(one_minus_p_y, gamma)
+        loss = alpha * focal * ce + z * lse * lse
+        k1 = alpha * focal * (1.0 - eps) * w_y + 2.0 * z * lse
+        if HAS_SMOOTHING:
+            k1 += alpha * focal * eps / n_classes * coef_sum
+        focal_term = alpha * ce * gamma * p_y * focal
+        kf = focal_term * tl.where(one_minus_p_y > 0.0, 1.0 / one_minus_p_y, 0.0)
+        ky = alpha * focal * (1.0 - eps) * w_y + focal_term
+        k3 = alpha * focal * eps / n_classes
+        # Ignored rows contribute nothing; an out-of-range class index (only reachable on GPU, the host checks
+        # on CPU) poisons its row with NaN instead of reading out of bounds.
+        nan = float("nan")
+        loss = tl.where(valid, tl.where(in_range, loss, nan), 0.0)
+        k1 = tl.where(valid, tl.where(in_range, k1, nan), 0.0)
+        kf = tl.where(valid, kf, 0.0)
+        ky = tl.where(valid, ky, 0.0)
+        k3 = tl.where(valid, k3, 0.0)
+
+    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
+    tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=row_mask)
+    if STORE_COEFS:
+        coef_offs = rows.to(tl.int64) * 4
+        tl.store(coef_ptr + coef_offs + 0, k1, mask=row_mask)
+        tl.store(coef_ptr + coef_offs + 1, kf, mask=row_mask)
+        tl.store(coef_ptr + coef_offs + 2, ky, mask=row_mask)
+        tl.store(coef_ptr + coef_offs + 3, k3, mask=row_mask)
+    if COMPUTE_GRAD:
+        scale = tl.load(grad_scale_ptr).to(DTYPE)
+        grad_base = _row_offsets(rows, inner, stride_grad_outer, stride_grad_inner)
+        _ce_grad_pass(
+            logits_ptr, target_ptr, weight_ptr, grad_ptr, grad_ptr,
+            logits_base, target_base, grad_base,
+            row_mask, y, lse, k1 * scale, kf * scale, ky * scale, k3 * scale, scale,
+            n_classes, stride_logits_class, stride_target_class, stride_grad_class, eps, softcap,
+            BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_COEF, HAS_SOFTCAP, True, False, DTYPE,
+        )
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    # pointers
+    logits_ptr, target_ptr, weight_ptr, lse_ptr, coef_ptr, grad_scale_ptr,
+    grad_ptr, grad_target_ptr,
+    # shapes
+    n_rows, n_classes, inner,
+    # strides (in elements; stride_grad_scale is 0 for a scalar grad_output)
+    stride_logits_outer, stride_logits_inner, stride_logits_class,
+    stride_target_outer, stride_target_inner, stride_target_class,
+    stride_grad_outer, stride_grad_inner, stride_grad_class,
+    stride_grad_scale,
+    # constants
+    eps_hi, eps_lo, cap_hi, cap_lo,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_INPUT_GRAD: tl.constexpr, COMPUTE_TARGET_GRAD: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
+    """Gradient of the logits (and of probability targets) from the forward's per-row lse and coefficients,
+    scaled per row by ``grad_scale`` (``grad_output``, divided by the denominator for ``mean``)."""
+    eps = join_f64(eps_hi, eps_lo, DTYPE)
+    softcap = join_f64(cap_hi, cap_lo, DTYPE)
+    HAS_COEF: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    logits_base = _row_offsets(rows, inner, stride_logits_outer, stride_logits_inner)
+    target_base = _row_offsets(rows, inner, stride_target_outer, stride_target_inner)
+    grad_base = _row_offsets(rows, inner, stride_grad_outer, stride_grad_inner)
+    if PROB_TARGET:
+        y = tl.full([BLOCK_R], -1, tl.int64)
+    else:
+        y = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    scale = tl.load(grad_scale_ptr + rows.to(tl.int64) * stride_grad_scale, mask=row_mask, other=0.0).to(DTYPE)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(DTYPE)
+    coef_offs = rows.to(tl.int64) * 4
+    k1 = tl.load(coef_ptr + coef_offs + 0, mask=row_mask, other=0.0) * scale
+    kf = tl.load(coef_ptr + coef_offs + 1, mask=row_mask, other=0.0) * scale
+    ky = tl.load(coef_ptr + coef_offs + 2, mask=row_mask, other=0.0) * scale
+    k3 = tl.load(coef_ptr + coef_offs + 3, mask=row_mask, other=0.0) * scale
+    _ce_grad_pass(
+        logits_ptr, target_ptr, weight_ptr, grad_ptr, grad_target_ptr,
+        logits_base, target_base, grad_base,
+        row_mask, y, lse, k1, kf, ky, k3, (1.0 - eps) * scale,
+        n_classes, stride_logits_class, stride_target_class, stride_grad_class, eps, softcap,
+        BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_COEF, HAS_SOFTCAP, COMPUTE_INPUT_GRAD, COMPUTE_TARGET_GRAD, DTYPE,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: derive every constexpr flag from the arguments, and write into caller-allocated outputs.
+
+
+def class_layout(t):
+    """(rows, inner, (stride_outer, stride_inner, stride_class)) for a (C,), (N, C) or (N, C, d1, ..., dk)
+    tensor, or None when d1..dk cannot be walked with one stride (the caller then makes it contiguous)."""
+    if t.dim() == 1:
+        return 1, 1, (0, 0, t.stride(0))
+    if t.dim() == 2:
+        return t.shape[0], 1, (t.stride(0), 0, t.stride(1))
+    spatial = [(size, stride) for size, stride in zip(t.shape[2:], t.stride()[2:]) if size != 1]
+    inner = 1
+    for size, _ in spatial:
+        inner *= size
+    # d1..dk walk with one stride when each dim's stride is the next one's times its size (size-1 dims are free).
+    inner_stride = spatial[-1][1] if spatial else 0
+    expected = inner_stride
+    for size, stride in reversed(spatial):
+        if stride != expected:
+            return None
+        expected = stride * size
+    return t.shape[0] * inner, inner, (t.stride(0), inner_stride, t.stride(1))
+
+
+def _dtype_of(*tensors):
+    return tl.float64 if any(t is not None and t.dtype.is_floating_point and t.itemsize == 8
+                             for t in tensors) else tl.float32
+
+
+def cross_entropy_forward(logits, target, weight, alpha, grad_scale, loss, lse, coefs, grad, *,
+                          ignore_index, label_smoothing, focal_gamma, focal_alpha, z_loss, softcap):
+    """Launch ``_ce_fwd_kernel``: per-row ``loss`` and ``lse`` (fp32, or fp64 for fp64 inputs); ``coefs`` (rows, 4)
+    when not None; the gradient into ``grad`` (logits' shape, may be ``logits`` itself) scaled by the 0-d
+    ``grad_scale`` when ``grad`` is not None. ``logits`` must satisfy ``class_layout``; class-index targets are
+    flat (rows,), probability targets have the logits' shape."""
+    n_rows, inner, logit_strides = class_layout(logits)
+    n_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    prob_target = target.is_floating_point()
+    target_strides = class_layout(target)[2] if prob_target else (0, 0, 0)
+    grad_strides = class_layout(grad)[2] if grad is not None else (0, 0, 0)
+    block_r, block_c, num_warps = cross_entropy_config(n_classes, logit_strides[2] == 1)
+    grid = (triton.cdiv(n_rows, block_r),)
+    _ce_fwd_kernel[grid](
+        logits, target, weight, alpha, grad_scale,
+        loss, lse, coefs, grad,
+        n_rows, n_classes, inner,
+        *logit_strides, *target_strides, *grad_strides,
+        ignore_index,
+        *split_f64(label_smoothing), *split_f64(focal_gamma), *split_f64(focal_alpha), *split_f64(z_loss),
+        *split_f64(softcap or 0.0),
+        BLOCK_R=block_r, BLOCK_C=block_c,
+        PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0 and not prob_target,
+        HAS_SOFTCAP=softcap is not None, HAS_ALPHA=alpha is not None,
+        COMPUTE_GRAD=grad is not None, STORE_COEFS=coefs is not None,
+        DTYPE=_dtype_of(logits, target),
+        num_warps=num_warps,
+    )
+
+
+def cross_entropy_backward(logits, target, weight, lse, coefs, grad_scale, grad, grad_target, *,
+                           label_smoothing, softcap):
+    """Launch ``_ce_bwd_kernel``: ``grad`` (logits' shape) and/or ``grad_target`` (probability targets) from the
+    forward's ``lse`` and ``coefs``, times ``grad_scale`` (0-d, or one value per row)."""
+    n_rows, inner, logit_strides = class_layout(logits)
+    n_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    prob_target = target.is_floating_point()
+    target_strides = class_layout(target)[2] if prob_target else (0, 0, 0)
+    grad_strides = class_layout(grad)[2] if grad is not None else (0, 0, 0)
+    block_r, block_c, num_warps = cross_entropy_config(n_classes, logit_strides[2] == 1)
+    grid = (triton.cdiv(n_rows, block_r),)
+    _ce_bwd_kernel[grid](
+        logits, target, weight, lse, coefs, grad_scale,
+        grad, grad_target,
+        n_rows, n_classes, inner,
+        *logit_strides, *target_strides, *grad_strides,
+        0 if grad_scale.dim() == 0 else grad_scale.stride(0),
+        *split_f64(label_smoothing), *split_f64(softcap or 0.0),
+        BLOCK_R=block_r, BLOCK_C=block_c,
+        PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0 and not prob_target,
+        HAS_SOFTCAP=softcap is not None,
+        COMPUTE_INPUT_GRAD=grad is not None, COMPUTE_TARGET_GRAD=grad_target is not None,
+        DTYPE=_dtype_of(logits, target),
+        num_warps=num_warps,
+    )

@@ -1,0 +1,96 @@
+"""Test tiers, tolerances and helpers shared by every test module.
+
+Tiers (the ``tier`` fixture):
+- ``interpret``: CPU tensors through the Triton kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set here
+  before fusedloss is imported, since Triton reads it when ``@triton.jit`` decorates);
+- ``torch``: CPU tensors through the torch backend (``FUSEDLOSS_BACKEND=torch``);
+- ``cuda``: CUDA tensors through the compiled kernels. Triton cannot mix compiled and interpreted kernels in one
+  process, so this tier runs in its own session: ``FUSEDLOSS_TEST_DEVICE=cuda pytest`` on a GPU machine. In the
+  CPU session it is skipped with that reason.
+
+Every buffer a kernel writes is poisoned with NaN first (``FUSEDLOSS_POISON=1``), so an unwritten element fails.
+"""
+
+import hashlib
+import os
+import types
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("FUSEDLOSS_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["FUSEDLOSS_POISON"] = "1"
+
+import fusedloss  # noqa: E402  (after TRITON_INTERPRET)
+
+# Relative norm error of values and gradients against the fp64 eager reference (DESIGN.md).
+TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+TIERS = ("interpret", "torch", "cuda")
+
+
+def _tier_skip_reason(name):
+    if name == "cuda":
+        if DEVICE != "cuda":
+            return "CUDA tier: run FUSEDLOSS_TEST_DEVICE=cuda pytest on a GPU machine"
+        if not torch.cuda.is_available():
+            return "CUDA tier: no CUDA device visible"
+        return None
+    if DEVICE != "cpu":
+        return f"{name} tier runs in the CPU session (FUSEDLOSS_TEST_DEVICE unset)"
+    if name == "interpret" and fusedloss.backend("cpu") != "triton-interpret":
+        return "interpreter tier needs triton installed"
+    return None
+
+
+@pytest.fixture(params=TIERS)
+def tier(request, monkeypatch):
+    """The backend under test: ``tier.device`` for the inputs, ``tier.name``, ``tier.backend``."""
+    reason = _tier_skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    if request.param == "torch":
+        monkeypatch.setenv("FUSEDLOSS_BACKEND", "torch")
+    device = torch.device("cuda" if request.param == "cuda" else "cpu")
+    t = types.SimpleNamespace(name=request.param, device=device, backend=fusedloss.backend(device))
+    expected = {"interpret": "triton-interpret", "torch": "torch", "cuda": "triton"}[request.param]
+    assert t.backend == expected, f"tier {request.param} would run backend {t.backend}"
+    return t
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test's id: fresh inputs per test, reproducible per test."""
+    seed = int(hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8], 16)
+    return torch.Generator().manual_seed(seed)
+
+
+def rel_err(actual, expected):
+    """||actual - expected|| / ||expected|| in fp64; NaN anywhere in ``actual`` where ``expected`` is finite
+    gives inf. Non-finite entries must match exactly (same inf, or NaN where the reference is NaN)."""
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != reference {tuple(e.shape)}"
+    finite = torch.isfinite(e)
+    if not torch.equal(torch.isnan(a), torch.isnan(e)) or not torch.equal(a[~finite & ~torch.isnan(e)],
+                                                                          e[~finite & ~torch.isnan(e)]):
+        return float("inf")
+    a, e = a[finite], e[finite]
+    denom = e.norm()
+    diff = (a - e).norm()
+    return float(diff / denom) if denom > 0 else float(diff)
+
+
+def assert_close(actual, expected, dtype, what="value", factor=1.0):
+    """Relative norm error within the tolerance of ``dtype`` (times ``factor``, which a test must justify)."""
+    err = rel_err(actual, expected)
+    tol = TOL[dtype] * factor
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
+    """Normal(0, scale) drawn on the CPU from ``gen`` (so every tier sees the same numbers), then moved."""
+    x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+    return x.requires_grad_(requires_grad)
