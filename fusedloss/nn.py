@@ -10,9 +10,6 @@ from . import _checks
 from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
 from .losses.cross_entropy import cross_entropy
 
-__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "FocalLoss", "SigmoidFocalLoss"]
-
-
 class CrossEntropyLoss(torch.nn.Module):
     """``fusedloss.cross_entropy`` as a module; see it for shapes, dtypes and the extras."""
 
@@ -72,3 +69,7 @@ class SigmoidFocalLoss(torch.nn.Module):
 
     def forward(self, inputs, targets):
         return sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction)
+
+
+__all__ = sorted(name for name, obj in list(globals().items())
+                 if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == __name__)

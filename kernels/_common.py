@@ -76,25 +76,36 @@ def online_logsumexp_update(m, s, x, AXIS: tl.constexpr):
 def _scale_unless_one_kernel(
     grad_ptr, scale_ptr,
     numel,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, DTYPE: tl.constexpr,
 ):
     """grad *= scale, in place, for a scalar scale on the device. When scale == 1 (a plain ``loss.backward()``)
     every program returns after one scalar load: the gradient a fused forward wrote is already final and the
     backward moves no bytes, without a host sync to find that out."""
-    scale = tl.load(scale_ptr)
+    scale = tl.load(scale_ptr).to(DTYPE)
     if scale != 1.0:
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < numel
         g = tl.load(grad_ptr + offsets, mask=mask)
-        tl.store(grad_ptr + offsets, (g * scale).to(g.dtype), mask=mask)
+        tl.store(grad_ptr + offsets, (g.to(DTYPE) * scale).to(g.dtype), mask=mask)
 
 
 def scale_unless_one(grad, scale):
     """``grad`` (contiguous, any float dtype) times the 0-d device tensor ``scale``, in place; returns ``grad``."""
+    import torch
+
     from .configs import SCALE_BLOCK, SCALE_NUM_WARPS
 
     numel = grad.numel()
     if numel:
         grid = (triton.cdiv(numel, SCALE_BLOCK),)
-        _scale_unless_one_kernel[grid](grad, scale, numel, BLOCK=SCALE_BLOCK, num_warps=SCALE_NUM_WARPS)
+        dtype = tl.float64 if grad.dtype == torch.float64 else tl.float32
+        _scale_unless_one_kernel[grid](grad, scale, numel, BLOCK=SCALE_BLOCK, DTYPE=dtype, num_warps=SCALE_NUM_WARPS)
     return grad
+
+
+def compile_variants():
+    """The scaling kernel for each gradient dtype (for ``bench/compile_report.py``)."""
+    import torch
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        scale_unless_one(torch.zeros(8, dtype=dtype), torch.ones((), dtype=dtype))

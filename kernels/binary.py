@@ -149,3 +149,37 @@ def binary_forward(input, target, weight, pos_weight, grad_scale, loss, partial,
 def num_programs(numel):
     """The grid of ``_binary_kernel``, and so the length of its ``partial`` buffer."""
     return triton.cdiv(numel, BINARY_BLOCK)
+
+
+def compile_variants():
+    """Call the launcher once per constexpr combination it can produce, on small CPU tensors (for
+    ``bench/compile_report.py``, which records the launches instead of running them)."""
+    import torch
+
+    shape = (8, 16)
+    broadcasts = {BCAST_NONE: None, BCAST_SCALAR: torch.ones(1), BCAST_LAST: torch.ones(16),
+                  BCAST_FULL: torch.ones(shape)}
+
+    def launch(dtype, *, focal=False, weight=None, pos_weight=None, mode="fused", target_grad=False):
+        x = torch.zeros(shape, dtype=dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        scale = torch.ones(shape if mode == "backward" else (), dtype=acc)
+        loss = torch.zeros(shape, dtype=dtype) if mode == "none" else None
+        partial = torch.zeros(num_programs(x.numel()), dtype=acc) if mode == "fused" else None
+        grad = torch.zeros_like(x) if mode in ("fused", "backward") else None
+        grad_target = torch.zeros_like(x) if target_grad else None
+        binary_forward(x, x, weight, pos_weight, scale, loss, partial, grad, grad_target, focal=focal,
+                       gamma=2.0, alpha=0.25)
+
+    for weight in broadcasts.values():
+        for pos_weight in broadcasts.values():
+            launch(torch.bfloat16, weight=weight, pos_weight=pos_weight)
+    for focal in (False, True):
+        for mode in ("fused", "none", "backward"):
+            for target_grad in (False, True):
+                if mode == "none" and target_grad:
+                    continue
+                launch(torch.bfloat16, focal=focal, mode=mode, target_grad=target_grad)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        launch(dtype)
+        launch(dtype, focal=True)

@@ -374,3 +374,48 @@ def cross_entropy_backward(logits, target, weight, lse, coefs, grad_scale, grad,
         DTYPE=_dtype_of(logits, target),
         num_warps=num_warps,
     )
+
+
+def compile_variants():
+    """Call the launchers once per constexpr combination they can produce, on small CPU tensors (for
+    ``bench/compile_report.py``, which records the launches instead of running them)."""
+    import itertools
+
+    import torch
+
+    def launch(dtype, n_classes, *, prob=False, weight=False, smoothing=False, softcap=False, alpha=False,
+               mode="fused", strided=False):
+        shape = (4, n_classes, 3) if strided else (4, n_classes)
+        logits = torch.zeros(shape, dtype=dtype)
+        target = torch.zeros(shape, dtype=dtype) if prob else torch.zeros(shape[:1] + shape[2:], dtype=torch.long)
+        w = torch.ones(n_classes, dtype=torch.float32) if weight else None
+        a = torch.ones(n_classes, dtype=torch.float32) if alpha else None
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        rows = logits.numel() // n_classes
+        vec = torch.zeros(rows, dtype=acc)
+        coefs = torch.zeros(rows, 4, dtype=acc)
+        cap = 30.0 if softcap else None
+        eps = 0.1 if smoothing else 0.0
+        cross_entropy_forward(
+            logits, target.reshape(-1) if not prob else target, w, a, torch.ones((), dtype=acc), vec, vec,
+            coefs if mode == "coefs" else None, torch.zeros_like(logits) if mode == "fused" else None,
+            ignore_index=-100, label_smoothing=eps, focal_gamma=2.0, focal_alpha=1.0, z_loss=1e-4, softcap=cap)
+        if mode == "coefs":
+            for input_grad, target_grad in ((True, False), (False, True), (True, True)):
+                if target_grad and not prob:
+                    continue
+                cross_entropy_backward(
+                    logits, target.reshape(-1) if not prob else target, w, vec, coefs, vec,
+                    torch.zeros_like(logits) if input_grad else None,
+                    torch.zeros_like(target) if target_grad else None, label_smoothing=eps, softcap=cap)
+
+    flags = itertools.product((False, True), repeat=4)
+    for (weight, smoothing, softcap, alpha), mode in itertools.product(flags, ("fused", "coefs", "none")):
+        launch(torch.bfloat16, 4096, weight=weight, smoothing=smoothing, softcap=softcap, alpha=alpha, mode=mode)
+    for (weight, softcap), mode in itertools.product(itertools.product((False, True), repeat=2),
+                                                     ("fused", "coefs", "none")):
+        launch(torch.bfloat16, 4096, prob=True, weight=weight, softcap=softcap, mode=mode)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        launch(dtype, 4096, mode="coefs")
+    for strided in (False, True):
+        launch(torch.bfloat16, 10, strided=strided, mode="coefs")

@@ -29,7 +29,11 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
     for name, t in (("weight", weight), ("pos_weight", pos_weight)):
         if t is not None:
             _checks.check_tensor(name, t, floating=True, device=input.device)
-            if torch.broadcast_shapes(t.shape, input.shape) != input.shape:
+            try:
+                broadcasts = torch.broadcast_shapes(t.shape, input.shape) == input.shape
+            except RuntimeError:
+                broadcasts = False
+            if not broadcasts:
                 raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to input's {tuple(input.shape)}")
             if t.requires_grad:
                 raise ValueError(f"{name} cannot require grad: torch's binary_cross_entropy_with_logits is not "

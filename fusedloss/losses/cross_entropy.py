@@ -176,7 +176,15 @@ def _reduce(rows, target, reduction, denom, input, out_dtype):
             () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:]))
         return rows.reshape(shape).to(out_dtype)
     total = rows.sum()
-    return (total if reduction == "sum" else total / denom).to(out_dtype)
+    if reduction == "sum":
+        return total.to(out_dtype)
+    # An all-ignored mean is NaN, as in torch, but its gradient is 0 (torch's too), not 0 * inf.
+    return (total * _inverse_or_zero(denom) + torch.where(denom == 0, float("nan"), 0.0)).to(out_dtype)
+
+
+def _inverse_or_zero(denom):
+    """1 / denom, or 0 where denom == 0 (every row ignored), as a 0-d tensor, without a host sync."""
+    return torch.where(denom == 0, torch.zeros_like(denom), 1.0 / denom)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,8 +218,7 @@ class _CrossEntropyTriton(torch.autograd.Function):
         coefs = grad = grad_scale = None
         if fused:
             grad = input if opts["inplace_backward"] else _alloc.empty_like(input)
-            grad_scale = (torch.ones((), dtype=dtype, device=input.device) if denom is None else
-                          torch.where(denom == 0, torch.zeros_like(denom), 1.0 / denom))
+            grad_scale = torch.ones((), dtype=dtype, device=input.device) if denom is None else _inverse_or_zero(denom)
         elif need_input_grad or need_target_grad:
             coefs = _alloc.empty((n_rows, 4), dtype=dtype, device=input.device)
         cross_entropy_forward(
@@ -248,7 +255,7 @@ class _CrossEntropyTriton(torch.autograd.Function):
         if opts["reduction"] == "none":
             grad_scale = grad_output.reshape(-1).to(lse.dtype)
         elif opts["reduction"] == "mean":
-            grad_scale = grad_output.to(lse.dtype) / ctx.denom
+            grad_scale = grad_output.to(lse.dtype) * _inverse_or_zero(ctx.denom)
         else:
             grad_scale = grad_output.to(lse.dtype)
         grad = grad_target = None

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent GPU machine (no network; its image has torch and triton already):
+#   1. install fusedloss offline, plus the peers' wheels carried in .whl/ (Liger-Kernel, Cut Cross-Entropy, Inf-CL);
+#   2. run the CUDA test tier (FUSEDLOSS_TEST_DEVICE=cuda);
+#   3. run the benchmarks at full size and render the report.
+# Everything lands in $OUT (the device tool brings it back): gpu.txt, tests.log, results.{json,md,png}.
+# Knobs: TEST_SELECT / BENCH_SELECT (pytest -k), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), SKIP_TESTS=1.
+# Dry run on a CPU machine: OUT=/tmp/gpu bash bench/gpu_check.sh (the CUDA tier then skips, benchmarks are quick).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+PY=${PY:-python3}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv 2>&1
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} | tee "$OUT/gpu.txt"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  FUSEDLOSS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" $PY -m pytest tests -q -p no:cacheprovider --maxfail=10 \
+    -k "${TEST_SELECT:-}" 2>&1 | tee "$OUT/tests.log" | tail -15
+fi
+timeout "${BENCH_TIMEOUT:-300}" $PY bench/run.py --out "$OUT" -k "${BENCH_SELECT:-}" 2>&1 | tee "$OUT/bench.log" | tail -80

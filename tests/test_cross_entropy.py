@@ -1,0 +1,389 @@
+"""fusedloss.cross_entropy / focal_loss against an fp64 eager reference, in every tier."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedloss
+from conftest import TOL, assert_close, randn, rel_err
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference: torch's own F.cross_entropy in fp64 for the cross-entropy part (weights, ignore_index,
+# label smoothing, probability targets, reductions exactly as torch defines them), and the extras written from
+# their definitions: focal (1 - p_t)^gamma with p_t the target's softmax probability, alpha, z * lse^2, softcap.
+
+
+def reference(x, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+              focal_gamma=0.0, focal_alpha=None, z_loss=0.0, softcap=None):
+    x = x.to(torch.float64)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    w = None if weight is None else weight.to(torch.float64)
+    prob = target.is_floating_point()
+    t = target.to(torch.float64) if prob else target
+    ce = F.cross_entropy(x, t, weight=w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    class_dim = 0 if x.dim() == 1 else 1
+    lse = torch.logsumexp(x, dim=class_dim)
+    if prob:
+        rows = ce + z_loss * lse**2
+        return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / max(rows.numel(), 1)}[reduction]
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    log_p_t = torch.log_softmax(x, dim=class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    rows = ce
+    if focal_gamma:
+        # 1 - p_t is exactly 0 only when the class count is 1 (or the margin is huge); the focal weight is then 0
+        # and so is its contribution to the gradient, which the where() keeps out of pow's backward (inf * 0).
+        one_minus = -torch.expm1(log_p_t)
+        positive = one_minus > 0
+        rows = rows * torch.where(positive, torch.where(positive, one_minus, 1.0) ** focal_gamma, 0.0)
+    if isinstance(focal_alpha, torch.Tensor):
+        rows = rows * focal_alpha.to(torch.float64)[safe]
+    elif focal_alpha is not None:
+        rows = rows * focal_alpha
+    rows = torch.where(valid, rows + z_loss * lse**2, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    denom = valid.sum() if w is None else (w[safe] * valid).sum()
+    return rows.sum() / denom
+
+
+def check(tier, x, target, dtype, factor=1.0, **kw):
+    """Compare value and gradients (input; probability target) with the reference, random grad_output."""
+    x = x.detach().to(tier.device).requires_grad_(True)
+    target = target.to(tier.device)
+    if target.is_floating_point():
+        target = target.detach().requires_grad_(True)
+    kw = {k: (v.to(tier.device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    out = fusedloss.cross_entropy(x, target, **kw)
+    x_ref = x.detach().cpu().requires_grad_(True)
+    t_ref = target.detach().cpu().requires_grad_(target.requires_grad)
+    ref = reference(x_ref, t_ref, **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    assert out.dtype == (torch.promote_types(x.dtype, target.dtype) if target.is_floating_point() else x.dtype)
+    assert out.shape == ref.shape
+    assert_close(out, ref, dtype, "loss", factor)
+    grad_out = torch.randn(ref.shape, dtype=torch.float64) + 2.0
+    inputs = [x] + ([target] if target.requires_grad else [])
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype).to(tier.device))
+    ref_grads = torch.autograd.grad(ref, [x_ref] + ([t_ref] if t_ref.requires_grad else []),
+                                    grad_out.to(out.dtype).to(torch.float64))
+    for name, g, r in zip(("d input", "d target"), grads, ref_grads):
+        assert g.dtype == (x.dtype if name == "d input" else target.dtype)
+        assert_close(g, r, dtype, name, factor)
+    return out, grads
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes catalogue (DESIGN.md), each with its reason.
+
+SHAPES = {
+    "gpt2_vocab": (3, 50257),  # vocabulary not a power of two, several 4096-wide blocks
+    "smaller_than_block": (7, 10),  # C below the block; 7 rows, not a multiple of the row tile
+    "one_class": (5, 1),  # C == 1: loss is 0 (or pure smoothing / z-loss)
+    "one_row": (1, 300),
+    "rows_not_multiple": (300, 33),  # many rows per program, the last program partial
+    "unbatched": (37,),  # (C,) input with a 0-d target
+    "k_dim": (3, 11, 4, 5),  # (N, C, d1, d2): class stride d1*d2, rows walk the spatial dims
+}
+
+
+def make_inputs(gen, shape, dtype=torch.float32, ignore_frac=0.0, scale=3.0):
+    x = randn(gen, *shape, dtype=dtype, scale=scale)
+    n_classes = shape[1] if len(shape) > 1 else shape[0]
+    target_shape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    target = torch.randint(0, n_classes, target_shape, generator=gen)
+    if ignore_frac:
+        target[torch.rand(target_shape, generator=gen) < ignore_frac] = -100
+    return x, target
+
+
+OPTIONS = {
+    "plain": {},
+    "weight+ignore": {"weight": True, "ignore": 0.3},
+    "smoothing+weight+ignore": {"label_smoothing": 0.15, "weight": True, "ignore": 0.3},
+    "focal+alpha_tensor": {"focal_gamma": 2.0, "focal_alpha": True},
+    "z+softcap": {"z_loss": 1e-2, "softcap": 4.0},
+    "everything": {"label_smoothing": 0.1, "weight": True, "ignore": 0.2, "focal_gamma": 0.5, "focal_alpha": 0.25,
+                   "z_loss": 1e-3, "softcap": 5.0},
+}
+
+
+def build_options(gen, n_classes, spec):
+    kw = {k: v for k, v in spec.items() if k not in ("weight", "ignore")}
+    if spec.get("weight"):
+        kw["weight"] = torch.rand(n_classes, generator=gen, dtype=torch.float64).float() + 0.1
+    if spec.get("focal_alpha") is True:
+        kw["focal_alpha"] = torch.rand(n_classes, generator=gen, dtype=torch.float64).float() + 0.1
+    return kw, spec.get("ignore", 0.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_class_index_targets(tier, gen, shape, option, reduction):
+    shape = SHAPES[shape]
+    n_classes = shape[1] if len(shape) > 1 else shape[0]
+    kw, ignore = build_options(gen, n_classes, OPTIONS[option])
+    x, target = make_inputs(gen, shape, ignore_frac=ignore)
+    check(tier, x, target, torch.float32, reduction=reduction, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("option", ["plain", "everything"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_dtypes(tier, gen, dtype, option, reduction):
+    kw, ignore = build_options(gen, 5000, OPTIONS[option])
+    x, target = make_inputs(gen, (4, 5000), dtype=dtype, ignore_frac=ignore)
+    check(tier, x, target, dtype, reduction=reduction, **kw)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 5.0])
+def test_focal_gamma_including_saturation(tier, gen, gamma):
+    """Rows 0-1 random, rows 2-3 saturated: the target logit 25 above the rest, so p_t rounds to 1 in fp32 while
+    the fp64 reference still resolves 1 - p_t (~1e-11); gradients must stay finite and match."""
+    x, target = make_inputs(gen, (4, 257))
+    x[2:] *= 0.1
+    x[2:].scatter_(1, target[2:, None], 25.0)
+    out, (grad,) = check(tier, x, target, torch.float32, focal_gamma=gamma, reduction="none")
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5])
+def test_focal_gradient_finite_when_p_t_is_one_in_fp64(tier, gamma):
+    """p_t == 1 exactly even in fp64 (margin 800): the true gradient is 0; the naive (1 - p_t)^(gamma - 1)
+    would give inf * 0 = NaN."""
+    x = torch.zeros(2, 16, dtype=torch.float64)
+    x[:, 3] = 800.0
+    x = x.to(tier.device).requires_grad_(True)
+    loss = fusedloss.cross_entropy(x, torch.tensor([3, 3], device=tier.device), focal_gamma=gamma)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert loss.item() == 0.0
+    assert torch.equal(grad.cpu(), torch.zeros(2, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(6, 50257), (9, 13), (13,), (2, 7, 3, 4)])
+@pytest.mark.parametrize("option", [{}, {"label_smoothing": 0.2}, {"weight": True, "z_loss": 1e-2, "softcap": 3.0}])
+def test_probability_targets(tier, gen, shape, option, reduction):
+    n_classes = shape[1] if len(shape) > 1 else shape[0]
+    kw, _ = build_options(gen, n_classes, option)
+    x = randn(gen, *shape, scale=2.0)
+    target = torch.softmax(randn(gen, *shape, scale=2.0), dim=1 if len(shape) > 1 else 0)
+    check(tier, x, target, torch.float32, reduction=reduction, **kw)
+
+
+def test_probability_targets_weight_gradient(tier, gen):
+    """torch differentiates the class weights for probability targets (not for class indices)."""
+    x = randn(gen, 5, 7, device=tier.device, requires_grad=True)
+    target = torch.softmax(randn(gen, 5, 7), dim=1).to(tier.device)
+    weight = (torch.rand(7, generator=gen) + 0.5).to(tier.device).requires_grad_(True)
+    out = fusedloss.cross_entropy(x, target, weight=weight, label_smoothing=0.1)
+    (gw,) = torch.autograd.grad(out, weight)
+    w64 = weight.detach().cpu().double().requires_grad_(True)
+    ref = F.cross_entropy(x.detach().cpu().double(), target.cpu().double(), weight=w64, label_smoothing=0.1)
+    (gw_ref,) = torch.autograd.grad(ref, w64)
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(gw, gw_ref, torch.float32, "d weight")
+
+
+def test_focal_loss_equals_seed_formula(tier, gen):
+    """The seed's focal_loss: ce = CE(none); pt = exp(-ce); (alpha * (1 - pt)^gamma * ce).mean()."""
+    x, target = make_inputs(gen, (64, 20))
+    x64 = x.double().requires_grad_(True)
+    ce = F.cross_entropy(x64, target, reduction="none")
+    pt = torch.exp(-ce)
+    seed = (0.25 * (1 - pt) ** 2.0 * ce).mean()
+    xt = x.to(tier.device).requires_grad_(True)
+    ours = fusedloss.focal_loss(xt, target.to(tier.device), gamma=2.0, alpha=0.25)
+    assert_close(ours, seed, torch.float32, "focal loss")
+    assert_close(torch.autograd.grad(ours, xt)[0], torch.autograd.grad(seed, x64)[0], torch.float32, "d input")
+    assert torch.isclose(fusedloss.focal_loss(xt, target.to(tier.device), gamma=0.0).cpu(),
+                         F.cross_entropy(x64, target).float(), rtol=1e-5)
+
+
+def test_inplace_backward(tier, gen):
+    x, target = make_inputs(gen, (6, 5000))
+    target = target.to(tier.device)
+    leaf = x.clone().to(tier.device).requires_grad_(True)
+    ref_loss = fusedloss.cross_entropy(leaf, target, label_smoothing=0.1)
+    (ref_grad,) = torch.autograd.grad(ref_loss * 1.7, leaf)
+    logits = x.clone().to(tier.device).requires_grad_(True)
+    act = logits * 1.0  # a non-leaf, as a model's output would be
+    loss = fusedloss.cross_entropy(act, target, label_smoothing=0.1, inplace_backward=True)
+    (loss * 1.7).backward()
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(logits.grad, ref_grad, torch.float32, "d input")
+    if tier.backend != "torch":  # the torch backend ignores the hint: its gradient is a new tensor anyway
+        assert_close(act.detach(), ref_grad, torch.float32, "logits overwritten by the gradient")
+
+
+def test_inplace_backward_refuses_saved_logits(tier, gen):
+    """If another op saved the logits for its backward, overwriting them must raise, not corrupt silently."""
+    if tier.backend == "torch":
+        pytest.skip("the torch backend does not overwrite its input")
+    x, target = make_inputs(gen, (4, 300))
+    leaf = x.to(tier.device).requires_grad_(True)
+    saved = torch.tanh(leaf)  # tanh saves its output for backward
+    loss = fusedloss.cross_entropy(saved, target.to(tier.device), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_all_ignored_mean_is_nan(tier, gen):
+    x, _ = make_inputs(gen, (4, 9))
+    target = torch.full((4,), -100)
+    xt = x.to(tier.device).requires_grad_(True)
+    out = fusedloss.cross_entropy(xt, target.to(tier.device))
+    assert torch.isnan(out).item()
+    x_ref = x.clone().requires_grad_(True)
+    ref = F.cross_entropy(x_ref, target)
+    (grad,) = torch.autograd.grad(out, xt)
+    (ref_grad,) = torch.autograd.grad(ref, x_ref)
+    assert torch.equal(grad.cpu(), ref_grad), "torch's gradient of an all-ignored mean is zero"
+
+
+def test_nan_and_inf_logits_propagate_like_torch(tier, gen):
+    x, target = make_inputs(gen, (4, 9))
+    x[1, 3] = float("nan")
+    x[2, 5] = float("-inf")
+    for reduction in ("none", "sum"):
+        xt = x.to(tier.device).requires_grad_(True)
+        out = fusedloss.cross_entropy(xt, target.to(tier.device), reduction=reduction)
+        x_ref = x.clone().double().requires_grad_(True)
+        ref = F.cross_entropy(x_ref, target, reduction=reduction)
+        assert rel_err(out, ref) <= TOL[torch.float32]
+        go = torch.rand(ref.shape, dtype=torch.float64) + 0.5
+        (g,) = torch.autograd.grad(out, xt, go.float().to(tier.device))
+        (g_ref,) = torch.autograd.grad(ref, x_ref, go)
+        assert rel_err(g, g_ref) <= TOL[torch.float32]
+
+
+def test_empty_input(tier):
+    x = torch.zeros(0, 5, device=tier.device, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=tier.device)
+    assert torch.isnan(fusedloss.cross_entropy(x, target)).item()
+    assert fusedloss.cross_entropy(x, target, reduction="sum").item() == 0.0
+    assert fusedloss.cross_entropy(x, target, reduction="none").shape == (0,)
+
+
+def test_legacy_size_average_and_reduce(tier, gen):
+    x, target = make_inputs(gen, (5, 7))
+    x, target = x.to(tier.device), target.to(tier.device)
+    with pytest.warns(UserWarning):
+        out = fusedloss.cross_entropy(x, target, None, False)  # positional size_average, as in torch
+    assert torch.allclose(out, fusedloss.cross_entropy(x, target, reduction="sum"))
+    with pytest.warns(UserWarning):
+        out = fusedloss.cross_entropy(x, target, reduce=False)
+    assert out.shape == (5,)
+
+
+def test_uint8_targets(tier, gen):
+    x, target = make_inputs(gen, (6, 12))
+    check(tier, x, target.to(torch.uint8), torch.float32, label_smoothing=0.1)
+
+
+def test_modules_match_functional(tier, gen):
+    x, target = make_inputs(gen, (8, 11), ignore_frac=0.2)
+    x, target = x.to(tier.device), target.to(tier.device)
+    weight = (torch.rand(11, generator=gen) + 0.5).to(tier.device)
+    module = fusedloss.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1, focal_gamma=1.0, z_loss=1e-3)
+    assert "weight" in module.state_dict()
+    expected = fusedloss.cross_entropy(x, target, weight=weight, label_smoothing=0.1, focal_gamma=1.0, z_loss=1e-3)
+    assert torch.equal(module(x, target), expected)
+    focal = fusedloss.nn.FocalLoss(gamma=2.0, alpha=0.5)
+    assert torch.equal(focal(x, target), fusedloss.focal_loss(x, target, gamma=2.0, alpha=0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: metadata checks on every backend, before any launch.
+
+BAD = [
+    ("input", TypeError, lambda x, t: fusedloss.cross_entropy(x.numpy(), t)),
+    ("input", TypeError, lambda x, t: fusedloss.cross_entropy(x.long(), t)),
+    ("input", ValueError, lambda x, t: fusedloss.cross_entropy(x[0, 0], t)),
+    ("target", ValueError, lambda x, t: fusedloss.cross_entropy(x, t[:3])),
+    ("target", TypeError, lambda x, t: fusedloss.cross_entropy(x, t.int())),
+    ("target", ValueError, lambda x, t: fusedloss.cross_entropy(x, torch.rand(4, 7))),
+    ("weight", ValueError, lambda x, t: fusedloss.cross_entropy(x, t, weight=torch.ones(6))),
+    ("weight", TypeError, lambda x, t: fusedloss.cross_entropy(x, t, weight=torch.ones(7, dtype=torch.long))),
+    ("weight", ValueError, lambda x, t: fusedloss.cross_entropy(x, t, weight=torch.ones(7, requires_grad=True))),
+    ("reduction", ValueError, lambda x, t: fusedloss.cross_entropy(x, t, reduction="avg")),
+    ("label_smoothing", ValueError, lambda x, t: fusedloss.cross_entropy(x, t, label_smoothing=1.5)),
+    ("label_smoothing", TypeError, lambda x, t: fusedloss.cross_entropy(x, t, label_smoothing="0.1")),
+    ("focal_gamma", ValueError, lambda x, t: fusedloss.cross_entropy(x, t, focal_gamma=-1.0)),
+    ("focal_alpha", ValueError, lambda x, t: fusedloss.cross_entropy(x, t, focal_alpha=torch.ones(3))),
+    ("z_loss", ValueError, lambda x, t: fusedloss.cross_entropy(x, t, z_loss=-0.1)),
+    ("softcap", ValueError, lambda x, t: fusedloss.cross_entropy(x, t, softcap=0.0)),
+    ("ignore_index", ValueError, lambda x, t: fusedloss.cross_entropy(x, torch.rand(5, 7), ignore_index=0)),
+    ("focal_gamma", ValueError, lambda x, t: fusedloss.cross_entropy(x, torch.rand(5, 7), focal_gamma=2.0)),
+    ("ignore_index", TypeError, lambda x, t: fusedloss.cross_entropy(x, t, ignore_index=1.5)),
+]
+
+
+@pytest.mark.parametrize("name,error,call", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input(tier, gen, name, error, call):
+    x, target = make_inputs(gen, (5, 7))
+    if tier.device.type != "cpu":
+        pytest.skip("the bad-input table builds CPU tensors; the checks are device-independent")
+    with pytest.raises(error, match=name):
+        call(x, target)
+
+
+def test_out_of_range_class_raises_on_cpu(tier, gen):
+    if tier.device.type != "cpu":
+        pytest.skip("CPU backends only; on GPU the row's loss is NaN (test_out_of_range_class_is_nan_on_gpu)")
+    x, target = make_inputs(gen, (5, 7))
+    for bad in (7, -1):
+        target[2] = bad
+        with pytest.raises(IndexError, match="out of bounds"):
+            fusedloss.cross_entropy(x, target)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA-only behaviour
+
+
+def test_out_of_range_class_is_nan_on_gpu(tier, gen):
+    if tier.device.type != "cuda":
+        pytest.skip("GPU behaviour (CPU backends raise IndexError)")
+    x, target = make_inputs(gen, (5, 7))
+    target[2] = 7
+    target[3] = -5
+    xt = x.to(tier.device).requires_grad_(True)
+    rows = fusedloss.cross_entropy(xt, target.to(tier.device), reduction="none").cpu()
+    assert torch.isnan(rows[2:4]).all() and torch.isfinite(rows[[0, 1, 4]]).all()
+    (grad,) = torch.autograd.grad(fusedloss.cross_entropy(xt, target.to(tier.device), reduction="sum"), xt)
+    assert torch.isnan(grad[2:4]).all().item() and torch.isfinite(grad[[0, 1, 4]]).all().item()
+
+
+def test_no_host_sync_and_cuda_graph(tier, gen):
+    if tier.device.type != "cuda":
+        pytest.skip("CUDA graphs and sync detection need a GPU")
+    x, target = make_inputs(gen, (64, 32000), dtype=torch.bfloat16, ignore_frac=0.1)
+    x = x.cuda().requires_grad_(True)
+    target = target.cuda()
+    kw = {"label_smoothing": 0.1, "focal_gamma": 2.0, "z_loss": 1e-4}
+    expected = fusedloss.cross_entropy(x, target, **kw)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fusedloss.cross_entropy(x, target, **kw)
+        torch.autograd.grad(loss, x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static_grad = torch.empty_like(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up on a side stream, as CUDA graph capture requires
+        torch.autograd.grad(fusedloss.cross_entropy(x, target, **kw), x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = fusedloss.cross_entropy(x, target, **kw)
+        static_grad.copy_(torch.autograd.grad(static_loss, x)[0])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_loss, expected)
+    assert torch.equal(static_grad, expected_grad)
