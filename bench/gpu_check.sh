@@ -4,7 +4,7 @@
 #   2. run the CUDA test tier (FUSEDLOSS_TEST_DEVICE=cuda);
 #   3. run the benchmarks at full size and render the report.
 # Everything lands in $OUT (the device tool brings it back): gpu.txt, tests.log, results.{json,md,png}.
-# Knobs: TEST_SELECT / BENCH_SELECT (pytest -k), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), SKIP_TESTS=1.
+# Knobs: TESTS (paths, default tests), TEST_SELECT / BENCH_SELECT (pytest -k), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), SKIP_TESTS=1.
 # Dry run on a CPU machine: OUT=/tmp/gpu bash bench/gpu_check.sh (the CUDA tier then skips, benchmarks are quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 } | tee "$OUT/gpu.txt"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  FUSEDLOSS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" $PY -m pytest tests -q -p no:cacheprovider --maxfail=10 \
+  FUSEDLOSS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" $PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider --maxfail=10 \
     -k "${TEST_SELECT:-}" 2>&1 | tee "$OUT/tests.log" | tail -15
 fi
 timeout "${BENCH_TIMEOUT:-300}" $PY bench/run.py --out "$OUT" -k "${BENCH_SELECT:-}" 2>&1 | tee "$OUT/bench.log" | tail -80
