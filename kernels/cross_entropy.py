@@ -34,10 +34,11 @@ Two launch modes share one pass-2 helper:
   probability targets as well.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import expm1, join_f64, online_logsumexp_update, pow_nonneg, soft_cap, split_f64
+from ._common import expm1, join_f64, pow_nonneg, soft_cap, split_f64
 from .configs import cross_entropy_config
 
 
@@ -113,68 +114,67 @@ def _ce_grad_pass(
 
 
 @triton.jit
-def _ce_fwd_kernel(
-    # pointers
-    logits_ptr, target_ptr, weight_ptr, alpha_ptr, grad_scale_ptr,
-    loss_ptr, lse_ptr, coef_ptr, grad_ptr,
-    # shapes
-    n_rows, n_classes, inner,
-    # strides (in elements)
-    stride_logits_outer, stride_logits_inner, stride_logits_class,
-    stride_target_outer, stride_target_inner, stride_target_class,
-    stride_grad_outer, stride_grad_inner, stride_grad_class,
-    # constants
-    ignore_index,
-    eps_hi, eps_lo, gamma_hi, gamma_lo, alpha_hi, alpha_lo, z_hi, z_lo, cap_hi, cap_lo,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALPHA: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, STORE_COEFS: tl.constexpr, DTYPE: tl.constexpr,
+def _merge_stats(m, s, b, a, m2, s2, b2, a2):
+    """Merge two partial row statistics: (max m, sum exp(x - m), B = sum a_c, A = sum a_c (x_c - m)). Each A is
+    relative to its own max, shifted here to the merged one, so B * lse - sum a_c x_c = B (lse - m) - A never
+    subtracts two large numbers. A side whose max is still -inf has seen no finite logit and holds s = 0."""
+    m_new = tl.maximum(m, m2)
+    ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    s_new = s * tl.exp(m - ref) + s2 * tl.exp(m2 - ref)
+    a_new = tl.where(m > float("-inf"), a + b * (m - ref), a) + tl.where(m2 > float("-inf"), a2 + b2 * (m2 - ref), a2)
+    return m_new, s_new, b + b2, a_new
+
+
+@triton.jit
+def _ce_row_stats(
+    logits_ptr, target_ptr, weight_ptr, logits_base, target_base, row_mask, col_start, col_end,
+    n_classes, stride_logits_class, stride_target_class, eps, softcap,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_COEF: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """Per-row loss and log-sum-exp; with COMPUTE_GRAD the gradient (times ``grad_scale``) in the same launch,
-    with STORE_COEFS the per-row gradient coefficients for ``_ce_bwd_kernel``."""
-    eps = join_f64(eps_hi, eps_lo, DTYPE)
-    gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
-    z = join_f64(z_hi, z_lo, DTYPE)
-    softcap = join_f64(cap_hi, cap_lo, DTYPE)
-    HAS_COEF: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
-
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < n_rows
-    logits_base = _row_offsets(rows, inner, stride_logits_outer, stride_logits_inner)
-    target_base = _row_offsets(rows, inner, stride_target_outer, stride_target_inner)
-    if PROB_TARGET:
-        y = tl.full([BLOCK_R], -1, tl.int64)
-        valid = row_mask
-        in_range = row_mask
-    else:
-        y = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        valid = row_mask & (y != ignore_index)
-        in_range = (y >= 0) & (y < n_classes)
-
-    # Pass 1: online max / sum-exp; with coefficients, B = sum a_c and A = sum a_c (x_c - m) relative to the
-    # running max m, so that B * lse - sum a_c x_c = B * (lse - m) - A does not cancel for large logits.
+    """Pass 1 over classes [col_start, col_end) of a [BLOCK_R] group of rows: the statistics ``_merge_stats``
+    merges, block by block (one exp per logit)."""
     m = tl.full([BLOCK_R], float("-inf"), DTYPE)
     s = tl.zeros([BLOCK_R], DTYPE)
-    coef_sum = tl.zeros([BLOCK_R], DTYPE)
-    coef_dot = tl.zeros([BLOCK_R], DTYPE)
-    for start in range(0, n_classes, BLOCK_C):
+    b = tl.zeros([BLOCK_R], DTYPE)
+    a = tl.zeros([BLOCK_R], DTYPE)
+    for start in range(col_start, col_end, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        mask = row_mask[:, None] & (cols < col_end)[None, :]
         x, _ = _load_logits(logits_ptr, logits_base[:, None] + cols[None, :] * stride_logits_class, mask,
                             softcap, HAS_SOFTCAP, DTYPE)
-        m_old = m
-        m, s, m_ref = online_logsumexp_update(m, s, x, 1)
+        block_max = tl.max(x, axis=1)
+        ref = tl.where(block_max > float("-inf"), block_max, 0.0)
+        block_sumexp = tl.sum(tl.exp(x - ref[:, None]), axis=1)
         if HAS_COEF:
-            a = _smoothing_coef(target_ptr, weight_ptr, cols[None, :],
-                                target_base[:, None] + cols[None, :] * stride_target_class, mask, eps, n_classes,
-                                PROB_TARGET, HAS_WEIGHT, DTYPE)
-            coef_dot = tl.where(m_old > float("-inf"), coef_dot + coef_sum * (m_old - m_ref), coef_dot)
-            coef_dot += tl.sum(tl.where(mask, a * (x - m_ref[:, None]), 0.0), axis=1)
-            coef_sum += tl.sum(a, axis=1)
+            coef = _smoothing_coef(target_ptr, weight_ptr, cols[None, :],
+                                   target_base[:, None] + cols[None, :] * stride_target_class, mask, eps,
+                                   n_classes, PROB_TARGET, HAS_WEIGHT, DTYPE)
+            block_b = tl.sum(coef, axis=1)
+            block_a = tl.sum(tl.where(mask, coef * (x - ref[:, None]), 0.0), axis=1)
+        else:
+            block_b = tl.zeros([BLOCK_R], DTYPE)
+            block_a = tl.zeros([BLOCK_R], DTYPE)
+        m, s, b, a = _merge_stats(m, s, b, a, block_max, block_sumexp, block_b, block_a)
+    return m, s, b, a
+
+
+@triton.jit
+def _ce_finish(
+    logits_ptr, target_ptr, weight_ptr, alpha_ptr, grad_scale_ptr, loss_ptr, lse_ptr, coef_ptr, grad_ptr,
+    rows, row_mask, logits_base, target_base, y, valid, in_range, m, s, coef_sum, coef_dot,
+    n_classes, inner, stride_logits_class, stride_target_class,
+    stride_grad_outer, stride_grad_inner, stride_grad_class,
+    eps, gamma, alpha_scalar, z, softcap,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, STORE_COEFS: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """From a row's merged statistics: its loss, lse, gradient coefficients (module docstring), and with
+    COMPUTE_GRAD pass 2, the gradient times ``grad_scale``."""
+    HAS_COEF: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
     lse = m + tl.log(s)
     smooth = coef_sum * (lse - m) - coef_dot  # sum_c a_c (lse - x_c)
-
     if PROB_TARGET:
         ce = smooth
         loss = ce + z * lse * lse
@@ -192,7 +192,7 @@ def _ce_fwd_kernel(
         if HAS_ALPHA:
             alpha = tl.load(alpha_ptr + y, mask=gather, other=0.0).to(DTYPE)
         else:
-            alpha = tl.zeros([BLOCK_R], DTYPE) + join_f64(alpha_hi, alpha_lo, DTYPE)
+            alpha = tl.zeros([BLOCK_R], DTYPE) + alpha_scalar
         log_p_y = x_y - lse
         ce = (1.0 - eps) * w_y * (-log_p_y)
         if HAS_SMOOTHING:
@@ -235,6 +235,112 @@ def _ce_fwd_kernel(
             n_classes, stride_logits_class, stride_target_class, stride_grad_class, eps, softcap,
             BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_COEF, HAS_SOFTCAP, True, False, DTYPE,
         )
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    # pointers
+    logits_ptr, target_ptr, weight_ptr, alpha_ptr, grad_scale_ptr,
+    loss_ptr, lse_ptr, coef_ptr, grad_ptr, partial_ptr, arrivals_ptr,
+    # shapes
+    n_rows, n_classes, inner, chunk_size, num_chunks,
+    # strides (in elements)
+    stride_logits_outer, stride_logits_inner, stride_logits_class,
+    stride_target_outer, stride_target_inner, stride_target_class,
+    stride_grad_outer, stride_grad_inner, stride_grad_class,
+    # constants
+    ignore_index,
+    eps_hi, eps_lo, gamma_hi, gamma_lo, alpha_hi, alpha_lo, z_hi, z_lo, cap_hi, cap_lo,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, STORE_COEFS: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """Per-row loss and log-sum-exp; with COMPUTE_GRAD the gradient (times ``grad_scale``) in the same launch,
+    with STORE_COEFS the per-row gradient coefficients for ``_ce_bwd_kernel``.
+
+    SPLIT (large vocabularies, BLOCK_R == 1): program ``pid`` reads chunk ``pid % num_chunks`` of row
+    ``pid // num_chunks`` once, publishes its partial statistics, and counts itself in ``arrivals[row]``; the
+    last program of a row to arrive merges the partials and runs pass 2 over the whole row. Its re-read hits
+    L2: the row's chunks were read moments earlier by programs launched next to it, so the data read between a
+    byte's two reads is a few rows' worth, not the (rows in flight x row size) of a row-per-program schedule,
+    which outgrows L2 at LLM vocabularies. No program waits on another, so the schedule cannot deadlock, and
+    the interpreter (which runs programs one by one) runs it too.
+    """
+    eps = join_f64(eps_hi, eps_lo, DTYPE)
+    gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
+    alpha = join_f64(alpha_hi, alpha_lo, DTYPE)
+    z = join_f64(z_hi, z_lo, DTYPE)
+    softcap = join_f64(cap_hi, cap_lo, DTYPE)
+    HAS_COEF: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+
+    if SPLIT:
+        row = tl.program_id(0) // num_chunks
+        chunk = tl.program_id(0) % num_chunks
+        rows = row + tl.arange(0, BLOCK_R)
+        col_start = chunk * chunk_size
+        col_end = tl.minimum(col_start + chunk_size, n_classes)
+    else:
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        col_start = 0
+        col_end = n_classes
+    row_mask = rows < n_rows
+    logits_base = _row_offsets(rows, inner, stride_logits_outer, stride_logits_inner)
+    target_base = _row_offsets(rows, inner, stride_target_outer, stride_target_inner)
+    if PROB_TARGET:
+        y = tl.full([BLOCK_R], -1, tl.int64)
+        valid = row_mask
+        in_range = row_mask
+    else:
+        y = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        valid = row_mask & (y != ignore_index)
+        in_range = (y >= 0) & (y < n_classes)
+
+    m, s, coef_sum, coef_dot = _ce_row_stats(
+        logits_ptr, target_ptr, weight_ptr, logits_base, target_base, row_mask, col_start, col_end,
+        n_classes, stride_logits_class, stride_target_class, eps, softcap,
+        BLOCK_R, BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_COEF, HAS_SOFTCAP, DTYPE)
+
+    if SPLIT:
+        partial_offs = rows.to(tl.int64) * num_chunks * 4
+        tl.store(partial_ptr + partial_offs + chunk * 4 + 0, m)
+        tl.store(partial_ptr + partial_offs + chunk * 4 + 1, s)
+        tl.store(partial_ptr + partial_offs + chunk * 4 + 2, coef_sum)
+        tl.store(partial_ptr + partial_offs + chunk * 4 + 3, coef_dot)
+        # Every thread's partial stores complete before the release; the acquire orders the last program's
+        # reads of the other chunks' partials after their stores (which bypass L1 with .cg).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + row, 1, sem="acq_rel")
+        if arrived == num_chunks - 1:
+            tl.debug_barrier()
+            m = tl.full([BLOCK_R], float("-inf"), DTYPE)
+            s = tl.zeros([BLOCK_R], DTYPE)
+            coef_sum = tl.zeros([BLOCK_R], DTYPE)
+            coef_dot = tl.zeros([BLOCK_R], DTYPE)
+            for k in range(0, num_chunks):
+                m, s, coef_sum, coef_dot = _merge_stats(
+                    m, s, coef_sum, coef_dot,
+                    tl.load(partial_ptr + partial_offs + k * 4 + 0, cache_modifier=".cg"),
+                    tl.load(partial_ptr + partial_offs + k * 4 + 1, cache_modifier=".cg"),
+                    tl.load(partial_ptr + partial_offs + k * 4 + 2, cache_modifier=".cg"),
+                    tl.load(partial_ptr + partial_offs + k * 4 + 3, cache_modifier=".cg"))
+            _ce_finish(
+                logits_ptr, target_ptr, weight_ptr, alpha_ptr, grad_scale_ptr, loss_ptr, lse_ptr, coef_ptr, grad_ptr,
+                rows, row_mask, logits_base, target_base, y, valid, in_range, m, s, coef_sum, coef_dot,
+                n_classes, inner, stride_logits_class, stride_target_class,
+                stride_grad_outer, stride_grad_inner, stride_grad_class,
+                eps, gamma, alpha, z, softcap,
+                BLOCK_R, BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_ALPHA,
+                COMPUTE_GRAD, STORE_COEFS, DTYPE)
+    else:
+        _ce_finish(
+            logits_ptr, target_ptr, weight_ptr, alpha_ptr, grad_scale_ptr, loss_ptr, lse_ptr, coef_ptr, grad_ptr,
+            rows, row_mask, logits_base, target_base, y, valid, in_range, m, s, coef_sum, coef_dot,
+            n_classes, inner, stride_logits_class, stride_target_class,
+            stride_grad_outer, stride_grad_inner, stride_grad_class,
+            eps, gamma, alpha, z, softcap,
+            BLOCK_R, BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_ALPHA,
+            COMPUTE_GRAD, STORE_COEFS, DTYPE)
 
 
 @triton.jit
@@ -328,17 +434,22 @@ def cross_entropy_forward(logits, target, weight, alpha, grad_scale, loss, lse, 
     prob_target = target.is_floating_point()
     target_strides = class_layout(target)[2] if prob_target else (0, 0, 0)
     grad_strides = class_layout(grad)[2] if grad is not None else (0, 0, 0)
-    block_r, block_c, num_warps = cross_entropy_config(n_classes, logit_strides[2] == 1)
-    grid = (triton.cdiv(n_rows, block_r),)
+    block_r, block_c, num_warps, chunk = cross_entropy_config(n_classes, logit_strides[2] == 1)
+    split = chunk > 0
+    num_chunks = triton.cdiv(n_classes, chunk) if split else 1
+    # The split schedule's workspace: (max, sumexp, B, A) per (row, chunk), and one arrival counter per row.
+    partials = torch.empty((n_rows, num_chunks, 4), dtype=lse.dtype, device=logits.device) if split else None
+    arrivals = torch.zeros(n_rows, dtype=torch.int32, device=logits.device) if split else None
+    grid = (n_rows * num_chunks,) if split else (triton.cdiv(n_rows, block_r),)
     _ce_fwd_kernel[grid](
         logits, target, weight, alpha, grad_scale,
-        loss, lse, coefs, grad,
-        n_rows, n_classes, inner,
+        loss, lse, coefs, grad, partials, arrivals,
+        n_rows, n_classes, inner, chunk, num_chunks,
         *logit_strides, *target_strides, *grad_strides,
         ignore_index,
         *split_f64(label_smoothing), *split_f64(focal_gamma), *split_f64(focal_alpha), *split_f64(z_loss),
         *split_f64(softcap or 0.0),
-        BLOCK_R=block_r, BLOCK_C=block_c,
+        BLOCK_R=block_r, BLOCK_C=block_c, SPLIT=split,
         PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0 and not prob_target,
         HAS_SOFTCAP=softcap is not None, HAS_ALPHA=alpha is not None,
@@ -357,7 +468,7 @@ def cross_entropy_backward(logits, target, weight, lse, coefs, grad_scale, grad,
     prob_target = target.is_floating_point()
     target_strides = class_layout(target)[2] if prob_target else (0, 0, 0)
     grad_strides = class_layout(grad)[2] if grad is not None else (0, 0, 0)
-    block_r, block_c, num_warps = cross_entropy_config(n_classes, logit_strides[2] == 1)
+    block_r, block_c, num_warps, _ = cross_entropy_config(n_classes, logit_strides[2] == 1)
     grid = (triton.cdiv(n_rows, block_r),)
     _ce_bwd_kernel[grid](
         logits, target, weight, lse, coefs, grad_scale,
@@ -409,13 +520,16 @@ def compile_variants():
                     torch.zeros_like(logits) if input_grad else None,
                     torch.zeros_like(target) if target_grad else None, label_smoothing=eps, softcap=cap)
 
+    vocab = 20000  # above CE_CHUNK: the split schedule
     flags = itertools.product((False, True), repeat=4)
     for (weight, smoothing, softcap, alpha), mode in itertools.product(flags, ("fused", "coefs", "none")):
-        launch(torch.bfloat16, 4096, weight=weight, smoothing=smoothing, softcap=softcap, alpha=alpha, mode=mode)
+        launch(torch.bfloat16, vocab, weight=weight, smoothing=smoothing, softcap=softcap, alpha=alpha, mode=mode)
     for (weight, softcap), mode in itertools.product(itertools.product((False, True), repeat=2),
                                                      ("fused", "coefs", "none")):
-        launch(torch.bfloat16, 4096, prob=True, weight=weight, softcap=softcap, mode=mode)
+        launch(torch.bfloat16, vocab, prob=True, weight=weight, softcap=softcap, mode=mode)
     for dtype in (torch.float16, torch.float32, torch.float64):
-        launch(dtype, 4096, mode="coefs")
+        launch(dtype, vocab, mode="coefs")
     for strided in (False, True):
         launch(torch.bfloat16, 10, strided=strided, mode="coefs")
+    for mode in ("fused", "coefs"):
+        launch(torch.bfloat16, 4096, mode=mode)  # one program per row, below CE_CHUNK
