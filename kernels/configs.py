@@ -30,11 +30,13 @@ def cross_entropy_config(n_classes, class_stride_is_one):
     so a program still moves a few KB per step; when the class dimension is strided (K-dimensional inputs,
     (N, C, d1, ...)), neighbouring rows are the contiguous axis and the tile coalesces along rows.
 
-    ``FUSEDLOSS_CE_CHUNK`` overrides CHUNK (0: one program per row, both passes; for measurements).
+    ``FUSEDLOSS_CE_CONFIG="BLOCK_C,NUM_WARPS,CHUNK"`` overrides the large-vocabulary config (CHUNK 0: one
+    program per row runs both passes), for tests and ``bench/sweep_cross_entropy.py``.
     """
     if n_classes >= 2048:
-        chunk = int(os.environ.get("FUSEDLOSS_CE_CHUNK", CE_CHUNK))
-        return 1, 4096, 8, chunk if n_classes > chunk > 0 else 0
+        override = os.environ.get("FUSEDLOSS_CE_CONFIG")
+        block_c, num_warps, chunk = map(int, override.split(",")) if override else CE_LARGE_VOCAB
+        return 1, block_c, num_warps, chunk if n_classes > chunk > 0 else 0
     block_c = max(triton.next_power_of_2(n_classes), 2)
     block_r = max(1, min(256, 2048 // block_c))
     if not class_stride_is_one:
@@ -42,5 +44,7 @@ def cross_entropy_config(n_classes, class_stride_is_one):
     return block_r, block_c, 4, 0
 
 
-# Classes per program in the split schedule (bf16: 32 KB read per program).
-CE_CHUNK = 16384
+# (BLOCK_C, num_warps, CHUNK) for n_classes >= 2048. Provisional, pending bench/sweep_cross_entropy.py on a GPU:
+# the row-per-program schedule (CHUNK 0) measured 57% of the copy bandwidth forward+backward on an H100 at
+# 16384 x 128256 bf16, its second pass re-reading the row from HBM.
+CE_LARGE_VOCAB = (4096, 8, 16384)

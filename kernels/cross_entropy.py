@@ -520,7 +520,7 @@ def compile_variants():
                     torch.zeros_like(logits) if input_grad else None,
                     torch.zeros_like(target) if target_grad else None, label_smoothing=eps, softcap=cap)
 
-    vocab = 20000  # above CE_CHUNK: the split schedule
+    vocab = 20000  # above the default CHUNK: the split schedule
     flags = itertools.product((False, True), repeat=4)
     for (weight, smoothing, softcap, alpha), mode in itertools.product(flags, ("fused", "coefs", "none")):
         launch(torch.bfloat16, vocab, weight=weight, smoothing=smoothing, softcap=softcap, alpha=alpha, mode=mode)
@@ -532,4 +532,4 @@ def compile_variants():
     for strided in (False, True):
         launch(torch.bfloat16, 10, strided=strided, mode="coefs")
     for mode in ("fused", "coefs"):
-        launch(torch.bfloat16, 4096, mode=mode)  # one program per row, below CE_CHUNK
+        launch(torch.bfloat16, 4096, mode=mode)  # one program per row, below the default CHUNK

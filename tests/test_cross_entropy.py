@@ -396,13 +396,13 @@ def test_no_host_sync_and_cuda_graph(tier, gen):
     assert torch.equal(static_x.grad, ref_x.grad)
 
 
-@pytest.mark.parametrize("chunk", ["0", "1000", "5000"])
+@pytest.mark.parametrize("config", ["4096,8,0", "1024,4,1000", "2048,4,5000"])
 @pytest.mark.parametrize("target_kind", ["index", "probability"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_large_vocab_schedules(tier, gen, monkeypatch, chunk, target_kind, reduction):
+def test_large_vocab_schedules(tier, gen, monkeypatch, config, target_kind, reduction):
     """Both large-vocabulary schedules at a small size: one program per row (chunk 0), and rows split into
     chunks whose last finisher merges the partials and writes the gradient (9 chunks; 2 chunks, one partial)."""
-    monkeypatch.setenv("FUSEDLOSS_CE_CHUNK", chunk)
+    monkeypatch.setenv("FUSEDLOSS_CE_CONFIG", config)
     if target_kind == "index":
         kw, ignore = build_options(gen, 9000, OPTIONS["everything"])
         x, target = make_inputs(gen, (5, 9000), ignore_frac=ignore)

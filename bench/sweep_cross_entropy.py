@@ -1,0 +1,73 @@
+"""Measure the large-vocabulary cross-entropy configs on a GPU, to choose ``CE_LARGE_VOCAB`` in
+``kernels/configs.py`` (the ``FUSEDLOSS_AUTOTUNE``-style sweep, on request only).
+
+    python bench/sweep_cross_entropy.py [--out FILE.json]
+
+For each (BLOCK_C, num_warps, CHUNK) and each problem, forward+backward of ``fusedloss.cross_entropy`` on bf16
+logits, timed with ``triton.testing.do_bench`` (CUDA events, median). Bytes counted as in
+``bench/bench_cross_entropy.py``: logits read once + gradient written once + targets + losses; the fraction
+is against a device-to-device copy measured in the same run.
+"""
+
+import argparse
+import itertools
+import json
+import os
+
+import torch
+import triton
+
+import fusedloss
+
+CONFIGS = [(block_c, warps, chunk) for (block_c, warps), chunk in itertools.product(
+    [(2048, 4), (4096, 8), (8192, 16)], [0, 8192, 16384, 32768])]
+PROBLEMS = [(16384, 32000), (16384, 128256), (16384, 256000)]
+OPTIONS = {"plain": {}, "ls+focal+z": {"label_smoothing": 0.1, "focal_gamma": 2.0, "z_loss": 1e-4}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    src = torch.randn(1 << 29, device="cuda")
+    dst = torch.empty_like(src)
+    copy_gbps = 2 * src.numel() * 4 / (triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
+    del src, dst
+    rows = []
+    for n, v in PROBLEMS:
+        x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        y = torch.randint(0, v, (n,), device="cuda")
+        bytes_moved = 2 * n * v * 2 + 12 * n
+        for name, kw in OPTIONS.items():
+            for config in CONFIGS:
+                os.environ["FUSEDLOSS_CE_CONFIG"] = ",".join(map(str, config))
+
+                def step():
+                    x.grad = None
+                    fusedloss.cross_entropy(x, y, **kw).backward()
+
+                ms = triton.testing.do_bench(step, warmup=5, rep=40, return_mode="median")
+                frac = bytes_moved / (ms * 1e-3) / 1e9 / copy_gbps
+                rows.append({"shape": f"{n}x{v}", "options": name, "block_c": config[0], "num_warps": config[1],
+                             "chunk": config[2], "ms": ms, "frac_copy_bw": frac})
+                print(f"{n}x{v:<7} {name:<11} BLOCK_C={config[0]:<5} warps={config[1]:<2} CHUNK={config[2]:<6} "
+                      f"{ms:8.3f} ms  {100 * frac:5.1f}% of copy BW", flush=True)
+        del x
+        torch.cuda.empty_cache()
+    os.environ.pop("FUSEDLOSS_CE_CONFIG")
+    best = {}
+    for r in rows:
+        key = (r["shape"], r["options"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    print("\nbest per problem:")
+    for (shape, name), r in best.items():
+        print(f"  {shape:<13} {name:<11} BLOCK_C={r['block_c']} warps={r['num_warps']} CHUNK={r['chunk']}: "
+              f"{r['ms']:.3f} ms, {100 * r['frac_copy_bw']:.1f}% of copy BW")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,557 @@
+"""Linear + cross-entropy without the logits: ``loss = CE(X @ W^T + b, y)`` for X ``(N, H)``, W ``(V, H)``, with
+the extras of the cross-entropy family (label smoothing, focal weighting, z-loss, soft-capping), never holding the
+``(N, V)`` logits.
+
+The per-row math is that of ``kernels/cross_entropy.py`` (its docstring derives it): with ``x`` the soft-capped
+logits of one row, ``lse = logsumexp(x)``, the loss and the three per-row gradient coefficients come from
+(lse, x_y, sum_c (lse - x_c)) alone, and
+
+    dloss/dx_c = p_c * (K1 + [c != y] * Kf) - K3 - [c == y] * Ky,          p_c = exp(x_c - lse)
+
+(class weights are not supported here, so the smoothing coefficient a_c is 1). The chain rule through the cap
+multiplies by ``1 - tanh^2``; through the linear layer, with ``G = dloss/dlogits``:
+
+    dX = G @ W,    dW = G^T @ X,    db = column sums of G.
+
+Forward (two launches, O(N) outputs)
+    ``_lce_fwd_kernel``: a grid of (token tile x vocabulary split) programs; each computes (BLOCK_N x BLOCK_V)
+    logit tiles with ``tl.dot`` over H (fp32 accumulation; fp64 for fp64 inputs), adds the bias, applies the
+    cap, and folds the tile into a per-row online (max, sum-exp), the running smoothing sum
+    ``sum_c (x_c - max)`` and the target logit. Each split writes those four numbers per row to a partial
+    buffer; ``_lce_combine_kernel`` merges the splits (the log-sum-exp merge of Milakov & Gimelshein) and writes
+    the per-row loss, lse and (K1, Kf, Ky, K3). Splitting the vocabulary keeps the GPU full when N is small
+    (8192 tokens are only 64 tiles of 128), and the splits of one token tile are scheduled next to each other
+    (a GROUP_N swizzle) so the X tiles stay in L2 while the W tiles stream.
+
+Backward (per vocabulary chunk of ``w`` columns: three launches, no atomics)
+    1. ``_lce_dlogits_kernel`` recomputes the (N x w) logit tiles exactly as the forward did, forms G in
+       registers from the saved lse and coefficients, and writes it in the input dtype to a workspace, plus the
+       per-tile column sums of G (fp32) for db.
+    2. ``_lce_matmul_kernel`` as dW[chunk] = G^T @ X: K = N, the whole token dimension, so every dW row is
+       produced once, in fp32 registers, and written once in the weight's dtype.
+    3. ``_lce_matmul_kernel`` as dX (+)= G @ W[chunk]: K = w; across chunks dX accumulates in an fp32 buffer
+       (read-add-write by the program that owns the tile, so no atomics), the last chunk writes the input dtype.
+
+    Why this decomposition. Recomputing the logits once is unavoidable (the softmax of a row needs its lse,
+    which needs the whole vocabulary), so backward is 3 GEMMs of 2*N*H*V FLOPs and forward one: 8*N*H*V in all
+    against 6*N*H*V for the bare matmuls of an eager linear layer (the floor for exact gradients without the
+    logits is 4/3 of the bare matmuls). The alternatives cost more:
+    - one fused kernel per (token tile, vocab tile) adding its G @ W and G^T @ X into dX and dW (Cut
+      Cross-Entropy): (BLOCK_N + BLOCK_V) * H fp32 atomic adds per tile, i.e. N*V*H*(1/BLOCK_V + 1/BLOCK_N)
+      ~ 67e9 atomics at N=8192, H=4096, V=128256, BLOCK=128: far more traffic than the GEMMs' own operands;
+    - a dX kernel looping over the vocabulary with dX in registers: the (BLOCK_N x H) fp32 accumulator is 2 MB
+      at H=4096, so H must be split and the logit tiles recomputed H/BLOCK_H times.
+    The G round trip costs N*w*s bytes written and read twice per chunk (s = 2 for bf16), and the fp32 dX
+    accumulator 8*N*H bytes per chunk; per chunk the three GEMMs do 6*N*H*w FLOPs, so the extra traffic is
+    (3*s/(6*H) + 8/(6*w)) bytes/FLOP = 2.6e-4 + 3.3e-4 at H = w = 4096, bf16: 6% of an H100's ridge point
+    (3.35 TB/s / 990 TFLOP/s = 3.4e-3 B/FLOP), i.e. the GEMMs stay compute-bound.
+
+Workspace bound (bytes, beyond inputs, outputs and the gradients themselves), with s the input's itemsize,
+``w = chunk`` from ``configs.linear_cross_entropy_config`` (``LCE_WORKSPACE_BYTES / (N * s)`` rounded to
+the tile, so ``N * w * s <= max(LCE_WORKSPACE_BYTES, N * 256 * s)``), P the forward's vocabulary splits and
+c the compute dtype's itemsize (4, or 8 for fp64):
+    forward:  4*c*N*P (partials, P <= LCE_MAX_PARTIAL_BYTES / (16 N))  +  6*c*N (loss, lse, coefficients)
+    backward: N*w*s (G chunk)  +  4*N*H (fp32 dX accumulator: only for 16-bit inputs with V > w)
+              +  4*ceil(N / BLOCK_N)*w + 4*V (db partials and sum, only with a bias that needs grad)
+At N=8192, H=4096, V=128256, bf16: 64 MiB + 128 MiB + ~2.5 MiB, against 2 GiB for the bf16 logits alone.
+
+No host syncs: every size above comes from shapes; grad_output, the mean's denominator and the per-row scales
+stay on the device. All offsets that scale with N, V or H are computed in 64 bits.
+"""
+
+import triton
+import triton.language as tl
+
+from . import configs
+
+if not hasattr(configs, "linear_cross_entropy_config"):  # DEV ONLY: removed once appended to configs.py
+    exec(open("/tmp/lce_configs.py").read(), configs.__dict__)
+from ._common import expm1, join_f64, online_logsumexp_update, pow_nonneg, soft_cap, split_f64
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared @triton.jit helpers. ``_row_loss_and_coefs`` and ``_dlogits_from_coefs`` are the per-row epilogue and
+# the per-element gradient of ``kernels/cross_entropy.py`` (inline there in ``_ce_fwd_kernel`` and
+# ``_ce_grad_pass``), written as functions so that both families can call one copy.
+
+
+@triton.jit
+def _row_loss_and_coefs(lse, x_y, smooth, coef_sum, w_y, alpha, valid, in_range, eps, gamma, z, n_classes,
+                        HAS_SMOOTHING: tl.constexpr):
+    """Per-row loss and gradient coefficients (K1, Kf, Ky, K3) of a class-index target (derivation in
+    ``kernels/cross_entropy.py``). ``smooth`` is sum_c a_c (lse - x_c), ``coef_sum`` sum_c a_c, ``w_y`` the target
+    class's weight, ``alpha`` the focal multiplier. Ignored rows give 0 everywhere; an out-of-range class index
+    gives a NaN loss and K1 instead of an out-of-bounds read."""
+    log_p_y = x_y - lse
+    ce = (1.0 - eps) * w_y * (-log_p_y)
+    if HAS_SMOOTHING:
+        ce += eps / n_classes * smooth
+    p_y = tl.exp(log_p_y)
+    one_minus_p_y = -expm1(log_p_y)
+    focal = pow_nonneg(one_minus_p_y, gamma)
+    loss = alpha * focal * ce + z * lse * lse
+    k1 = alpha * focal * (1.0 - eps) * w_y + 2.0 * z * lse
+    if HAS_SMOOTHING:
+        k1 += alpha * focal * eps / n_classes * coef_sum
+    focal_term = alpha * ce * gamma * p_y * focal
+    kf = focal_term * tl.where(one_minus_p_y > 0.0, 1.0 / one_minus_p_y, 0.0)
+    ky = alpha * focal * (1.0 - eps) * w_y + focal_term
+    k3 = alpha * focal * eps / n_classes
+    nan = float("nan")
+    loss = tl.where(valid, tl.where(in_range, loss, nan), 0.0)
+    k1 = tl.where(valid, tl.where(in_range, k1, nan), 0.0)
+    kf = tl.where(valid, kf, 0.0)
+    ky = tl.where(valid, ky, 0.0)
+    k3 = tl.where(valid, k3, 0.0)
+    return loss, k1, kf, ky, k3
+
+
+@triton.jit
+def _dlogits_from_coefs(p, is_target, k1, kf, ky, k3, HAS_K3: tl.constexpr):
+    """dloss/dx_c = p_c (K1 + [c != y] Kf) - [c == y] Ky - K3 for a [rows, classes] tile; the coefficients are
+    per-row vectors (K3 already multiplied by a_c when a_c is not 1). The soft-cap factor is the caller's."""
+    g = p * (k1[:, None] + tl.where(is_target, 0.0, kf[:, None])) - tl.where(is_target, ky[:, None], 0.0)
+    if HAS_K3:
+        g -= k3[:, None]
+    return g
+
+
+@triton.jit
+def _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
+                    ignore_index):
+    """The class row ``r`` predicts, as int64: ``target[..., t + shift]`` with ``t = r % seq_len``, read through
+    the target's own strides (no shifted copy); ``ignore_index`` past the end of a sequence and on masked rows."""
+    rows = rows.to(tl.int64)
+    t = rows % seq_len + shift
+    live = row_mask & (t < seq_len)
+    offs = (rows // seq_len) * stride_target_outer + t * stride_target_seq
+    return tl.load(target_ptr + offs, mask=live, other=ignore_index).to(tl.int64)
+
+
+@triton.jit
+def _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
+                 stride_xr, stride_xh, stride_wv, stride_wh, softcap,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                 DTYPE: tl.constexpr):
+    """A [BLOCK_N, BLOCK_V] tile of logits ``X[rows] @ W[cols]^T + b[cols]``, accumulated over H in DTYPE (fp32,
+    or fp64 for fp64 inputs) on the tensor cores for 16-bit inputs, soft-capped, with padded columns set to -inf
+    after the cap. Returns the tile and the cap's derivative (the uncapped tile when there is no cap). W is read
+    as the K-major [BLOCK_H, BLOCK_V] operand straight from its (V, H) layout: no transpose in the loop."""
+    offs_h = tl.arange(0, BLOCK_H)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xr + offs_h[None, :] * stride_xh
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + offs_h[:, None] * stride_wh
+    acc = tl.zeros([BLOCK_N, BLOCK_V], DTYPE)
+    for h in range(0, tl.cdiv(n_hidden, BLOCK_H)):
+        h_mask = offs_h < n_hidden - h * BLOCK_H
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_H * stride_xh
+        w_ptrs += BLOCK_H * stride_wh
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(DTYPE)[None, :]
+    dcap = acc  # unused unless HAS_SOFTCAP
+    if HAS_SOFTCAP:
+        acc, dcap = soft_cap(acc, softcap)
+    return tl.where(col_mask[None, :], acc, float("-inf")), dcap
+
+
+@triton.jit
+def _grouped_tile(pid, n_tiles_a, n_tiles_b, GROUP: tl.constexpr):
+    """(tile_a, tile_b) of program ``pid`` with GROUP consecutive tiles along ``a`` scheduled next to each other
+    for every ``b`` (the usual GEMM swizzle): programs that run at the same time share a few ``a`` tiles (kept in
+    L2) while they stream the ``b`` operand."""
+    per_group = GROUP * n_tiles_b
+    first = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_tiles_a - first, GROUP)
+    return first + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _lce_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, target_ptr, part_ptr,
+    # shapes
+    n_rows, n_hidden, n_classes, seq_len, n_splits, split_width,
+    # strides (in elements)
+    stride_xr, stride_xh, stride_wv, stride_wh, stride_target_outer, stride_target_seq,
+    # constants
+    shift, ignore_index, cap_hi, cap_lo,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """One (token tile, vocabulary split): per row, the split's (max m, sum exp(x - m), sum (x_c - m), x_y), into
+    ``part`` laid out (4, n_splits, n_rows) so every store is row-contiguous. x_y is 0 in the splits that do not
+    hold the target; the smoothing sum is kept relative to the running max so that it does not cancel."""
+    softcap = join_f64(cap_hi, cap_lo, DTYPE)
+    tile_n, split = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), n_splits, GROUP_N)
+    rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
+                        ignore_index)
+
+    m = tl.full([BLOCK_N], float("-inf"), DTYPE)
+    s = tl.zeros([BLOCK_N], DTYPE)
+    coef_dot = tl.zeros([BLOCK_N], DTYPE)
+    x_y = tl.zeros([BLOCK_N], DTYPE)
+    col_start = split * split_width
+    col_end = tl.minimum(col_start + split_width, n_classes)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_mask = cols < col_end
+        x, _ = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
+                            stride_xr, stride_xh, stride_wv, stride_wh, softcap,
+                            BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
+        m_old = m
+        m, s, m_ref = online_logsumexp_update(m, s, x, 1)
+        if HAS_SMOOTHING:
+            # sum over the columns seen so far of (x_c - m_ref), re-based when the max moves (as in _ce_fwd_kernel);
+            # the columns seen before this tile are start - col_start
+            seen = (start - col_start).to(DTYPE)
+            coef_dot = tl.where(m_old > float("-inf"), coef_dot + seen * (m_old - m_ref), coef_dot)
+            coef_dot += tl.sum(tl.where(col_mask[None, :], x - m_ref[:, None], 0.0), axis=1)
+        x_y += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
+
+    offs = split.to(tl.int64) * n_rows + rows
+    plane = n_splits.to(tl.int64) * n_rows
+    tl.store(part_ptr + offs, m, mask=row_mask)
+    tl.store(part_ptr + plane + offs, s, mask=row_mask)
+    tl.store(part_ptr + 2 * plane + offs, coef_dot, mask=row_mask)
+    tl.store(part_ptr + 3 * plane + offs, x_y, mask=row_mask)
+
+
+@triton.jit
+def _lce_combine_kernel(
+    # pointers
+    part_ptr, target_ptr, loss_ptr, lse_ptr, coef_ptr,
+    # shapes
+    n_rows, n_classes, seq_len, n_splits, split_width,
+    # strides
+    stride_target_outer, stride_target_seq,
+    # constants
+    shift, ignore_index, eps_hi, eps_lo, gamma_hi, gamma_lo, z_hi, z_lo,
+    BLOCK_R: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, STORE_COEFS: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """Merge the forward's per-split partials of BLOCK_R rows; write the per-row loss and lse and, with
+    STORE_COEFS, the gradient coefficients (K1, Kf, Ky, K3) for the backward."""
+    eps = join_f64(eps_hi, eps_lo, DTYPE)
+    gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
+    z = join_f64(z_hi, z_lo, DTYPE)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    splits = tl.arange(0, SPLITS)
+    mask = row_mask[:, None] & (splits < n_splits)[None, :]
+    offs = splits.to(tl.int64)[None, :] * n_rows + rows[:, None]
+    plane = n_splits.to(tl.int64) * n_rows
+
+    m_i = tl.load(part_ptr + offs, mask=mask, other=float("-inf"))
+    s_i = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
+    m = tl.max(m_i, axis=1)
+    m_ref = tl.where(m > float("-inf"), m, 0.0)
+    lse = m + tl.log(tl.sum(s_i * tl.exp(m_i - m_ref[:, None]), axis=1))
+    x_y = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), axis=1)
+    smooth = tl.zeros([BLOCK_R], DTYPE)
+    if HAS_SMOOTHING:
+        # sum_c (lse - x_c) = V (lse - m) - sum_i [A_i + n_i (m_i - m)], n_i the columns of split i
+        a_i = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
+        n_i = tl.minimum(tl.maximum(n_classes - splits * split_width, 0), split_width).to(DTYPE)
+        a_i = tl.where(mask & (m_i > float("-inf")), a_i + n_i[None, :] * (m_i - m_ref[:, None]), a_i)
+        smooth = n_classes * (lse - m) - tl.sum(a_i, axis=1)
+
+    y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
+                        ignore_index)
+    valid = row_mask & (y != ignore_index)
+    in_range = (y >= 0) & (y < n_classes)
+    one = tl.zeros([BLOCK_R], DTYPE) + 1.0
+    loss, k1, kf, ky, k3 = _row_loss_and_coefs(lse, x_y, smooth, one * n_classes, one, one, valid, in_range,
+                                               eps, gamma, z, n_classes, HAS_SMOOTHING)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+    if STORE_COEFS:
+        coef_offs = rows.to(tl.int64) * 4
+        tl.store(coef_ptr + coef_offs + 0, k1, mask=row_mask)
+        tl.store(coef_ptr + coef_offs + 1, kf, mask=row_mask)
+        tl.store(coef_ptr + coef_offs + 2, ky, mask=row_mask)
+        tl.store(coef_ptr + coef_offs + 3, k3, mask=row_mask)
+
+
+@triton.jit
+def _lce_dlogits_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, target_ptr, lse_ptr, coef_ptr, row_scale_ptr, dlse_ptr, dlogits_ptr, dbias_part_ptr,
+    # shapes
+    n_rows, n_hidden, n_classes, seq_len, col_start, chunk_width,
+    # strides (stride_row_scale is 0 for one scale shared by every row)
+    stride_xr, stride_xh, stride_wv, stride_wh, stride_target_outer, stride_target_seq, stride_row_scale,
+    # constants
+    shift, ignore_index, cap_hi, cap_lo,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_DLSE: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """G = dloss/dlogits for one (token tile, vocabulary tile) of the chunk [col_start, col_start + chunk_width):
+    the logits recomputed as in the forward, G from the per-row coefficients times the per-row scale (plus
+    ``dlse * p`` when the returned lse is differentiated), stored (n_rows, chunk_width) in the workspace's dtype;
+    with COMPUTE_DBIAS the tile's fp32 column sums go to row ``tile_n`` of ``dbias_part``."""
+    softcap = join_f64(cap_hi, cap_lo, DTYPE)
+    tile_n, tile_v = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(chunk_width, BLOCK_V),
+                                   GROUP_N)
+    rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col_start + local
+    row_mask = rows < n_rows
+    col_mask = local < chunk_width
+    x, dcap = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
+                           stride_xr, stride_xh, stride_wv, stride_wh, softcap,
+                           BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
+
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    scale = tl.load(row_scale_ptr + rows.to(tl.int64) * stride_row_scale, mask=row_mask, other=0.0).to(DTYPE)
+    coef_offs = rows.to(tl.int64) * 4
+    k1 = tl.load(coef_ptr + coef_offs + 0, mask=row_mask, other=0.0) * scale
+    kf = tl.load(coef_ptr + coef_offs + 1, mask=row_mask, other=0.0) * scale
+    ky = tl.load(coef_ptr + coef_offs + 2, mask=row_mask, other=0.0) * scale
+    k3 = tl.load(coef_ptr + coef_offs + 3, mask=row_mask, other=0.0) * scale
+    if HAS_DLSE:
+        k1 += tl.load(dlse_ptr + rows, mask=row_mask, other=0.0).to(DTYPE)  # d lse / d x_c = p_c
+    y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
+                        ignore_index)
+    p = tl.exp(x - lse[:, None])
+    g = _dlogits_from_coefs(p, cols[None, :] == y[:, None], k1, kf, ky, k3, HAS_SMOOTHING)
+    if HAS_SOFTCAP:
+        g *= dcap
+    mask = row_mask[:, None] & col_mask[None, :]
+    g = tl.where(mask, g, 0.0)
+    offs = rows.to(tl.int64)[:, None] * chunk_width + local[None, :]
+    tl.store(dlogits_ptr + offs, g.to(dlogits_ptr.dtype.element_ty), mask=mask)
+    if COMPUTE_DBIAS:
+        tl.store(dbias_part_ptr + tile_n.to(tl.int64) * chunk_width + local, tl.sum(g, axis=0), mask=col_mask)
+
+
+@triton.jit
+def _lce_matmul_kernel(
+    # pointers
+    a_ptr, b_ptr, out_ptr, acc_ptr, scale_ptr,
+    # shapes
+    M, N, K,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_accm, stride_accn,
+    # constants
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    LOAD_ACC: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """out = scale * (A @ B) (+ acc with LOAD_ACC), accumulated in DTYPE and stored in out's dtype. Each program
+    owns one (BLOCK_M x BLOCK_N) output tile, so ``acc`` may alias ``out`` (the fp32 dX accumulator: read, add,
+    write by one program, no atomics). Any strides: A is G (K-major) for dX and G^T (M-major) for dW."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    acc = acc * tl.load(scale_ptr).to(DTYPE)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if LOAD_ACC:
+        acc += tl.load(acc_ptr + offs_m[:, None] * stride_accm + offs_n[None, :] * stride_accn, mask=mask,
+                       other=0.0).to(DTYPE)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers: derive every constexpr flag from the arguments, and write into caller-allocated buffers.
+
+
+def target_layout(target):
+    """(seq_len, stride_outer, stride_seq) addressing ``target`` (the input's leading shape) as (outer, seq_len),
+    or None when its leading dims cannot be walked with one stride (the caller then makes it contiguous)."""
+    if target.dim() == 0:
+        return 1, 0, 0
+    if target.dim() == 1:
+        return target.shape[0], 0, target.stride(0)
+    lead = [(size, stride) for size, stride in zip(target.shape[:-1], target.stride()[:-1]) if size != 1]
+    if not lead:
+        return target.shape[-1], 0, target.stride(-1)
+    expected = lead[-1][1]
+    for size, stride in reversed(lead):
+        if stride != expected:
+            return None
+        expected = stride * size
+    return target.shape[-1], lead[-1][1], target.stride(-1)
+
+
+def _compute_dtype(x):
+    return tl.float64 if x.dtype.itemsize == 8 and x.is_floating_point() else tl.float32
+
+
+def _precision(x, input_precision):
+    # Only fp32 operands have a choice; 16-bit operands always run on the tensor cores, fp64 on DMMA/FMA.
+    return input_precision if x.dtype.itemsize == 4 else "ieee"
+
+
+def _config(x2d, weight):
+    device = x2d.device
+    num_sms = configs.LCE_DEFAULT_SMS
+    if device.type == "cuda":
+        import torch
+
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return configs.linear_cross_entropy_config(x2d.shape[0], x2d.shape[1], weight.shape[0], x2d.dtype.itemsize,
+                                               num_sms)
+
+
+def num_splits(cfg, n_classes):
+    """The forward's vocabulary splits for a config: (n_splits, split_width); the partial buffer holds
+    4 * n_splits * rows values."""
+    split_width = triton.cdiv(triton.cdiv(n_classes, cfg["BLOCK_V"]), cfg["n_splits"]) * cfg["BLOCK_V"]
+    return triton.cdiv(n_classes, split_width), split_width
+
+
+def linear_cross_entropy_forward(x2d, weight, bias, target, tlayout, part, loss, lse, coefs, cfg, *,
+                                 ignore_index, label_smoothing, focal_gamma, z_loss, softcap, shift,
+                                 input_precision):
+    """Launch the forward: per-row ``loss`` and ``lse`` (rows,), and ``coefs`` (rows, 4) when not None, all in the
+    compute dtype (fp32, fp64 for fp64 inputs). ``x2d`` (rows, H) and ``weight`` (V, H) with any strides, ``bias``
+    (V,) or None, ``target`` addressed by ``tlayout = target_layout(target)``; ``part`` is the partial buffer,
+    (4 * n_splits * rows,) in the compute dtype, with ``n_splits`` from ``num_splits(cfg, V)``."""
+    n_rows, n_hidden = x2d.shape
+    n_classes = weight.shape[0]
+    n_split, split_width = num_splits(cfg, n_classes)
+    dtype = _compute_dtype(x2d)
+    seq_len, stride_target_outer, stride_target_seq = tlayout
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_N"]) * n_split,)
+    _lce_fwd_kernel[grid](
+        x2d, weight, bias, target, part,
+        n_rows, n_hidden, n_classes, seq_len, n_split, split_width,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), stride_target_outer, stride_target_seq,
+        int(shift), ignore_index, *split_f64(softcap or 0.0),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], GROUP_N=cfg["GROUP_N"],
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
+        PRECISION=_precision(x2d, input_precision), DTYPE=dtype,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    block_r = configs.LCE_COMBINE_BLOCK_R
+    _lce_combine_kernel[(triton.cdiv(n_rows, block_r),)](
+        part, target, loss, lse, coefs,
+        n_rows, n_classes, seq_len, n_split, split_width,
+        stride_target_outer, stride_target_seq,
+        int(shift), ignore_index, *split_f64(label_smoothing), *split_f64(focal_gamma), *split_f64(z_loss),
+        BLOCK_R=block_r, SPLITS=max(triton.next_power_of_2(n_split), 2),
+        HAS_SMOOTHING=label_smoothing > 0.0, STORE_COEFS=coefs is not None, DTYPE=dtype,
+        num_warps=configs.LCE_COMBINE_NUM_WARPS,
+    )
+
+
+def linear_cross_entropy_dlogits(x2d, weight, bias, target, tlayout, lse, coefs, row_scale, dlse, dlogits,
+                                 dbias_part, col_start, cfg, *, ignore_index, label_smoothing, softcap, shift,
+                                 input_precision):
+    """Launch ``_lce_dlogits_kernel`` for the vocabulary chunk [col_start, col_start + dlogits.shape[1]):
+    ``dlogits`` (rows, width) contiguous, in the input's dtype. ``row_scale`` is (rows,) or a 0-d tensor (one
+    scale for every row); ``dlse`` (rows,) or None; ``dbias_part`` (ceil(rows / BLOCK_N), width) fp32 or None."""
+    n_rows, n_hidden = x2d.shape
+    width = dlogits.shape[1]
+    seq_len, stride_target_outer, stride_target_seq = tlayout
+    grid = (triton.cdiv(n_rows, cfg["BLOCK_N"]) * triton.cdiv(width, cfg["BLOCK_V"]),)
+    _lce_dlogits_kernel[grid](
+        x2d, weight, bias, target, lse, coefs, row_scale, dlse, dlogits, dbias_part,
+        n_rows, n_hidden, weight.shape[0], seq_len, col_start, width,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), stride_target_outer, stride_target_seq,
+        0 if row_scale.dim() == 0 else row_scale.stride(0),
+        int(shift), ignore_index, *split_f64(softcap or 0.0),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], GROUP_N=cfg["GROUP_N"],
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_DLSE=dlse is not None, COMPUTE_DBIAS=dbias_part is not None,
+        PRECISION=_precision(x2d, input_precision), DTYPE=_compute_dtype(x2d),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def matmul(a, b, out, scale, cfg, *, acc=None, input_precision="ieee"):
+    """``out = scale * (a @ b) (+ acc)`` for 2-D ``a`` (M, K) and ``b`` (K, N) with any strides (a transposed view
+    is read in place), ``out`` (M, N) of any float dtype, ``scale`` a 0-d tensor, ``acc`` None or (M, N), which
+    may be ``out`` itself. Accumulates in fp32 (fp64 for fp64 operands)."""
+    M, K = a.shape
+    N = b.shape[1]
+    g = cfg["gemm"]
+    grid = (triton.cdiv(M, g["BLOCK_M"]) * triton.cdiv(N, g["BLOCK_N"]),)
+    acc_t = out if acc is None else acc
+    _lce_matmul_kernel[grid](
+        a, b, out, acc_t, scale,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        acc_t.stride(0), acc_t.stride(1),
+        BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"],
+        LOAD_ACC=acc is not None, PRECISION=_precision(a, input_precision), DTYPE=_compute_dtype(a),
+        num_warps=g["num_warps"], num_stages=g["num_stages"],
+    )
+
+
+def config_for(x2d, weight):
+    """The launch configuration (``configs.linear_cross_entropy_config``) for this problem and device."""
+    return _config(x2d, weight)
+
+
+def compile_variants():
+    """Call the launchers once per constexpr combination they can produce, on small CPU tensors (for
+    ``bench/compile_report.py``, which records the launches instead of running them). The tile config is the
+    one each dtype gets at LLM sizes (it depends on the dtype only, not on the tiny shapes here)."""
+    import itertools
+
+    import torch
+
+    def launch(dtype, *, bias=False, softcap=False, smoothing=False, dlse=False, bias_grad=None, gemms=False,
+               precision="ieee"):
+        rows, hidden, vocab = 8, 64, 256
+        x = torch.zeros(rows, hidden, dtype=dtype)
+        w = torch.zeros(vocab, hidden, dtype=dtype)
+        b = torch.zeros(vocab, dtype=dtype) if bias else None
+        t = torch.zeros(rows, dtype=torch.long)
+        cfg = _config(x, w)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        vec = torch.zeros(rows, dtype=acc)
+        coefs = torch.zeros(rows, 4, dtype=acc)
+        n_split, _ = num_splits(cfg, vocab)
+        opts = dict(ignore_index=-100, label_smoothing=0.1 if smoothing else 0.0, softcap=30.0 if softcap else None,
+                    shift=True, input_precision=precision)
+        for store_coefs in (False, True):
+            linear_cross_entropy_forward(x, w, b, t, target_layout(t), torch.zeros(4 * n_split * rows, dtype=acc),
+                                         vec, vec, coefs if store_coefs else None, cfg, focal_gamma=2.0,
+                                         z_loss=1e-4, **opts)
+        g = torch.zeros(rows, vocab, dtype=dtype)
+        part = torch.zeros(1, vocab, dtype=torch.float32) if (bias if bias_grad is None else bias_grad) else None
+        linear_cross_entropy_dlogits(x, w, b, t, target_layout(t), vec, coefs, torch.ones((), dtype=acc),
+                                     vec if dlse else None, g, part, 0, cfg, **opts)
+        if gemms:
+            one = torch.ones((), dtype=acc)
+            matmul(g.t(), x, w, one, cfg, input_precision=precision)                     # dW = G^T X
+            matmul(g, w, x, one, cfg, input_precision=precision)                         # dX, one chunk
+            x32 = torch.zeros(rows, hidden, dtype=acc)
+            matmul(g, w, x32, one, cfg, input_precision=precision)                       # dX, first chunk
+            matmul(g, w, x32, one, cfg, acc=x32, input_precision=precision)              # middle chunk
+            matmul(g, w, x, one, cfg, acc=x32, input_precision=precision)                # last chunk
+
+    for bias, softcap, smoothing in itertools.product((False, True), repeat=3):
+        for dlse in (False, True):
+            launch(torch.bfloat16, bias=bias, softcap=softcap, smoothing=smoothing, dlse=dlse)
+    launch(torch.bfloat16, bias=True, bias_grad=False)
+    launch(torch.bfloat16, gemms=True)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        launch(dtype, gemms=True)
+        launch(dtype, bias=True, softcap=True, smoothing=True, dlse=True)
+    launch(torch.float32, gemms=True, precision="tf32")
