@@ -2,9 +2,12 @@
 # The one prepared script for a lent GPU machine (no network; its image has torch and triton already):
 #   1. install fusedloss offline, plus the peers' wheels carried in .whl/ (Liger-Kernel, Cut Cross-Entropy, Inf-CL);
 #   2. run the CUDA test tier (FUSEDLOSS_TEST_DEVICE=cuda);
-#   3. run the benchmarks at full size and render the report.
-# Everything lands in $OUT (the device tool brings it back): gpu.txt, tests.log, results.{json,md,png}.
-# Knobs: TESTS (paths, default tests), TEST_SELECT / BENCH_SELECT (pytest -k), TEST_TIMEOUT / BENCH_TIMEOUT (seconds), SKIP_TESTS=1.
+#   3. sweep the large-vocabulary cross-entropy configs (bench/sweep_cross_entropy.py);
+#   4. run the benchmarks at full size and render the report.
+# Everything lands in $OUT (the device tool brings it back, 8 files at most): gpu.txt, tests.log,
+# sweep_cross_entropy.json, bench.log, results.{json,md,png}.
+# Knobs: TESTS (paths, default tests), TEST_SELECT / BENCH_SELECT (pytest -k), TEST_TIMEOUT / SWEEP_TIMEOUT / BENCH_TIMEOUT (seconds),
+# SKIP_TESTS=1, SKIP_SWEEP=1.
 # Dry run on a CPU machine: OUT=/tmp/gpu bash bench/gpu_check.sh (the CUDA tier then skips, benchmarks are quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +30,9 @@ $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   FUSEDLOSS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" $PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider --maxfail=10 \
     -k "${TEST_SELECT:-}" 2>&1 | tee "$OUT/tests.log" | tail -15
+fi
+if [ "${SKIP_SWEEP:-0}" != 1 ]; then
+  timeout "${SWEEP_TIMEOUT:-120}" $PY bench/sweep_cross_entropy.py --out "$OUT/sweep_cross_entropy.json" 2>&1 \
+    | tail -8
 fi
 timeout "${BENCH_TIMEOUT:-300}" $PY bench/run.py --out "$OUT" -k "${BENCH_SELECT:-}" 2>&1 | tee "$OUT/bench.log" | tail -80
