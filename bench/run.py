@@ -22,7 +22,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = os.path.join(args.out, "results.json")
-    cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-p", "no:cacheprovider", f"--benchmark-json={results}",
+    cmd = [sys.executable, "-m", "pytest", HERE, "-q", "-rs", "-p", "no:cacheprovider", f"--benchmark-json={results}",
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
     if args.quick:
         cmd.append("--quick")
