@@ -311,28 +311,13 @@ def _ce_fwd_kernel(
         # reads of the other chunks' partials after their stores (which bypass L1 with .cg).
         tl.debug_barrier()
         arrived = tl.atomic_add(arrivals_ptr + row, 1, sem="acq_rel")
-        if arrived == num_chunks - 1:
+        finisher = arrived == num_chunks - 1
+        if finisher:
             tl.debug_barrier()
-            m = tl.full([BLOCK_R], float("-inf"), DTYPE)
-            s = tl.zeros([BLOCK_R], DTYPE)
-            coef_sum = tl.zeros([BLOCK_R], DTYPE)
-            coef_dot = tl.zeros([BLOCK_R], DTYPE)
-            for k in range(0, num_chunks):
-                m, s, coef_sum, coef_dot = _merge_stats(
-                    m, s, coef_sum, coef_dot,
-                    tl.load(partial_ptr + partial_offs + k * 4 + 0, cache_modifier=".cg"),
-                    tl.load(partial_ptr + partial_offs + k * 4 + 1, cache_modifier=".cg"),
-                    tl.load(partial_ptr + partial_offs + k * 4 + 2, cache_modifier=".cg"),
-                    tl.load(partial_ptr + partial_offs + k * 4 + 3, cache_modifier=".cg"))
-            _ce_finish(
-                logits_ptr, target_ptr, weight_ptr, alpha_ptr, grad_scale_ptr, loss_ptr, lse_ptr, coef_ptr, grad_ptr,
-                rows, row_mask, logits_base, target_base, y, valid, in_range, m, s, coef_sum, coef_dot,
-                n_classes, inner, stride_logits_class, stride_target_class,
-                stride_grad_outer, stride_grad_inner, stride_grad_class,
-                eps, gamma, alpha, z, softcap,
-                BLOCK_R, BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_ALPHA,
-                COMPUTE_GRAD, STORE_COEFS, DTYPE)
+            m, s, coef_sum, coef_dot = _merge_partials(partial_ptr + partial_offs, num_chunks, BLOCK_R, DTYPE)
     else:
+        finisher = True
+    if finisher:
         _ce_finish(
             logits_ptr, target_ptr, weight_ptr, alpha_ptr, grad_scale_ptr, loss_ptr, lse_ptr, coef_ptr, grad_ptr,
             rows, row_mask, logits_base, target_base, y, valid, in_range, m, s, coef_sum, coef_dot,
@@ -341,6 +326,23 @@ def _ce_fwd_kernel(
             eps, gamma, alpha, z, softcap,
             BLOCK_R, BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, HAS_ALPHA,
             COMPUTE_GRAD, STORE_COEFS, DTYPE)
+
+
+@triton.jit
+def _merge_partials(row_partials_ptr, num_chunks, BLOCK_R: tl.constexpr, DTYPE: tl.constexpr):
+    """Merge a row's per-chunk (max, sumexp, B, A), read past L1 (.cg): other programs wrote them."""
+    m = tl.full([BLOCK_R], float("-inf"), DTYPE)
+    s = tl.zeros([BLOCK_R], DTYPE)
+    b = tl.zeros([BLOCK_R], DTYPE)
+    a = tl.zeros([BLOCK_R], DTYPE)
+    for k in range(0, num_chunks):
+        m, s, b, a = _merge_stats(
+            m, s, b, a,
+            tl.load(row_partials_ptr + k * 4 + 0, cache_modifier=".cg"),
+            tl.load(row_partials_ptr + k * 4 + 1, cache_modifier=".cg"),
+            tl.load(row_partials_ptr + k * 4 + 2, cache_modifier=".cg"),
+            tl.load(row_partials_ptr + k * 4 + 3, cache_modifier=".cg"))
+    return m, s, b, a
 
 
 @triton.jit
