@@ -84,7 +84,11 @@ def ceilings(device, quick):
 @pytest.fixture
 def run_bench(benchmark, device, ceilings):
     """``run_bench(fn, *, bytes=None, flops=None, rounds=..., **info)``: time ``fn`` with pytest-benchmark,
-    measure its peak device memory in a separate call, and fill ``extra_info``."""
+    measure its peak device memory in a separate call, and fill ``extra_info``.
+
+    ``peak_mem_mb`` is the peak allocated during one call beyond what was allocated before it: the inputs and,
+    for a forward+backward step that frees and reallocates ``x.grad``, the gradient too. So it is the memory a
+    loss needs on top of its inputs and outputs (eager's fp32 intermediates, a fused kernel's workspace)."""
 
     def run(fn, *, bytes=None, flops=None, rounds=20, warmup_rounds=3, **info):
         def timed():

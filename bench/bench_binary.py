@@ -1,0 +1,67 @@
+"""Binary losses on logits: fused BCE-with-logits and sigmoid focal loss vs eager PyTorch and torch.compile.
+
+Work, per tensor of M elements of s bytes (targets in the input's dtype):
+    forward            bytes = 2 M s (input and target read once) + partial sums (negligible)
+    forward + backward bytes = 3 M s (input and target read once, input gradient written once)
+The fused kernel moves exactly that: the gradient is written by the forward launch and a plain backward() of a
+mean/sum moves nothing.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedloss
+from benchutil import skip_if_oom
+
+
+def eager_sigmoid_focal(x, t, alpha=0.25, gamma=2.0):
+    """torchvision.ops.sigmoid_focal_loss, as written there, with reduction='mean'."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * ((1 - p_t) ** gamma)
+    return ((alpha * t + (1 - alpha) * (1 - t)) * loss).mean()
+
+
+LOSSES = {
+    "bce": (lambda x, t: fusedloss.binary_cross_entropy_with_logits(x, t), F.binary_cross_entropy_with_logits),
+    "sigmoid_focal": (lambda x, t: fusedloss.sigmoid_focal_loss(x, t, reduction="mean"), eager_sigmoid_focal),
+}
+_compiled = {}
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("provider", ["fusedloss", "eager", "torch.compile"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_binary(run_bench, device, quick, loss, provider, mode):
+    if provider == "torch.compile" and device.type == "cpu":
+        pytest.skip("torch.compile is benchmarked on GPU only")
+    ours, eager = LOSSES[loss]
+    if provider == "fusedloss":
+        fn = ours
+    elif provider == "eager":
+        fn = eager
+    else:
+        fn = _compiled.setdefault(loss, torch.compile(eager, dynamic=False))
+    numel = (1 << 20) if quick else (1 << 28)  # 268M elements: 1.6 GB of bf16 input + target
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = skip_if_oom(lambda: torch.randn(numel, device=device, dtype=dtype, generator=gen))
+    t = (torch.rand(numel, device=device, generator=gen) > 0.9).to(dtype)
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(x, t)
+        bytes_moved = 2 * numel * x.element_size()
+    else:
+        x.requires_grad_(True)
+
+        def step():
+            x.grad = None
+            fn(x, t).backward()
+        bytes_moved = 3 * numel * x.element_size()
+    skip_if_oom(step)
+    run_bench(step, bytes=bytes_moved, rounds=10 if device.type == "cuda" else 5, warmup_rounds=2,
+              family=loss, provider=provider, config="mean", mode=mode, shape=f"{numel}",
+              dtype=str(dtype).replace("torch.", ""), backend=fusedloss.backend(device))
