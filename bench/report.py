@@ -75,8 +75,12 @@ def plot(rows, path):
         panels[(row.get("family", ""), row.get("mode", ""))][label][row.get("shape", "")] = row["median_ms"]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, ((family, mode), series) in zip(axes[0], sorted(panels.items())):
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, ((family, mode), series) in zip(axes.flat, sorted(panels.items())):
         shapes = sorted({s for points in series.values() for s in points},
                         key=lambda s: [int(p) if p.isdigit() else p for p in s.replace("x", " ").split()])
         for label, points in sorted(series.items()):
