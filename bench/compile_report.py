@@ -4,12 +4,12 @@ Each module of ``fusedloss.kernels`` that defines ``compile_variants()`` calls i
 tensors over every combination of its constexpr flags; here ``JITFunction.run`` is replaced by a recorder, so
 the launchers run their real argument and flag logic but launch nothing. Each distinct (kernel, signature,
 constexprs, options) is then compiled with ``triton.compile`` for a ``GPUTarget`` and its cubin read with the
-``cuobjdump`` that Triton bundles: registers, local memory (spills), shared memory, and whether the SASS holds
-``HGMMA`` (wgmma) instructions on sm_90.
+``cuobjdump`` that Triton bundles: registers, local memory and stack frame, local loads/stores (LDL/STL: spills)
+in the SASS, shared memory, and how many ``HGMMA`` (wgmma) instructions the SASS holds on sm_90.
 
     python bench/compile_report.py [--arch 80 90] [--cubin-dir DIR] [--jobs N] [--only SUBSTRING]
 
-Exits non-zero when a variant fails to compile or spills (LOCAL > 0).
+Exits non-zero when a variant fails to compile or spills (LOCAL > 0 or any LDL/STL in its SASS).
 """
 
 import argparse
@@ -116,9 +116,15 @@ def resource_usage(cubin_path):
     raise RuntimeError(f"no resource usage in cuobjdump output:\n{out}")
 
 
-def count_hgmma(cubin_path):
+def sass_counts(cubin_path):
+    """(HGMMA instructions, local-memory loads/stores LDL/STL) in the SASS. ptxas may report a spill as stack
+    frame rather than LOCAL in -res-usage, so the SASS is the spill test: any LDL/STL is local-memory traffic."""
     out = subprocess.run([cuobjdump(), "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
-    return sum(1 for line in out.splitlines() if "HGMMA" in line)
+    hgmma = local = 0
+    for line in out.splitlines():
+        hgmma += "HGMMA" in line
+        local += " LDL" in line or " STL" in line
+    return hgmma, local
 
 
 _ITEMS = []  # filled before the pool forks; workers receive indices (kernels do not pickle)
@@ -142,7 +148,7 @@ def _job(position):
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         row["regs"], row["stack"], row["shared"], row["local"] = resource_usage(path)
-        row["hgmma"] = count_hgmma(path) if arch >= 90 else 0
+        row["hgmma"], row["ldl_stl"] = sass_counts(path)
     row["shared"] = max(row["shared"], compiled.metadata.shared)
     if cubin_dir:
         # The first variant of each kernel is its default flags; the rest get an index suffix.
@@ -176,7 +182,8 @@ def main(argv=None):
         rows = list(pool.map(_job, range(len(items))))
 
     failures = 0
-    header = f"{'kernel':<42} {'arch':>4} {'warps':>5} {'regs':>4} {'local':>5} {'stack':>5} {'shared':>6} {'hgmma':>5}  flags"
+    header = (f"{'kernel':<42} {'arch':>4} {'warps':>5} {'regs':>4} {'local':>5} {'stack':>5} {'ldl/stl':>7} "
+              f"{'shared':>6} {'hgmma':>5}  flags")
     print(header)
     print("-" * len(header))
     for row in sorted(rows, key=lambda r: (r["kernel"], r["arch"], str(r["flags"]))):
@@ -186,10 +193,11 @@ def main(argv=None):
             failures += 1
             print(f"{row['kernel']:<42} {row['arch']:>4} COMPILE FAILED: {row['error']}  [{flags}]")
             continue
-        spill = row["local"] > 0
+        spill = row["local"] > 0 or row["ldl_stl"] > 0
         failures += spill
         print(f"{row['kernel']:<42} {row['arch']:>4} {row['num_warps']!s:>5} {row['regs']:>4} {row['local']:>5} "
-              f"{row['stack']:>5} {row['shared']:>6} {row['hgmma']:>5}  {flags}{'  <-- SPILLS' if spill else ''}")
+              f"{row['stack']:>5} {row['ldl_stl']:>7} {row['shared']:>6} {row['hgmma']:>5}  {flags}"
+              f"{'  <-- SPILLS' if spill else ''}")
     print(f"\n{len(rows)} compiles, {failures} failed or spilled")
     return 1 if failures else 0
 
