@@ -4,10 +4,13 @@ Tensors given to a constructor (``weight``, ``pos_weight``, a per-class ``focal_
 as torch's losses do, so they follow ``.to(device)`` and the state dict.
 """
 
+import math
+
 import torch
 
 from . import _checks
 from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
+from .losses.contrastive import clip_loss, info_nce, nt_xent
 from .losses.cross_entropy import cross_entropy
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -69,6 +72,48 @@ class SigmoidFocalLoss(torch.nn.Module):
 
     def forward(self, inputs, targets):
         return sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction)
+
+
+
+class NTXentLoss(torch.nn.Module):
+    """``fusedloss.nt_xent`` as a module: SimCLR's NT-Xent over ``(2N, d)`` features, rows ``i`` and ``i + N`` the
+    positive pairs, self-similarity excluded."""
+
+    def __init__(self, temperature=0.07):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, features):
+        return nt_xent(features, self.temperature)
+
+
+class ClipLoss(torch.nn.Module):
+    """``fusedloss.clip_loss`` as a module, with open_clip's learnable temperature: the parameter ``logit_scale``
+    starts at ``log(1 / 0.07)`` and the loss uses ``logit_scale.exp()`` (open_clip also clamps the parameter to
+    ``log(100)`` after each optimizer step; do that in the training loop). ``logit_bias`` (a number) adds a learnable
+    bias for drop-in use with models that carry one: it cancels in the softmaxes, so its gradient is zero.
+    ``process_group``: see ``fusedloss.clip_loss``."""
+
+    def __init__(self, logit_scale=math.log(1 / 0.07), logit_bias=None, *, process_group=None):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(float(logit_scale)))
+        self.logit_bias = None if logit_bias is None else torch.nn.Parameter(torch.tensor(float(logit_bias)))
+        self.process_group = process_group
+
+    def forward(self, image_features, text_features):
+        return clip_loss(image_features, text_features, self.logit_scale.exp(), self.logit_bias,
+                         process_group=self.process_group)
+
+
+class InfoNCELoss(torch.nn.Module):
+    """``fusedloss.info_nce`` as a module: query row ``i`` against every key, its positive at key ``i``."""
+
+    def __init__(self, temperature=0.07, *, normalize=True, reduction="mean"):
+        super().__init__()
+        self.temperature, self.normalize, self.reduction = temperature, normalize, reduction
+
+    def forward(self, query, key):
+        return info_nce(query, key, self.temperature, normalize=self.normalize, reduction=self.reduction)
 
 
 __all__ = sorted(name for name, obj in list(globals().items())

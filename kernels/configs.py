@@ -48,3 +48,170 @@ def cross_entropy_config(n_classes, class_stride_is_one):
 # the row-per-program schedule (CHUNK 0) measured 57% of the copy bandwidth forward+backward on an H100 at
 # 16384 x 128256 bf16, its second pass re-reading the row from HBM.
 CE_LARGE_VOCAB = (4096, 8, 16384)
+
+
+# --- pointwise losses, triplet losses, distillation KL (kernels.pointwise, kernels.triplet, kernels.distillation) -
+# Not yet measured on a GPU: chosen from the compile report (registers, no spills on sm_80 / sm_90, HGMMA on sm_90
+# for the bf16 tl.dot) and the usual shapes; bench/bench_{pointwise,triplet,distillation}.py are the measurements to
+# run before tuning them.
+
+# Streaming elementwise kernel, the same shape as BINARY_*: 8 warps x 2048 elements (8 per thread).
+POINTWISE_BLOCK = 2048
+POINTWISE_NUM_WARPS = 8
+
+
+def _is_fp64(dtype):
+    return getattr(dtype, "itemsize", 4) == 8
+
+
+def triplet_config(dim, dtype):
+    """(BLOCK_R rows, BLOCK_D features, num_warps) of ``_triplet_kernel``: a tile of 2048 elements per input
+    (1024 in fp64), rows x features, at most 512 features wide (longer rows loop). 87-128 registers in fp32, 4 warps."""
+    elements = 1024 if _is_fp64(dtype) else 2048
+    block_d = min(triton.next_power_of_2(max(dim, 1)), 512)
+    return max(1, min(64, elements // block_d)), block_d, 4
+
+
+def batch_hard_mine_config(dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of ``_batch_hard_mine_kernel``. The epilogue keeps several
+    [BLOCK_M, BLOCK_N] tiles live (scores, masks), so 64 x 64 takes 8 warps: 100-128 registers. bf16/fp16: BLOCK_K
+    64 (HGMMA on sm_90); fp32 (tl.dot with input_precision="ieee", FMA): BLOCK_K 16, since 32 needs 244-255
+    registers on sm_80; fp64: 32 x 32 x 16, 96 registers."""
+    if _is_fp64(dtype):
+        return 32, 32, 16, 4, 2
+    if dtype.itemsize == 4:
+        return 64, 64, 16, 8, 2
+    return 64, 64, 64, 8, 3
+
+
+def batch_hard_loss_config(dim, dtype):
+    """(BLOCK_R, BLOCK_D, num_warps) of ``_batch_hard_loss_kernel``: half of ``triplet_config``'s tile, because the
+    gradient pass holds three 64-bit address tiles for its atomic adds (159 registers at 2048 elements on sm_80)."""
+    elements = 512 if _is_fp64(dtype) else 1024
+    block_d = min(triton.next_power_of_2(max(dim, 1)), 256)
+    return max(1, elements // block_d), block_d, 4
+
+
+def distillation_config(n_classes, dtype):
+    """(BLOCK_R rows, BLOCK_V classes, num_warps) of the distillation kernels. Large vocabularies: one row per
+    program in 4096-wide blocks (2048 in fp64), 8 warps, 64-80 registers for two logit tiles. Small ones: up to 16
+    rows of the padded class count (more rows multiply the per-row state: 64 rows of 16 classes need 168
+    registers on sm_80)."""
+    if n_classes >= 2048:
+        return 1, 2048 if _is_fp64(dtype) else 4096, 8
+    block_v = max(triton.next_power_of_2(n_classes), 2)
+    return max(1, min(16, 1024 // block_v)), block_v, 4
+
+
+# --- contrastive losses: NT-Xent, CLIP, InfoNCE (kernels.contrastive) --------------------------------------------
+# Not measured yet: no GPU was lent while these were written. Chosen from tile arithmetic for sm_90 (H100) and
+# checked with bench/compile_report.py for sm_80 / sm_90 (HGMMA in every 16-bit variant on sm_90) and in the SASS
+# (no LDL/STL: ptxas spills show up as STACK, not LOCAL, in cuobjdump -res-usage). Replace with a sweep's winners
+# when a GPU run exists. fp32 (IEEE, FMA pipes) and fp64 configs are sized for correctness, not speed.
+# The forward holds a [BLOCK_M, BLOCK_N] fp32 logits tile plus per-row state; the band (dlogits) kernel and the band
+# GEMMs are plain GEMM tiles, 128 x 128 x 64 with 3 stages for 16-bit (8 warps, two warpgroups of wgmma m64).
+CONTRASTIVE_FWD_PROGRAMS_PER_SM = 2  # symmetric CLIP: programs ~ 2 x SMs, each a band of consecutive row tiles
+CONTRASTIVE_BAND_BYTES = 1 << 29  # backward band buffer target: 512 MiB (4096 rows at N = 65536 in bf16)
+CONTRASTIVE_BAND_MIN_ROWS = 1024  # never fewer rows per band: the fp32 column-gradient update is 8 N d bytes per band
+
+
+def contrastive_fwd_config(dim, itemsize, col_stats):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the forward. For d <= 128 (SimCLR heads) BLOCK_D
+    covers d and the row tile stays on chip for the whole column sweep. Otherwise d streams in 64-wide chunks and
+    the row tile is re-read from L2 for every column tile: 128 x 128 tiles double the flops per byte of 128 x 64
+    ((128 + 128) d bytes for 2 * 128 * 128 d flops), but with the column statistics' state (COL_STATS) they spill
+    (255 registers and LDL/STL on sm_90), so that variant keeps BLOCK_N = 64."""
+    if itemsize == 2:
+        if dim <= 128:
+            return 128, 64, max(16, triton.next_power_of_2(dim)), 8, 3
+        return 128, 64 if col_stats else 128, 64, 8, 3
+    if itemsize == 4:  # IEEE fp32 products run on the FMA pipes: smaller tiles, fewer registers
+        return 64, 32, 16, 4, 2
+    return 32, 32, 16, 4, 1
+
+
+def contrastive_dlogits_config(itemsize):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, GROUP_M, num_warps, num_stages) of the backward band kernel."""
+    if itemsize == 2:
+        return 128, 128, 64, 8, 8, 3
+    if itemsize == 4:
+        return 64, 64, 32, 8, 4, 2
+    return 32, 32, 16, 8, 4, 1
+
+
+def contrastive_matmul_config(itemsize):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) of the band GEMMs (fp32 output). 128 x 256
+    tiles spill in the accumulating variant (the fp32 C tile it starts from), so 128 x 128."""
+    if itemsize == 2:
+        return 128, 128, 64, 8, 8, 3
+    if itemsize == 4:  # FMA pipes: BLOCK_K = 32 spills the accumulating variant on sm_80
+        return 64, 64, 16, 8, 4, 2
+    return 32, 32, 16, 8, 4, 1
+
+
+def contrastive_band_rows(n_cols, itemsize):
+    """Rows per backward band: CONTRASTIVE_BAND_BYTES of logits gradient, at least CONTRASTIVE_BAND_MIN_ROWS, a
+    multiple of 128 (whole GEMM tiles)."""
+    rows = max(CONTRASTIVE_BAND_BYTES // max(n_cols * itemsize, 1), CONTRASTIVE_BAND_MIN_ROWS)
+    return max(128, rows - rows % 128)
+
+
+# --- linear + cross-entropy (kernels.linear_cross_entropy) -----------------------------------------------------
+# Not yet measured on a GPU (none was lent to the session that wrote them): the tiles are the usual Ampere/Hopper
+# GEMM shapes for each dtype, checked with bench/compile_report.py (HGMMA on sm_90 for 16-bit inputs; no spills on
+# sm_80/sm_90, LOCAL and STACK both 0). The byte budgets bound the workspace stated in
+# kernels/linear_cross_entropy.py's docstring.
+LCE_WORKSPACE_BYTES = 64 << 20  # backward: the G chunk (rows x chunk x itemsize) stays under this
+LCE_MAX_PARTIAL_BYTES = 16 << 20  # forward: the per-split partials (16 bytes x rows x splits, fp32)
+LCE_DEFAULT_SMS = 132  # SM count assumed off-GPU (compile report, interpreter): an H100 SXM
+LCE_COMBINE_BLOCK_R = 64
+LCE_COMBINE_NUM_WARPS = 4
+# Tests only: a dict merged over the chosen config (e.g. 16-wide tiles, 3 splits, a 32-column chunk) so that
+# small problems in the interpreter cross several tiles, splits and chunks. None in normal use.
+LCE_OVERRIDE = None
+
+
+def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
+    """Launch configuration of kernels.linear_cross_entropy for a (rows x hidden) @ (hidden x classes) problem:
+    ``fwd`` and ``dlogits`` (logit tiles BLOCK_N x BLOCK_V stepping BLOCK_H along H), ``gemm_dw`` and ``gemm_dx``
+    (the backward's two GEMMs), ``n_splits`` (the forward's vocabulary splits) and ``chunk`` (the backward's
+    vocabulary chunk).
+
+    16-bit inputs, on the tensor cores (wgmma on sm_90, mma.sync on sm_80):
+    - fwd: 128 x 128 logit tiles, 64 along H, 8 warps (two warpgroups of m64n128 wgmma), 3 stages (96 KB of
+      shared memory); at 16 warps it spills;
+    - dlogits: the same tile on 16 warps: its epilogue (p, the one-hot test, the cap's derivative, the cast and
+      the column sums) needs more registers per element than the forward's, and at 8 warps it spills on sm_80;
+      16 warps halve the elements per thread (<= 128 registers, no spills on either arch);
+    - gemm_dw: 128 x 256 x 64, 8 warps, 3 stages (144 KB, within an A100's 164 KB);
+    - gemm_dx: 128 x 128 x 64, 8 warps, 4 stages (128 KB): it starts from the loaded fp32 accumulator, which a
+      128 x 256 tile cannot hold without spilling.
+    fp32 runs FMA (``ieee``) or tf32 on 64 x 64 x 16 tiles, fp64 on 32 x 32 x 16.
+    Splits: enough (token tile, split) programs for ~8 waves on ``num_sms`` SMs, so the last wave's tail costs
+    little, bounded by LCE_MAX_PARTIAL_BYTES. Chunk: the widest multiple of the tiles with rows x chunk x itemsize
+    within LCE_WORKSPACE_BYTES (at least one tile wide).
+    """
+    if itemsize == 2:
+        tile = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3)
+        cfg = dict(fwd=tile, dlogits=dict(tile, num_warps=16),
+                   gemm_dw=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+                   gemm_dx=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4))
+    elif itemsize == 4:
+        tile = dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, GROUP_N=8, num_warps=4, num_stages=3)
+        gemm = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3)
+        cfg = dict(fwd=tile, dlogits=tile, gemm_dw=gemm, gemm_dx=gemm)
+    else:
+        tile = dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, GROUP_N=8, num_warps=4, num_stages=2)
+        gemm = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
+        cfg = dict(fwd=tile, dlogits=tile, gemm_dw=gemm, gemm_dx=gemm)
+    for key, value in (LCE_OVERRIDE or {}).items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    rows = max(n_rows, 1)
+    n_tiles = triton.cdiv(rows, cfg["fwd"]["BLOCK_N"])
+    v_tiles = triton.cdiv(n_classes, cfg["fwd"]["BLOCK_V"])
+    max_splits = max(1, LCE_MAX_PARTIAL_BYTES // (16 * rows))
+    cfg.setdefault("n_splits", max(1, min(v_tiles, max_splits, triton.cdiv(8 * num_sms, n_tiles))))
+    unit = max(cfg["dlogits"]["BLOCK_V"], cfg["gemm_dw"]["BLOCK_M"])
+    chunk = max(unit, LCE_WORKSPACE_BYTES // (rows * itemsize) // unit * unit)
+    cfg.setdefault("chunk", min(chunk, triton.cdiv(n_classes, unit) * unit))
+    return cfg

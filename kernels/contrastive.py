@@ -9,7 +9,8 @@ the symmetric CLIP loss adds the column direction ``lsec_j = logsumexp_i S_ij`` 
 Gradient. With per-row weights ``a_i`` (``grad_output / M`` for a mean) and per-column weights ``b_j`` (the column
 term, zero without it), the gradient of the loss with respect to the logits is
 
-    W_ij = a_i (P_ij - [j = pos(i)]) + b_j (Pc_ij - [j = pos(i)]),   P_ij = exp(S_ij - lse_i),  Pc_ij = exp(S_ij - lsec_j)
+    W_ij = a_i (P_ij - [j = pos(i)]) + b_j (Pc_ij - [j = pos(i)]),   P_ij = exp(S_ij - lse_i),
+                                                                     Pc_ij = exp(S_ij - lsec_j)
 
 (for CLIP column j's positive is row j, i.e. ``j = pos(i)``; for NT-Xent the column term is the transpose of the
 row term, below, and ``pos`` is an involution). Then ``dQ = s W K``, ``dK = s W^T Q``, ``dL/ds = sum_ij W_ij S_ij / s =
@@ -27,7 +28,8 @@ Kernels and why this split.
   ``COL_STATS`` (the symmetric CLIP loss) the same tiles feed a column (max, sum-exp) along axis 0, merged into the
   program's own row of a ``(programs, N)`` workspace: read-modify-write by one program only, so no atomics, and the
   host merges the ``programs`` partials with a log-sum-exp. Workspace ``programs * N * 8`` bytes with ``programs ~ 2
-  x SMs``: O(N), 1 GiB at N = 2^20 on 132 SMs, instead of O(N^2 / BLOCK_M) for one partial per row tile.
+  x SMs``: O(N), 2 GiB at N = 2^20 on an H100 (256 programs of 32 row tiles), instead of O(N^2 / BLOCK_M) (64 GiB)
+  for one partial per row tile.
 - Backward, in bands of ``R`` rows. ``d`` is 512-1280 for CLIP, so a flash-style backward that keeps the
   ``BLOCK_M x d`` fp32 gradient accumulator of its rows in registers does not fit (128 x 768 x 4 B = 384 KiB, more
   than an SM's register file); splitting ``d`` across programs recomputes ``S`` once per split, and keeping the
@@ -51,14 +53,13 @@ import triton
 import triton.language as tl
 
 from ._common import online_logsumexp_update
-from . import configs as _configs_module
-
-# TEMP-CONFIG-BEGIN (moved to configs.py at the end)
-import sys as _sys  # noqa: E402
-
-_cfg = _sys.modules[__name__]
-exec(open("/tmp/contrastive_configs_section.txt").read(), _cfg.__dict__)
-# TEMP-CONFIG-END
+from .configs import (
+    CONTRASTIVE_FWD_PROGRAMS_PER_SM,
+    contrastive_band_rows,
+    contrastive_dlogits_config,
+    contrastive_fwd_config,
+    contrastive_matmul_config,
+)
 
 
 @triton.jit
@@ -148,7 +149,8 @@ def _contrastive_fwd_kernel(
             m, s, _ = online_logsumexp_update(m, s, tl.where(col_mask[None, :], x, float("-inf")), 1)
             if COL_STATS:
                 # The band's first tile starts the partials; later tiles merge into what this program stored.
-                carry = col_mask & (cols * 0 + t > t_begin)  # (vector compare: the interpreter rejects a scalar one here)
+                # (A vector compare: Triton's interpreter rejects a scalar operand in a load mask.)
+                carry = col_mask & (cols * 0 + t > t_begin)
                 cm = tl.load(col_max_ptr + ws_base + cols, mask=carry, other=float("-inf"))
                 cs = tl.load(col_sum_ptr + ws_base + cols, mask=carry, other=0.0)
                 cm, cs, _ = online_logsumexp_update(cm, cs, tl.where(row_mask[:, None], x, float("-inf")), 0)
@@ -235,7 +237,12 @@ def _matmul_kernel(
     n_mask = rn < N
     a_offs = rm.to(tl.int64)[:, None] * stride_am
     b_offs = rn.to(tl.int64)[None, :] * stride_bn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], DTYPE)
+    c_offs = rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if ACCUMULATE:  # start from C rather than add it at the end: no second BLOCK_M x BLOCK_N fp32 tile live
+        acc = tl.load(c_ptr + c_offs, mask=c_mask, other=0.0).to(DTYPE)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], DTYPE)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_mask = rk < K
@@ -244,10 +251,6 @@ def _matmul_kernel(
         b = tl.load(b_ptr + b_offs + rk.to(tl.int64)[:, None] * stride_bk, mask=k_mask[:, None] & n_mask[None, :],
                     other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    c_offs = rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
-    c_mask = m_mask[:, None] & n_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptr + c_offs, mask=c_mask, other=0.0)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -281,7 +284,7 @@ def forward_schedule(n_rows, dim, dtype, device, col_stats):
     """(programs, tiles_per_program) of the forward launch: one row tile per program without column statistics;
     with them, bands of consecutive row tiles over ~CONTRASTIVE_FWD_PROGRAMS_PER_SM programs per SM, which is also
     the number of rows of the column workspace (the caller allocates it from this)."""
-    block_m = contrastive_fwd_config(dim, dtype.itemsize)[0]
+    block_m = contrastive_fwd_config(dim, dtype.itemsize, col_stats)[0]
     num_tiles = max(triton.cdiv(n_rows, block_m), 1)
     if not col_stats:
         return num_tiles, 1
@@ -300,7 +303,7 @@ def contrastive_forward(q, k, scale, lse, pos, col_max, col_sum, *, pos_offset, 
     n_rows, dim = q.shape
     n_cols = k.shape[0]
     col_stats = col_max is not None
-    block_m, block_n, block_d, num_warps, num_stages = contrastive_fwd_config(dim, q.dtype.itemsize)
+    block_m, block_n, block_d, num_warps, num_stages = contrastive_fwd_config(dim, q.dtype.itemsize, col_stats)
     programs, tiles_per_program = forward_schedule(n_rows, dim, q.dtype, q.device, col_stats)
     if col_stats:
         assert col_max.shape == (programs, n_cols) and col_sum.shape == col_max.shape and col_max.stride(1) == 1
@@ -322,7 +325,7 @@ def contrastive_dlogits(q, k, scale, band_scale, lse, row_coef, col_lse, col_coe
     rows, n_cols = w.shape
     dim = q.shape[1]
     assert w.stride(1) == 1 and row_start + rows <= q.shape[0]
-    block_m, block_n, block_d, group_m, num_warps, num_stages = contrastive_dlogits_config(dim, q.dtype.itemsize)
+    block_m, block_n, block_d, group_m, num_warps, num_stages = contrastive_dlogits_config(q.dtype.itemsize)
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n_cols, block_n),)
     _contrastive_dlogits_kernel[grid](
         q, k, scale, band_scale, lse, row_coef, col_lse, col_coef,
