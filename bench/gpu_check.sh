@@ -28,8 +28,10 @@ $PY -m pip install -q --no-build-isolation --no-deps -e . || exit 1
 } | tee "$OUT/gpu.txt"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  FUSEDLOSS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" $PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider --maxfail=10 \
-    -k "${TEST_SELECT:-}" 2>&1 | tee "$OUT/tests.log" | tail -15
+  # The CUDA tier is mostly Triton compile time: spread it over processes when pytest-xdist is there.
+  parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_PROCS:-8}")
+  FUSEDLOSS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-240}" $PY -m pytest ${TESTS:-tests} -q -p no:cacheprovider \
+    --maxfail=20 $parallel -k "${TEST_SELECT:-}" 2>&1 | tee "$OUT/tests.log" | tail -25
 fi
 if [ "${SKIP_SWEEP:-0}" != 1 ]; then
   timeout "${SWEEP_TIMEOUT:-120}" $PY bench/sweep_cross_entropy.py --out "$OUT/sweep_cross_entropy.json" 2>&1 \
