@@ -17,3 +17,34 @@ def skip_if_oom(fn):
     except torch.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         pytest.skip(f"out of memory: {str(exc).splitlines()[0]}")
+
+
+_compiled = {}
+
+
+def provider_fn(provider, ours, eager, key):
+    """The callable a provider times: ours, eager, or eager under torch.compile (compiled once per ``key``).
+   """
+    if provider == "fusedloss":
+        return ours
+    if provider == "eager":
+        return eager
+    return _compiled.setdefault(key, torch.compile(eager, dynamic=False))
+
+
+def timed_step(fn, inputs, mode, differentiable):
+    """The timed callable: ``fn(*inputs)`` under no_grad (``'fwd'``), or its backward from fresh gradients of
+    ``differentiable`` (``'fwd_bwd'``)."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(*inputs)
+        return step
+    for t in differentiable:
+        t.requires_grad_(True)
+
+    def step():
+        for t in differentiable:
+            t.grad = None
+        fn(*inputs).backward()
+    return step

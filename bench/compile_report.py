@@ -66,25 +66,24 @@ def collect_variants(only=None):
 
 
 def _describe(kernel, args, kwargs):
-    """A hashable description of a launch: argument types, constexpr values and options."""
-    parts = []
-    for value in list(args) + sorted(kwargs.items()):
-        if isinstance(value, tuple):
-            name, value = value
-            parts.append(f"{name}={_type_of(value)}")
-        else:
-            parts.append(_type_of(value))
+    """A hashable description of a launch: what Triton specializes on. Tensors by dtype; runtime ints by the
+    specializations Triton makes (== 1, divisible by 16); keyword arguments (constexprs and options such as
+    num_warps) by value, so block-size variants stay distinct."""
+    parts = [_type_of(value) for value in args]
+    parts += [f"{name}={value!r}" for name, value in sorted(kwargs.items())]
     return ",".join(parts)
 
 
 def _type_of(value):
     if isinstance(value, torch.Tensor):
         return f"*{value.dtype}"
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return "1" if value == 1 else "i16" if value % 16 == 0 else "i"
     if isinstance(value, float):
         return "fp"
-    if isinstance(value, bool) or value is None or not isinstance(value, int):
-        return repr(value)
-    return "i"
+    return repr(value)
 
 
 def compile_one(kernel, args, kwargs, arch):

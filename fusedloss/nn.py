@@ -12,6 +12,10 @@ from . import _checks
 from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
 from .losses.contrastive import clip_loss, info_nce, nt_xent
 from .losses.cross_entropy import cross_entropy
+from .losses.distillation import kl_div_with_logits
+from .losses.linear_cross_entropy import linear_cross_entropy
+from .losses.pointwise import bradley_terry_loss, huber_loss, kl_div, l1_loss, mse_loss, smooth_l1_loss
+from .losses.triplet import batch_hard_triplet_loss, triplet_margin_loss
 
 class CrossEntropyLoss(torch.nn.Module):
     """``fusedloss.cross_entropy`` as a module; see it for shapes, dtypes and the extras."""
@@ -114,6 +118,142 @@ class InfoNCELoss(torch.nn.Module):
 
     def forward(self, query, key):
         return info_nce(query, key, self.temperature, normalize=self.normalize, reduction=self.reduction)
+
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """``fusedloss.linear_cross_entropy`` as a module: the loss of a linear classifier (an LM head) applied to hidden
+    states, without the logits; see it for shapes, dtypes and the extras. The classifier's ``weight`` (and
+    ``bias``) are arguments of ``forward``, not buffers of the loss: they are the model's parameters, e.g.
+    ``lm_head.weight``."""
+
+    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+                 focal_gamma=0.0, shift=False, return_lse=False, input_precision="ieee"):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.focal_gamma = focal_gamma
+        self.shift = shift
+        self.return_lse = return_lse
+        self.input_precision = input_precision
+
+    def forward(self, input, weight, target, bias=None):
+        return linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
+                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                    z_loss=self.z_loss, softcap=self.softcap, focal_gamma=self.focal_gamma,
+                                    shift=self.shift, return_lse=self.return_lse,
+                                    input_precision=self.input_precision)
+
+
+
+class MSELoss(torch.nn.Module):
+    """``fusedloss.mse_loss`` as a module, with torch's constructor; ``weight`` (optional, the input's size, as
+    ``F.mse_loss`` takes it) is registered as a buffer."""
+
+    def __init__(self, size_average=None, reduce=None, reduction="mean", *, weight=None):
+        super().__init__()
+        self.reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+        self.register_buffer("weight", weight)
+
+    def forward(self, input, target):
+        return mse_loss(input, target, reduction=self.reduction, weight=self.weight)
+
+
+class L1Loss(MSELoss):
+    """``fusedloss.l1_loss`` as a module, with torch's constructor (and ``MSELoss``'s optional ``weight``)."""
+
+    def forward(self, input, target):
+        return l1_loss(input, target, reduction=self.reduction, weight=self.weight)
+
+
+class HuberLoss(torch.nn.Module):
+    """``fusedloss.huber_loss`` as a module, with torch's constructor; optional ``weight`` buffer."""
+
+    def __init__(self, reduction="mean", delta=1.0, *, weight=None):
+        super().__init__()
+        self.reduction, self.delta = reduction, delta
+        self.register_buffer("weight", weight)
+
+    def forward(self, input, target):
+        return huber_loss(input, target, reduction=self.reduction, delta=self.delta, weight=self.weight)
+
+
+class SmoothL1Loss(torch.nn.Module):
+    """``fusedloss.smooth_l1_loss`` as a module, with torch's constructor."""
+
+    def __init__(self, size_average=None, reduce=None, reduction="mean", beta=1.0):
+        super().__init__()
+        self.reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+        self.beta = beta
+
+    def forward(self, input, target):
+        return smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+
+
+class KLDivLoss(torch.nn.Module):
+    """``fusedloss.kl_div`` as a module, with torch's constructor (``'mean'`` warns at each call, as torch's)."""
+
+    def __init__(self, size_average=None, reduce=None, reduction="mean", log_target=False):
+        super().__init__()
+        self.reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+        self.log_target = log_target
+
+    def forward(self, input, target):
+        return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+
+
+class BradleyTerryLoss(torch.nn.Module):
+    """``fusedloss.bradley_terry_loss`` as a module: a fixed ``margin`` (None or a number) here, or a per-pair
+    margin tensor given to ``forward``."""
+
+    def __init__(self, margin=None, reduction="mean"):
+        super().__init__()
+        self.margin, self.reduction = margin, reduction
+
+    def forward(self, chosen_rewards, rejected_rewards, margin=None):
+        return bradley_terry_loss(chosen_rewards, rejected_rewards, self.margin if margin is None else margin,
+                                  reduction=self.reduction)
+
+
+class TripletMarginLoss(torch.nn.Module):
+    """``fusedloss.triplet_margin_loss`` as a module, with torch's constructor."""
+
+    def __init__(self, margin=1.0, p=2.0, eps=1e-6, swap=False, size_average=None, reduce=None, reduction="mean"):
+        super().__init__()
+        self.margin, self.p, self.eps, self.swap = margin, p, eps, swap
+        self.reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+
+    def forward(self, anchor, positive, negative):
+        return triplet_margin_loss(anchor, positive, negative, margin=self.margin, p=self.p, eps=self.eps,
+                                   swap=self.swap, reduction=self.reduction)
+
+
+class BatchHardTripletLoss(torch.nn.Module):
+    """``fusedloss.batch_hard_triplet_loss`` as a module: ``forward(embeddings (B, d), labels (B,))``."""
+
+    def __init__(self, margin=1.0, *, soft_margin=False, reduction="mean"):
+        super().__init__()
+        self.margin, self.soft_margin, self.reduction = margin, soft_margin, reduction
+
+    def forward(self, embeddings, labels):
+        return batch_hard_triplet_loss(embeddings, labels, self.margin, soft_margin=self.soft_margin,
+                                       reduction=self.reduction)
+
+
+class DistillationKLDivLoss(torch.nn.Module):
+    """``fusedloss.kl_div_with_logits`` as a module: ``forward(student_logits, teacher_logits, target=None)``,
+    ``target`` masking rows equal to ``ignore_index``."""
+
+    def __init__(self, temperature=1.0, *, ignore_index=-100, reduction="batchmean"):
+        super().__init__()
+        self.temperature, self.ignore_index, self.reduction = temperature, ignore_index, reduction
+
+    def forward(self, student_logits, teacher_logits, target=None):
+        return kl_div_with_logits(student_logits, teacher_logits, self.temperature, target=target,
+                                  ignore_index=self.ignore_index, reduction=self.reduction)
 
 
 __all__ = sorted(name for name, obj in list(globals().items())

@@ -6,6 +6,7 @@ import paths differ. Near 0, where ``exp(u) - 1`` and ``log(1 + v)`` cancel, the
 series; away from 0 the direct formula's relative error is at most a few ulps divided by the threshold.
 """
 
+import math
 import struct
 
 import triton
@@ -16,7 +17,9 @@ def split_f64(v):
     """A Python float as an fp32 (hi, lo) pair, rebuilt on the device by ``join_f64``: Triton passes Python floats
     as fp32, which would round e.g. label_smoothing=0.1 by 1.5e-8, too coarse for fp64 inputs."""
     v = float(v)
-    hi = struct.unpack("f", struct.pack("f", v))[0] if abs(v) < 3.4e38 else v
+    if not math.isfinite(v) or abs(v) >= 3.4e38:
+        return v, 0.0  # inf and nan pass as they are (v - v would be nan)
+    hi = struct.unpack("f", struct.pack("f", v))[0]
     return hi, v - hi
 
 
@@ -24,6 +27,16 @@ def split_f64(v):
 def join_f64(hi, lo, DTYPE: tl.constexpr):
     """The float ``split_f64`` split, in the compute dtype (exact to ~2^-48 relative in fp64)."""
     return (tl.zeros([], DTYPE) + hi) + lo
+
+
+@triton.jit
+def to_element_type(x, ptr):
+    """``x`` converted to ``ptr``'s element type for a store; to bf16 through fp32, because Triton's interpreter
+    converts fp64 to bf16 by truncating the bit pattern (an fp64 compute dtype meets a bf16 operand when dtypes
+    are mixed). The extra rounding step changes nothing at bf16's precision."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        x = x.to(tl.float32)
+    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit

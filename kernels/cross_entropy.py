@@ -74,6 +74,45 @@ def _smoothing_coef(target_ptr, weight_ptr, cols, t_offs, mask, eps, n_classes,
 
 
 @triton.jit
+def _row_loss_and_coefs(lse, x_y, smooth, coef_sum, w_y, alpha, valid, in_range, eps, gamma, z, n_classes,
+                        HAS_SMOOTHING: tl.constexpr):
+    """Per-row loss and gradient coefficients (K1, Kf, Ky, K3) of a class-index target (derivation in
+    the module docstring). ``smooth`` is sum_c a_c (lse - x_c), ``coef_sum`` sum_c a_c, ``w_y`` the target
+    class's weight, ``alpha`` the focal multiplier. Ignored rows give 0 everywhere; an out-of-range class index
+    gives a NaN loss and K1 instead of an out-of-bounds read."""
+    log_p_y = x_y - lse
+    ce = (1.0 - eps) * w_y * (-log_p_y)
+    if HAS_SMOOTHING:
+        ce += eps / n_classes * smooth
+    p_y = tl.exp(log_p_y)
+    one_minus_p_y = -expm1(log_p_y)
+    focal = pow_nonneg(one_minus_p_y, gamma)
+    loss = alpha * focal * ce + z * lse * lse
+    k1 = alpha * focal * (1.0 - eps) * w_y + 2.0 * z * lse
+    if HAS_SMOOTHING:
+        k1 += alpha * focal * eps / n_classes * coef_sum
+    focal_term = alpha * ce * gamma * p_y * focal
+    kf = focal_term * tl.where(one_minus_p_y > 0.0, 1.0 / one_minus_p_y, 0.0)
+    ky = alpha * focal * (1.0 - eps) * w_y + focal_term
+    k3 = alpha * focal * eps / n_classes
+    nan = float("nan")
+    loss = tl.where(valid, tl.where(in_range, loss, nan), 0.0)
+    k1 = tl.where(valid, tl.where(in_range, k1, nan), 0.0)
+    kf = tl.where(valid, kf, 0.0)
+    ky = tl.where(valid, ky, 0.0)
+    k3 = tl.where(valid, k3, 0.0)
+    return loss, k1, kf, ky, k3
+
+
+@triton.jit
+def _dlogits_from_coefs(p, is_target, k1, kf, ky):
+    """p_c (K1 + [c != y] Kf) - [c == y] Ky for a [rows, classes] tile, from per-row coefficient vectors: dloss/dx_c
+    but for the smoothing term ``- a_c K3`` and the soft-cap factor, which the caller applies (a_c is 1 here, a
+    tile of class weights or soft targets in the cross-entropy kernel)."""
+    return p * (k1[:, None] + tl.where(is_target, 0.0, kf[:, None])) - tl.where(is_target, ky[:, None], 0.0)
+
+
+@triton.jit
 def _ce_grad_pass(
     logits_ptr, target_ptr, weight_ptr, grad_ptr, grad_target_ptr,
     logits_base, target_base, grad_base,
@@ -96,7 +135,7 @@ def _ce_grad_pass(
         if COMPUTE_INPUT_GRAD:
             p = tl.exp(x - lse[:, None])
             is_target = cols[None, :] == y[:, None]
-            g = p * (k1[:, None] + tl.where(is_target, 0.0, kf[:, None])) - tl.where(is_target, ky[:, None], 0.0)
+            g = _dlogits_from_coefs(p, is_target, k1, kf, ky)
             if HAS_COEF:
                 a = _smoothing_coef(target_ptr, weight_ptr, cols[None, :], t_offs, mask, eps, n_classes,
                                     PROB_TARGET, HAS_WEIGHT, DTYPE)
@@ -193,29 +232,8 @@ def _ce_finish(
             alpha = tl.load(alpha_ptr + y, mask=gather, other=0.0).to(DTYPE)
         else:
             alpha = tl.zeros([BLOCK_R], DTYPE) + alpha_scalar
-        log_p_y = x_y - lse
-        ce = (1.0 - eps) * w_y * (-log_p_y)
-        if HAS_SMOOTHING:
-            ce += eps / n_classes * smooth
-        p_y = tl.exp(log_p_y)
-        one_minus_p_y = -expm1(log_p_y)
-        focal = pow_nonneg(one_minus_p_y, gamma)
-        loss = alpha * focal * ce + z * lse * lse
-        k1 = alpha * focal * (1.0 - eps) * w_y + 2.0 * z * lse
-        if HAS_SMOOTHING:
-            k1 += alpha * focal * eps / n_classes * coef_sum
-        focal_term = alpha * ce * gamma * p_y * focal
-        kf = focal_term * tl.where(one_minus_p_y > 0.0, 1.0 / one_minus_p_y, 0.0)
-        ky = alpha * focal * (1.0 - eps) * w_y + focal_term
-        k3 = alpha * focal * eps / n_classes
-        # Ignored rows contribute nothing; an out-of-range class index (only reachable on GPU, the host checks
-        # on CPU) poisons its row with NaN instead of reading out of bounds.
-        nan = float("nan")
-        loss = tl.where(valid, tl.where(in_range, loss, nan), 0.0)
-        k1 = tl.where(valid, tl.where(in_range, k1, nan), 0.0)
-        kf = tl.where(valid, kf, 0.0)
-        ky = tl.where(valid, ky, 0.0)
-        k3 = tl.where(valid, k3, 0.0)
+        loss, k1, kf, ky, k3 = _row_loss_and_coefs(lse, x_y, smooth, coef_sum, w_y, alpha, valid, in_range,
+                                                   eps, gamma, z, n_classes, HAS_SMOOTHING)
 
     tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
     tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=row_mask)

@@ -23,8 +23,8 @@ scalars. Rows whose ``target`` equals ``ignore_index`` have loss 0 and zero grad
 import triton
 import triton.language as tl
 
-from ._common import join_f64, online_logsumexp_update, split_f64
-from ._issue5_configs import distillation_config
+from ._common import join_f64, online_logsumexp_update, split_f64, to_element_type
+from .configs import distillation_config
 
 
 @triton.jit
@@ -36,39 +36,39 @@ def _valid_rows(target_ptr, rows, row_mask, stride_target, ignore_index, HAS_TAR
 
 
 @triton.jit
-def _load_scaled(ptr, offs, mask, inv_temp, DTYPE: tl.constexpr):
-    """Logits / T in the compute dtype; 0 on padded lanes, so that differences there stay finite (the
-    log-sum-exp pass masks them to -inf itself)."""
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(DTYPE) * inv_temp
+def _load_scaled(row_ptrs, cols, mask, inv_temp, DTYPE: tl.constexpr):
+    """A [BLOCK_R, BLOCK_V] tile of logits / T in the compute dtype, from each row's first-class pointer; 0 on
+    padded lanes, so that differences there stay finite (the log-sum-exp pass masks them to -inf itself)."""
+    return tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0).to(DTYPE) * inv_temp
 
 
 @triton.jit
 def _distillation_grad_pass(
-    student_ptr, teacher_ptr, grad_student_ptr, grad_teacher_ptr,
-    student_base, teacher_base, grad_student_base, grad_teacher_base,
+    student_rows, teacher_rows, grad_student_ptr, grad_teacher_ptr, grad_student_base, grad_teacher_base,
     row_mask, lse_student, lse_teacher, kl, coef, inv_temp, n_classes,
     BLOCK_V: tl.constexpr, COMPUTE_STUDENT_GRAD: tl.constexpr, COMPUTE_TEACHER_GRAD: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """The gradients of a [BLOCK_R] group of rows, ``coef`` (= grad_scale * T, 0 on ignored rows) times the
+    """The gradients of a [BLOCK_R] group of rows (``*_rows``: pointers to each row's first logit;
+    ``grad_*_base``: each row's offset in the gradient), ``coef`` (= grad_scale * T, 0 on ignored rows) times the
     formulas of the module docstring. Blocks go last-to-first: the ones pass 1 read last are still in L2."""
     num_blocks = tl.cdiv(n_classes, BLOCK_V)
     for i in range(0, num_blocks):
         cols = (num_blocks - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols < n_classes)[None, :]
-        log_q = _load_scaled(student_ptr, student_base[:, None] + cols[None, :], mask, inv_temp, DTYPE) \
-            - lse_student[:, None]
-        log_p = _load_scaled(teacher_ptr, teacher_base[:, None] + cols[None, :], mask, inv_temp, DTYPE) \
-            - lse_teacher[:, None]
+        log_q = _load_scaled(student_rows, cols, mask, inv_temp, DTYPE) - lse_student[:, None]
+        log_p = _load_scaled(teacher_rows, cols, mask, inv_temp, DTYPE) - lse_teacher[:, None]
         p = tl.exp(log_p)
         if COMPUTE_STUDENT_GRAD:
             g = coef[:, None] * (tl.exp(log_q) - p)
             tl.store(grad_student_ptr + grad_student_base[:, None] + cols[None, :],
-                     g.to(grad_student_ptr.dtype.element_ty), mask=mask)
+                     to_element_type(g, grad_student_ptr), mask=mask)
         if COMPUTE_TEACHER_GRAD:
-            g = coef[:, None] * tl.where(p > 0.0, p * (log_p - log_q - kl[:, None]), 0.0)
+            mass = p > 0.0  # as in pass 1: 0 where p_c = 0, without forming -inf - -inf
+            log_ratio = tl.where(mass, log_p, 0.0) - tl.where(mass, log_q, 0.0)
+            g = coef[:, None] * tl.where(mass, p * (log_ratio - kl[:, None]), 0.0)
             tl.store(grad_teacher_ptr + grad_teacher_base[:, None] + cols[None, :],
-                     g.to(grad_teacher_ptr.dtype.element_ty), mask=mask)
+                     to_element_type(g, grad_teacher_ptr), mask=mask)
 
 
 @triton.jit
@@ -93,8 +93,8 @@ def _distillation_fwd_kernel(
     row_mask = rows < n_rows
     rows = rows.to(tl.int64)
     valid = _valid_rows(target_ptr, rows, row_mask, stride_target, ignore_index, HAS_TARGET)
-    student_base = rows * stride_student_row
-    teacher_base = rows * stride_teacher_row
+    student_rows = student_ptr + rows * stride_student_row
+    teacher_rows = teacher_ptr + rows * stride_teacher_row
 
     m_student = tl.full([BLOCK_R], float("-inf"), DTYPE)
     z_student = tl.zeros([BLOCK_R], DTYPE)
@@ -104,14 +104,16 @@ def _distillation_fwd_kernel(
     for start in range(0, n_classes, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = valid[:, None] & (cols < n_classes)[None, :]
-        s = _load_scaled(student_ptr, student_base[:, None] + cols[None, :], mask, inv_temp, DTYPE)
-        t = _load_scaled(teacher_ptr, teacher_base[:, None] + cols[None, :], mask, inv_temp, DTYPE)
+        s = _load_scaled(student_rows, cols, mask, inv_temp, DTYPE)
+        t = _load_scaled(teacher_rows, cols, mask, inv_temp, DTYPE)
         m_student, z_student, _ = online_logsumexp_update(m_student, z_student, tl.where(mask, s, float("-inf")), 1)
         m_old = m_teacher
         t_masked = tl.where(mask, t, float("-inf"))
         m_teacher, z_teacher, shift = online_logsumexp_update(m_teacher, z_teacher, t_masked, 1)
         e = tl.exp(t_masked - shift[:, None])
-        cross = cross * tl.exp(m_old - shift) + tl.sum(tl.where(e > 0.0, e * (t - s), 0.0), axis=1)
+        # Where the teacher has no mass (padding, or a -inf logit) the term is 0, without forming -inf - -inf.
+        mass = e > 0.0
+        cross = cross * tl.exp(m_old - shift) + tl.sum(e * (tl.where(mass, t, 0.0) - tl.where(mass, s, 0.0)), axis=1)
     # Ignored rows read nothing (their masks are all false): give them finite stats, loss 0.
     lse_student = tl.where(valid, m_student + tl.log(tl.where(valid, z_student, 1.0)), 0.0)
     lse_teacher = tl.where(valid, m_teacher + tl.log(tl.where(valid, z_teacher, 1.0)), 0.0)
@@ -124,8 +126,8 @@ def _distillation_fwd_kernel(
     if COMPUTE_STUDENT_GRAD or COMPUTE_TEACHER_GRAD:
         coef = tl.where(valid, tl.load(grad_scale_ptr).to(DTYPE) * temp, 0.0)
         _distillation_grad_pass(
-            student_ptr, teacher_ptr, grad_student_ptr, grad_teacher_ptr,
-            student_base, teacher_base, rows * stride_grad_student_row, rows * stride_grad_teacher_row,
+            student_rows, teacher_rows, grad_student_ptr, grad_teacher_ptr,
+            rows * stride_grad_student_row, rows * stride_grad_teacher_row,
             row_mask, lse_student, lse_teacher, kl, coef, inv_temp, n_classes,
             BLOCK_V, COMPUTE_STUDENT_GRAD, COMPUTE_TEACHER_GRAD, DTYPE,
         )
@@ -156,9 +158,8 @@ def _distillation_bwd_kernel(
     kl = tl.load(stats_ptr + rows * 3 + 2, mask=row_mask, other=0.0)
     scale = tl.load(grad_scale_ptr + rows, mask=row_mask, other=0.0).to(DTYPE)
     _distillation_grad_pass(
-        student_ptr, teacher_ptr, grad_student_ptr, grad_teacher_ptr,
-        rows * stride_student_row, rows * stride_teacher_row, rows * stride_grad_student_row,
-        rows * stride_grad_teacher_row,
+        student_ptr + rows * stride_student_row, teacher_ptr + rows * stride_teacher_row,
+        grad_student_ptr, grad_teacher_ptr, rows * stride_grad_student_row, rows * stride_grad_teacher_row,
         row_mask, lse_student, lse_teacher, kl, tl.where(valid, scale * temp, 0.0), 1.0 / temp, n_classes,
         BLOCK_V, COMPUTE_STUDENT_GRAD, COMPUTE_TEACHER_GRAD, DTYPE,
     )

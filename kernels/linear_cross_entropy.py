@@ -21,7 +21,10 @@ Forward (two launches, O(N) outputs)
     buffer; ``_lce_combine_kernel`` merges the splits (the log-sum-exp merge of Milakov & Gimelshein) and writes
     the per-row loss, lse and (K1, Kf, Ky, K3). Splitting the vocabulary keeps the GPU full when N is small
     (8192 tokens are only 64 tiles of 128), and the splits of one token tile are scheduled next to each other
-    (a GROUP_N swizzle) so the X tiles stay in L2 while the W tiles stream.
+    (a GROUP_N swizzle) so the X tiles stay in L2 while the W tiles stream: W is read from HBM about once per
+    group of GROUP_N token tiles, V*H*s*ceil(N / (BLOCK_N*GROUP_N)) bytes (8.4 GB at N=8192, H=4096, V=128256,
+    bf16) for 2*N*H*V FLOPs (8.6e12): 1e-3 B/FLOP, under a third of an H100's ridge point (3.35 TB/s / 990
+    TFLOP/s = 3.4e-3 B/FLOP), so the forward is bound by the tensor cores, as the bare matmul is.
 
 Backward (per vocabulary chunk of ``w`` columns: three launches, no atomics)
     1. ``_lce_dlogits_kernel`` recomputes the (N x w) logit tiles exactly as the forward did, forms G in
@@ -30,7 +33,11 @@ Backward (per vocabulary chunk of ``w`` columns: three launches, no atomics)
     2. ``_lce_matmul_kernel`` as dW[chunk] = G^T @ X: K = N, the whole token dimension, so every dW row is
        produced once, in fp32 registers, and written once in the weight's dtype.
     3. ``_lce_matmul_kernel`` as dX (+)= G @ W[chunk]: K = w; across chunks dX accumulates in an fp32 buffer
-       (read-add-write by the program that owns the tile, so no atomics), the last chunk writes the input dtype.
+       that each GEMM program loads as its K loop's initial value and stores back (it owns the tile: no
+       atomics); the last chunk applies the gradient's scale and writes the input dtype.
+    G holds the coefficient form times the per-row scale (``grad_output`` for 'none'); the scalar of 'mean'
+    and 'sum' (grad_output / denominator) is applied in the GEMM epilogues, so G keeps its magnitude (fp16
+    does not flush p / N to zero).
 
     Why this decomposition. Recomputing the logits once is unavoidable (the softmax of a row needs its lse,
     which needs the whole vocabulary), so backward is 3 GEMMs of 2*N*H*V FLOPs and forward one: 8*N*H*V in all
@@ -43,8 +50,9 @@ Backward (per vocabulary chunk of ``w`` columns: three launches, no atomics)
       at H=4096, so H must be split and the logit tiles recomputed H/BLOCK_H times.
     The G round trip costs N*w*s bytes written and read twice per chunk (s = 2 for bf16), and the fp32 dX
     accumulator 8*N*H bytes per chunk; per chunk the three GEMMs do 6*N*H*w FLOPs, so the extra traffic is
-    (3*s/(6*H) + 8/(6*w)) bytes/FLOP = 2.6e-4 + 3.3e-4 at H = w = 4096, bf16: 6% of an H100's ridge point
-    (3.35 TB/s / 990 TFLOP/s = 3.4e-3 B/FLOP), i.e. the GEMMs stay compute-bound.
+    3*s/(6*H) + 8/(6*w) bytes/FLOP = 2.4e-4 + 3.3e-4 at H = w = 4096, bf16: a sixth of the H100's ridge point,
+    on top of the GEMMs' own operand reads, so the backward stays bound by the tensor cores. A wider chunk
+    (``LCE_WORKSPACE_BYTES``) trades workspace for less dX-accumulator traffic.
 
 Workspace bound (bytes, beyond inputs, outputs and the gradients themselves), with s the input's itemsize,
 ``w = chunk`` from ``configs.linear_cross_entropy_config`` (``LCE_WORKSPACE_BYTES / (N * s)`` rounded to
@@ -63,56 +71,11 @@ import triton
 import triton.language as tl
 
 from . import configs
-
-if not hasattr(configs, "linear_cross_entropy_config"):  # DEV ONLY: removed once appended to configs.py
-    exec(open("/tmp/lce_configs.py").read(), configs.__dict__)
-from ._common import expm1, join_f64, online_logsumexp_update, pow_nonneg, soft_cap, split_f64
+from ._common import join_f64, online_logsumexp_update, soft_cap, split_f64
+from .cross_entropy import _dlogits_from_coefs, _row_loss_and_coefs
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared @triton.jit helpers. ``_row_loss_and_coefs`` and ``_dlogits_from_coefs`` are the per-row epilogue and
-# the per-element gradient of ``kernels/cross_entropy.py`` (inline there in ``_ce_fwd_kernel`` and
-# ``_ce_grad_pass``), written as functions so that both families can call one copy.
-
-
-@triton.jit
-def _row_loss_and_coefs(lse, x_y, smooth, coef_sum, w_y, alpha, valid, in_range, eps, gamma, z, n_classes,
-                        HAS_SMOOTHING: tl.constexpr):
-    """Per-row loss and gradient coefficients (K1, Kf, Ky, K3) of a class-index target (derivation in
-    ``kernels/cross_entropy.py``). ``smooth`` is sum_c a_c (lse - x_c), ``coef_sum`` sum_c a_c, ``w_y`` the target
-    class's weight, ``alpha`` the focal multiplier. Ignored rows give 0 everywhere; an out-of-range class index
-    gives a NaN loss and K1 instead of an out-of-bounds read."""
-    log_p_y = x_y - lse
-    ce = (1.0 - eps) * w_y * (-log_p_y)
-    if HAS_SMOOTHING:
-        ce += eps / n_classes * smooth
-    p_y = tl.exp(log_p_y)
-    one_minus_p_y = -expm1(log_p_y)
-    focal = pow_nonneg(one_minus_p_y, gamma)
-    loss = alpha * focal * ce + z * lse * lse
-    k1 = alpha * focal * (1.0 - eps) * w_y + 2.0 * z * lse
-    if HAS_SMOOTHING:
-        k1 += alpha * focal * eps / n_classes * coef_sum
-    focal_term = alpha * ce * gamma * p_y * focal
-    kf = focal_term * tl.where(one_minus_p_y > 0.0, 1.0 / one_minus_p_y, 0.0)
-    ky = alpha * focal * (1.0 - eps) * w_y + focal_term
-    k3 = alpha * focal * eps / n_classes
-    nan = float("nan")
-    loss = tl.where(valid, tl.where(in_range, loss, nan), 0.0)
-    k1 = tl.where(valid, tl.where(in_range, k1, nan), 0.0)
-    kf = tl.where(valid, kf, 0.0)
-    ky = tl.where(valid, ky, 0.0)
-    k3 = tl.where(valid, k3, 0.0)
-    return loss, k1, kf, ky, k3
-
-
-@triton.jit
-def _dlogits_from_coefs(p, is_target, k1, kf, ky, k3, HAS_K3: tl.constexpr):
-    """dloss/dx_c = p_c (K1 + [c != y] Kf) - [c == y] Ky - K3 for a [rows, classes] tile; the coefficients are
-    per-row vectors (K3 already multiplied by a_c when a_c is not 1). The soft-cap factor is the caller's."""
-    g = p * (k1[:, None] + tl.where(is_target, 0.0, kf[:, None])) - tl.where(is_target, ky[:, None], 0.0)
-    if HAS_K3:
-        g -= k3[:, None]
-    return g
+# Row helpers of this family (the per-row epilogue and per-element gradient are kernels.cross_entropy's).
 
 
 @triton.jit
@@ -128,6 +91,13 @@ def _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_ou
 
 
 @triton.jit
+def _class_i32(y, n_classes):
+    """The target class as int32 for comparing with a tile's column indices (an int64 compare would widen the
+    whole [rows, classes] tile), -1 when out of [0, n_classes): ignored and out-of-range rows match no column."""
+    return tl.where((y >= 0) & (y < n_classes), y, -1).to(tl.int32)
+
+
+@triton.jit
 def _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
                  stride_xr, stride_xh, stride_wv, stride_wh, softcap,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -135,8 +105,10 @@ def _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidde
                  DTYPE: tl.constexpr):
     """A [BLOCK_N, BLOCK_V] tile of logits ``X[rows] @ W[cols]^T + b[cols]``, accumulated over H in DTYPE (fp32,
     or fp64 for fp64 inputs) on the tensor cores for 16-bit inputs, soft-capped, with padded columns set to -inf
-    after the cap. Returns the tile and the cap's derivative (the uncapped tile when there is no cap). W is read
-    as the K-major [BLOCK_H, BLOCK_V] operand straight from its (V, H) layout: no transpose in the loop."""
+    after the cap. W is read as the K-major [BLOCK_H, BLOCK_V] operand straight from its (V, H) layout: no
+    transpose in the loop. The cap's derivative is not returned: ``1 - (x / cap) ** 2`` from the capped tile
+    costs two multiplies where keeping it would cost a second [BLOCK_N, BLOCK_V] fp32 tile of registers (and
+    spills at 128 x 128 on 8 warps)."""
     offs_h = tl.arange(0, BLOCK_H)
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xr + offs_h[None, :] * stride_xh
     w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + offs_h[:, None] * stride_wh
@@ -150,10 +122,9 @@ def _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidde
         w_ptrs += BLOCK_H * stride_wh
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(DTYPE)[None, :]
-    dcap = acc  # unused unless HAS_SOFTCAP
     if HAS_SOFTCAP:
-        acc, dcap = soft_cap(acc, softcap)
-    return tl.where(col_mask[None, :], acc, float("-inf")), dcap
+        acc, _ = soft_cap(acc, softcap)
+    return tl.where(col_mask[None, :], acc, float("-inf"))
 
 
 @triton.jit
@@ -194,6 +165,7 @@ def _lce_fwd_kernel(
     row_mask = rows < n_rows
     y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
                         ignore_index)
+    y_col = _class_i32(y, n_classes)
 
     m = tl.full([BLOCK_N], float("-inf"), DTYPE)
     s = tl.zeros([BLOCK_N], DTYPE)
@@ -204,9 +176,9 @@ def _lce_fwd_kernel(
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < col_end
-        x, _ = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
-                            stride_xr, stride_xh, stride_wv, stride_wh, softcap,
-                            BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
+        x = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
+                         stride_xr, stride_xh, stride_wv, stride_wh, softcap,
+                         BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
         m_old = m
         m, s, m_ref = online_logsumexp_update(m, s, x, 1)
         if HAS_SMOOTHING:
@@ -215,7 +187,7 @@ def _lce_fwd_kernel(
             seen = (start - col_start).to(DTYPE)
             coef_dot = tl.where(m_old > float("-inf"), coef_dot + seen * (m_old - m_ref), coef_dot)
             coef_dot += tl.sum(tl.where(col_mask[None, :], x - m_ref[:, None], 0.0), axis=1)
-        x_y += tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
+        x_y += tl.sum(tl.where(cols[None, :] == y_col[:, None], x, 0.0), axis=1)
 
     offs = split.to(tl.int64) * n_rows + rows
     plane = n_splits.to(tl.int64) * n_rows
@@ -307,9 +279,9 @@ def _lce_dlogits_kernel(
     cols = col_start + local
     row_mask = rows < n_rows
     col_mask = local < chunk_width
-    x, dcap = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
-                           stride_xr, stride_xh, stride_wv, stride_wh, softcap,
-                           BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
+    x = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
+                     stride_xr, stride_xh, stride_wv, stride_wh, softcap,
+                     BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
 
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(row_scale_ptr + rows.to(tl.int64) * stride_row_scale, mask=row_mask, other=0.0).to(DTYPE)
@@ -323,13 +295,16 @@ def _lce_dlogits_kernel(
     y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
                         ignore_index)
     p = tl.exp(x - lse[:, None])
-    g = _dlogits_from_coefs(p, cols[None, :] == y[:, None], k1, kf, ky, k3, HAS_SMOOTHING)
+    g = _dlogits_from_coefs(p, cols[None, :] == _class_i32(y, n_classes)[:, None], k1, kf, ky)
+    if HAS_SMOOTHING:
+        g -= k3[:, None]
     if HAS_SOFTCAP:
-        g *= dcap
+        t = x * (1.0 / softcap)  # tanh of the uncapped logit; padded columns give -inf here, masked just below
+        g *= 1.0 - t * t
     mask = row_mask[:, None] & col_mask[None, :]
     g = tl.where(mask, g, 0.0)
-    offs = rows.to(tl.int64)[:, None] * chunk_width + local[None, :]
-    tl.store(dlogits_ptr + offs, g.to(dlogits_ptr.dtype.element_ty), mask=mask)
+    row_ptrs = dlogits_ptr + rows.to(tl.int64) * chunk_width
+    tl.store(row_ptrs[:, None] + local[None, :], g.to(dlogits_ptr.dtype.element_ty), mask=mask)
     if COMPUTE_DBIAS:
         tl.store(dbias_part_ptr + tile_n.to(tl.int64) * chunk_width + local, tl.sum(g, axis=0), mask=col_mask)
 
@@ -346,7 +321,8 @@ def _lce_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     LOAD_ACC: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """out = scale * (A @ B) (+ acc with LOAD_ACC), accumulated in DTYPE and stored in out's dtype. Each program
+    """out = scale * (acc + A @ B) (acc only with LOAD_ACC), accumulated in DTYPE and stored in out's dtype. The
+    loaded ``acc`` is the K loop's initial value, so it costs no registers beyond the accumulator. Each program
     owns one (BLOCK_M x BLOCK_N) output tile, so ``acc`` may alias ``out`` (the fp32 dX accumulator: read, add,
     write by one program, no atomics). Any strides: A is G (K-major) for dX and G^T (M-major) for dW."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -357,7 +333,12 @@ def _lce_matmul_kernel(
     n_mask = offs_n < N
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], DTYPE)
+    mask = m_mask[:, None] & n_mask[None, :]
+    if LOAD_ACC:
+        acc = tl.load(acc_ptr + offs_m[:, None] * stride_accm + offs_n[None, :] * stride_accn, mask=mask,
+                      other=0.0).to(DTYPE)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], DTYPE)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -366,10 +347,6 @@ def _lce_matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     acc = acc * tl.load(scale_ptr).to(DTYPE)
-    mask = m_mask[:, None] & n_mask[None, :]
-    if LOAD_ACC:
-        acc += tl.load(acc_ptr + offs_m[:, None] * stride_accm + offs_n[None, :] * stride_accn, mask=mask,
-                       other=0.0).to(DTYPE)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -405,7 +382,8 @@ def _precision(x, input_precision):
     return input_precision if x.dtype.itemsize == 4 else "ieee"
 
 
-def _config(x2d, weight):
+def config_for(x2d, weight):
+    """The launch configuration (``configs.linear_cross_entropy_config``) for this problem and device."""
     device = x2d.device
     num_sms = configs.LCE_DEFAULT_SMS
     if device.type == "cuda":
@@ -419,7 +397,8 @@ def _config(x2d, weight):
 def num_splits(cfg, n_classes):
     """The forward's vocabulary splits for a config: (n_splits, split_width); the partial buffer holds
     4 * n_splits * rows values."""
-    split_width = triton.cdiv(triton.cdiv(n_classes, cfg["BLOCK_V"]), cfg["n_splits"]) * cfg["BLOCK_V"]
+    block_v = cfg["fwd"]["BLOCK_V"]
+    split_width = triton.cdiv(triton.cdiv(n_classes, block_v), cfg["n_splits"]) * block_v
     return triton.cdiv(n_classes, split_width), split_width
 
 
@@ -435,16 +414,17 @@ def linear_cross_entropy_forward(x2d, weight, bias, target, tlayout, part, loss,
     n_split, split_width = num_splits(cfg, n_classes)
     dtype = _compute_dtype(x2d)
     seq_len, stride_target_outer, stride_target_seq = tlayout
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_N"]) * n_split,)
+    c = cfg["fwd"]
+    grid = (triton.cdiv(n_rows, c["BLOCK_N"]) * n_split,)
     _lce_fwd_kernel[grid](
         x2d, weight, bias, target, part,
         n_rows, n_hidden, n_classes, seq_len, n_split, split_width,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), stride_target_outer, stride_target_seq,
         int(shift), ignore_index, *split_f64(softcap or 0.0),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], GROUP_N=cfg["GROUP_N"],
+        BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_N=c["GROUP_N"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
         PRECISION=_precision(x2d, input_precision), DTYPE=dtype,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     block_r = configs.LCE_COMBINE_BLOCK_R
     _lce_combine_kernel[(triton.cdiv(n_rows, block_r),)](
@@ -467,28 +447,29 @@ def linear_cross_entropy_dlogits(x2d, weight, bias, target, tlayout, lse, coefs,
     n_rows, n_hidden = x2d.shape
     width = dlogits.shape[1]
     seq_len, stride_target_outer, stride_target_seq = tlayout
-    grid = (triton.cdiv(n_rows, cfg["BLOCK_N"]) * triton.cdiv(width, cfg["BLOCK_V"]),)
+    c = cfg["dlogits"]
+    grid = (triton.cdiv(n_rows, c["BLOCK_N"]) * triton.cdiv(width, c["BLOCK_V"]),)
     _lce_dlogits_kernel[grid](
         x2d, weight, bias, target, lse, coefs, row_scale, dlse, dlogits, dbias_part,
         n_rows, n_hidden, weight.shape[0], seq_len, col_start, width,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), stride_target_outer, stride_target_seq,
         0 if row_scale.dim() == 0 else row_scale.stride(0),
         int(shift), ignore_index, *split_f64(softcap or 0.0),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], GROUP_N=cfg["GROUP_N"],
+        BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_N=c["GROUP_N"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
         HAS_DLSE=dlse is not None, COMPUTE_DBIAS=dbias_part is not None,
         PRECISION=_precision(x2d, input_precision), DTYPE=_compute_dtype(x2d),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
 
 
-def matmul(a, b, out, scale, cfg, *, acc=None, input_precision="ieee"):
-    """``out = scale * (a @ b) (+ acc)`` for 2-D ``a`` (M, K) and ``b`` (K, N) with any strides (a transposed view
-    is read in place), ``out`` (M, N) of any float dtype, ``scale`` a 0-d tensor, ``acc`` None or (M, N), which
-    may be ``out`` itself. Accumulates in fp32 (fp64 for fp64 operands)."""
+def matmul(a, b, out, scale, g, *, acc=None, input_precision="ieee"):
+    """``out = scale * (acc + a @ b)`` for 2-D ``a`` (M, K) and ``b`` (K, N) with any strides (a transposed view
+    is read in place), ``out`` (M, N) of any float dtype, ``scale`` a 0-d tensor, ``acc`` None (zero) or (M, N),
+    which may be ``out`` itself. Accumulates in fp32 (fp64 for fp64 operands). ``g``: a GEMM config,
+    ``cfg["gemm_dw"]`` or ``cfg["gemm_dx"]``."""
     M, K = a.shape
     N = b.shape[1]
-    g = cfg["gemm"]
     grid = (triton.cdiv(M, g["BLOCK_M"]) * triton.cdiv(N, g["BLOCK_N"]),)
     acc_t = out if acc is None else acc
     _lce_matmul_kernel[grid](
@@ -500,11 +481,6 @@ def matmul(a, b, out, scale, cfg, *, acc=None, input_precision="ieee"):
         LOAD_ACC=acc is not None, PRECISION=_precision(a, input_precision), DTYPE=_compute_dtype(a),
         num_warps=g["num_warps"], num_stages=g["num_stages"],
     )
-
-
-def config_for(x2d, weight):
-    """The launch configuration (``configs.linear_cross_entropy_config``) for this problem and device."""
-    return _config(x2d, weight)
 
 
 def compile_variants():
@@ -522,7 +498,7 @@ def compile_variants():
         w = torch.zeros(vocab, hidden, dtype=dtype)
         b = torch.zeros(vocab, dtype=dtype) if bias else None
         t = torch.zeros(rows, dtype=torch.long)
-        cfg = _config(x, w)
+        cfg = config_for(x, w)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         vec = torch.zeros(rows, dtype=acc)
         coefs = torch.zeros(rows, 4, dtype=acc)
@@ -534,17 +510,18 @@ def compile_variants():
                                          vec, vec, coefs if store_coefs else None, cfg, focal_gamma=2.0,
                                          z_loss=1e-4, **opts)
         g = torch.zeros(rows, vocab, dtype=dtype)
-        part = torch.zeros(1, vocab, dtype=torch.float32) if (bias if bias_grad is None else bias_grad) else None
+        part = torch.zeros(1, vocab, dtype=acc) if (bias if bias_grad is None else bias_grad) else None
         linear_cross_entropy_dlogits(x, w, b, t, target_layout(t), vec, coefs, torch.ones((), dtype=acc),
                                      vec if dlse else None, g, part, 0, cfg, **opts)
         if gemms:
             one = torch.ones((), dtype=acc)
-            matmul(g.t(), x, w, one, cfg, input_precision=precision)                     # dW = G^T X
-            matmul(g, w, x, one, cfg, input_precision=precision)                         # dX, one chunk
+            dw_cfg, dx_cfg = cfg["gemm_dw"], cfg["gemm_dx"]
+            matmul(g.t(), x, w, one, dw_cfg, input_precision=precision)                  # dW = G^T X
+            matmul(g, w, x, one, dx_cfg, input_precision=precision)                      # dX, one chunk
             x32 = torch.zeros(rows, hidden, dtype=acc)
-            matmul(g, w, x32, one, cfg, input_precision=precision)                       # dX, first chunk
-            matmul(g, w, x32, one, cfg, acc=x32, input_precision=precision)              # middle chunk
-            matmul(g, w, x, one, cfg, acc=x32, input_precision=precision)                # last chunk
+            matmul(g, w, x32, one, dx_cfg, input_precision=precision)                    # dX, first chunk
+            matmul(g, w, x32, one, dx_cfg, acc=x32, input_precision=precision)           # middle chunk
+            matmul(g, w, x, one, dx_cfg, acc=x32, input_precision=precision)             # last chunk
 
     for bias, softcap, smoothing in itertools.product((False, True), repeat=3):
         for dlse in (False, True):

@@ -11,19 +11,22 @@ machinery for a three-line formula.
 Losses of the difference ``u = x - t`` (minus ``margin`` for Bradley-Terry), with ``de/du``; then
 ``de/dx = de/du`` and ``de/dt = de/dmargin = -de/du``:
 
-    MSE            e = u^2                                       de/du = 2u
-    L1             e = |u|                                       de/du = sign(u)    (0 at u = 0, as torch)
-    HUBER(delta)   e = u^2 / 2 if |u| < delta else delta (|u| - delta / 2)
+    "mse"            e = u^2                                     de/du = 2u
+    "l1"             e = |u|                                     de/du = sign(u)    (0 at u = 0, as torch)
+    "huber"          e = u^2 / 2 if |u| < delta else delta (|u| - delta / 2)
                                                                  de/du = clamp(u, -delta, delta)
-    SmoothL1(beta) = HUBER(delta=beta) * (1 / beta), through ``loss_scale`` (torch's formulas, up to rounding)
-    BRADLEY_TERRY  e = softplus(-u) = -log sigmoid(u)            de/du = -sigmoid(-u)
+    "bradley_terry"  e = softplus(-u) = -log sigmoid(u)          de/du = -sigmoid(-u)
+
+all times ``loss_scale``, which is 1 except for SmoothL1(beta) = huber(delta=beta) / beta (torch's formula up
+to rounding) and for the limits of an infinite threshold, huber(delta=inf) = mse / 2 and smooth_l1(beta=inf)
+= 0, which the host sends as "mse" with scale 1/2 and 0 (an infinite delta would not survive ``split_f64``).
 
 torch's ``kl_div`` (``x`` log-probabilities):
 
-    KL             e = xlogy(t, t) - t x                         de/dx = -t,  de/dt = log t + 1 - x
-    KL_LOG_TARGET  e = exp(t) (t - x)                            de/dx = -exp(t),  de/dt = e + exp(t)
+    "kl"             e = xlogy(t, t) - t x                       de/dx = -t,  de/dt = log t + 1 - x
+    "kl_log_target"  e = exp(t) (t - x)                          de/dx = -exp(t),  de/dt = e + exp(t)
 
-``de/dt`` of ``KL`` is NaN for ``t <= 0`` and ``e`` is NaN for ``t < 0``, exactly as torch's autograd of
+``de/dt`` of "kl" is NaN for ``t <= 0`` and ``e`` is NaN for ``t < 0``, exactly as torch's autograd of
 ``xlogy(t, t) - t * x`` gives (``0 / 0`` in xlogy's derivative at ``t = 0``).
 
 An optional elementwise ``weight`` multiplies ``e`` and its derivatives; ``de_w/dw = e``. Bytes per element:
@@ -34,8 +37,8 @@ read input + target (+ weight), write the gradients that autograd needs; no per-
 import triton
 import triton.language as tl
 
-from ._common import join_f64, log1p, split_f64
-from ._issue5_configs import POINTWISE_BLOCK, POINTWISE_NUM_WARPS
+from ._common import join_f64, log1p, split_f64, to_element_type
+from .configs import POINTWISE_BLOCK, POINTWISE_NUM_WARPS
 
 # The ``LOSS`` constexpr: the formula of the module docstring that a launch compiles.
 LOSSES = ("mse", "l1", "huber", "bradley_terry", "kl", "kl_log_target")
@@ -98,10 +101,9 @@ def _pointwise_kernel(
             else:
                 u -= join_f64(margin_hi, margin_lo, DTYPE)
         loss, dx = _difference_loss(u, join_f64(delta_hi, delta_lo, DTYPE), LOSS)
-        if LOSS == "huber":
-            loss_scale = join_f64(loss_scale_hi, loss_scale_lo, DTYPE)
-            loss *= loss_scale
-            dx *= loss_scale
+        loss_scale = join_f64(loss_scale_hi, loss_scale_lo, DTYPE)
+        loss *= loss_scale
+        dx *= loss_scale
         dt = -dx
     unweighted = loss
     if HAS_WEIGHT:
@@ -110,7 +112,7 @@ def _pointwise_kernel(
         dx *= w
         dt *= w
     if WRITE_LOSS:
-        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+        tl.store(loss_ptr + offs, to_element_type(loss, loss_ptr), mask=mask)
     if WRITE_PARTIAL:
         tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
     if COMPUTE_INPUT_GRAD or COMPUTE_TARGET_GRAD or COMPUTE_WEIGHT_GRAD or COMPUTE_MARGIN_GRAD:
@@ -119,13 +121,13 @@ def _pointwise_kernel(
         else:
             scale = tl.load(grad_scale_ptr).to(DTYPE)
         if COMPUTE_INPUT_GRAD:
-            tl.store(grad_input_ptr + offs, (dx * scale).to(grad_input_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_input_ptr + offs, to_element_type(dx * scale, grad_input_ptr), mask=mask)
         if COMPUTE_TARGET_GRAD:
-            tl.store(grad_target_ptr + offs, (dt * scale).to(grad_target_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_target_ptr + offs, to_element_type(dt * scale, grad_target_ptr), mask=mask)
         if COMPUTE_WEIGHT_GRAD:
-            tl.store(grad_weight_ptr + offs, (unweighted * scale).to(grad_weight_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_weight_ptr + offs, to_element_type(unweighted * scale, grad_weight_ptr), mask=mask)
         if COMPUTE_MARGIN_GRAD:
-            tl.store(grad_margin_ptr + offs, (dt * scale).to(grad_margin_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_margin_ptr + offs, to_element_type(dt * scale, grad_margin_ptr), mask=mask)
 
 
 def num_programs(numel):
@@ -144,8 +146,8 @@ def pointwise_forward(input, target, weight, margin, grad_scale, loss, partial, 
     when any operand is fp64, fp32 otherwise.
     """
     numel = input.numel()
-    operands = (input, target, weight, margin)
-    dtype = tl.float64 if any(t is not None and t.dtype.itemsize == 8 for t in operands) else tl.float32
+    floats = [t for t in (input, target, weight, margin) if t is not None and t.is_floating_point()]
+    dtype = tl.float64 if any(t.dtype.itemsize == 8 for t in floats) else tl.float32
     _pointwise_kernel[(num_programs(numel),)](
         input, target, weight, margin, grad_scale,
         loss, partial, grad_input, grad_target, grad_weight, grad_margin,
@@ -165,13 +167,16 @@ def pointwise_forward(input, target, weight, margin, grad_scale, loss, partial, 
 def compile_variants():
     """Call the launcher once per constexpr combination the host produces, on small CPU tensors (for
     ``bench/compile_report.py``, which records the launches instead of running them): every loss in its fused
-    (mean/sum), ``'none'`` and backward modes with all its gradients, each gradient alone, and each dtype."""
+    (mean/sum), ``'none'`` and backward modes with all its gradients, each gradient alone or none, integer
+    targets, and each dtype."""
     import torch
 
     shape = (8, 16)
 
-    def launch(dtype, kind, *, mode="fused", grads=("input", "target"), weight=False, margin=False):
+    def launch(dtype, kind, *, mode="fused", grads=("input", "target"), weight=False, margin=False,
+               target_dtype=None):
         x = torch.zeros(shape, dtype=dtype)
+        t = torch.zeros(shape, dtype=target_dtype or dtype)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         w = torch.ones(shape, dtype=dtype) if weight else None
         m = torch.zeros(shape, dtype=dtype) if margin else None
@@ -180,7 +185,7 @@ def compile_variants():
         partial = torch.zeros(num_programs(x.numel()), dtype=acc) if mode == "fused" else None
         buffers = {name: (torch.zeros(shape, dtype=dtype) if name in grads and mode != "none" else None)
                    for name in ("input", "target", "weight", "margin")}
-        pointwise_forward(x, x, w, m, scale, loss, partial, buffers["input"], buffers["target"], buffers["weight"],
+        pointwise_forward(x, t, w, m, scale, loss, partial, buffers["input"], buffers["target"], buffers["weight"],
                           buffers["margin"], kind=kind, delta=1.0, loss_scale=1.0)
 
     for kind in ("mse", "l1", "huber"):
@@ -195,9 +200,10 @@ def compile_variants():
     for kind in ("kl", "kl_log_target"):
         for mode in ("fused", "none", "backward"):
             launch(torch.bfloat16, kind, mode=mode)
-    for grad in ("input", "target"):
-        launch(torch.bfloat16, "mse", grads=(grad,))
-        launch(torch.bfloat16, "kl", grads=(grad,))
+    for grads in ((), ("input",), ("target",)):
+        launch(torch.bfloat16, "mse", grads=grads)
+        launch(torch.bfloat16, "kl", grads=grads)
+    launch(torch.bfloat16, "mse", grads=("input",), target_dtype=torch.long)  # integer targets
     for dtype in (torch.float16, torch.float32):
         launch(dtype, "mse")
     for kind in LOSSES:

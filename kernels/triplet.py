@@ -40,14 +40,15 @@ is largest. With ``z = d(i, pos) - d(i, neg)``, ``loss = max(margin + z, 0)`` (`
 (a term is 0 where its distance is 0: the subgradient of ``||v||`` at ``v = 0``, as torch's ``norm_backward``).
 Several anchors may select the same row, so the three terms are accumulated with atomic adds into an fp32
 (fp64) buffer: the gradient is O(B d) but its summation order, and so its last bits, vary between runs.
-An anchor without a positive or without a negative gets index -1, loss 0 and no gradient.
+An anchor without a positive or without a negative gets index -1, loss 0 and no gradient. Ties (identical
+rows) go to the lowest index, so the whole gradient follows one of them.
 """
 
 import triton
 import triton.language as tl
 
-from ._common import join_f64, log1p, split_f64
-from ._issue5_configs import batch_hard_loss_config, batch_hard_mine_config, triplet_config
+from ._common import join_f64, log1p, split_f64, to_element_type
+from .configs import batch_hard_loss_config, batch_hard_mine_config, triplet_config
 
 
 def norm_kind(p):
@@ -100,8 +101,8 @@ def _norm_update(acc, count, v, mask, p, NORM: tl.constexpr):
         acc += tl.sum(tl.where(mask, a, 0.0), axis=1)
     elif NORM == "zero":
         acc += tl.sum(tl.where(mask & (v != 0.0), 1.0, 0.0), axis=1)
-    else:
-        acc += tl.sum(tl.where(mask, _pow(a, p), 0.0), axis=1)
+    else:  # padded lanes: base 1 (no inf for p < 0 to discard), then weight 0
+        acc += tl.sum(_pow(tl.where(mask, a, 1.0), p) * mask.to(a.dtype), axis=1)
     return acc, count
 
 
@@ -149,6 +150,18 @@ def _norm_grad_direction(v, norm, p, NORM: tl.constexpr):
 
 
 @triton.jit
+def _load_triplet_tile(anchor_ptr, positive_ptr, negative_ptr, anchor_base, positive_base, negative_base, cols, mask,
+                       stride_anchor_col, stride_positive_col, stride_negative_col, DTYPE: tl.constexpr):
+    """A [BLOCK_R, BLOCK_D] tile of each input in the compute dtype; 64-bit column offsets, since a transposed
+    input's column stride is its row count."""
+    cols = cols.to(tl.int64)[None, :]
+    a = tl.load(anchor_ptr + anchor_base[:, None] + cols * stride_anchor_col, mask=mask).to(DTYPE)
+    pos = tl.load(positive_ptr + positive_base[:, None] + cols * stride_positive_col, mask=mask).to(DTYPE)
+    neg = tl.load(negative_ptr + negative_base[:, None] + cols * stride_negative_col, mask=mask).to(DTYPE)
+    return a, pos, neg
+
+
+@triton.jit
 def _triplet_kernel(
     # pointers
     anchor_ptr, positive_ptr, negative_ptr, grad_scale_ptr,
@@ -185,11 +198,9 @@ def _triplet_kernel(
     for start in range(0, dim, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < dim)[None, :]
-        a = tl.load(anchor_ptr + anchor_base[:, None] + cols[None, :] * stride_anchor_col, mask=mask).to(DTYPE)
-        pos = tl.load(positive_ptr + positive_base[:, None] + cols[None, :] * stride_positive_col,
-                      mask=mask).to(DTYPE)
-        neg = tl.load(negative_ptr + negative_base[:, None] + cols[None, :] * stride_negative_col,
-                      mask=mask).to(DTYPE)
+        a, pos, neg = _load_triplet_tile(anchor_ptr, positive_ptr, negative_ptr, anchor_base, positive_base,
+                                         negative_base, cols, mask, stride_anchor_col, stride_positive_col,
+                                         stride_negative_col, DTYPE)
         acc_ap, count_ap = _norm_update(acc_ap, count_ap, a - pos + eps, mask, p, NORM)
         acc_an, count_an = _norm_update(acc_an, count_an, a - neg + eps, mask, p, NORM)
         if SWAP:
@@ -223,11 +234,9 @@ def _triplet_kernel(
         for i in range(0, num_blocks):
             cols = (num_blocks - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (cols < dim)[None, :]
-            a = tl.load(anchor_ptr + anchor_base[:, None] + cols[None, :] * stride_anchor_col, mask=mask).to(DTYPE)
-            pos = tl.load(positive_ptr + positive_base[:, None] + cols[None, :] * stride_positive_col,
-                          mask=mask).to(DTYPE)
-            neg = tl.load(negative_ptr + negative_base[:, None] + cols[None, :] * stride_negative_col,
-                          mask=mask).to(DTYPE)
+            a, pos, neg = _load_triplet_tile(anchor_ptr, positive_ptr, negative_ptr, anchor_base, positive_base,
+                                             negative_base, cols, mask, stride_anchor_col, stride_positive_col,
+                                             stride_negative_col, DTYPE)
             g_ap = coef_ap[:, None] * _norm_grad_direction(a - pos + eps, d_ap, p, NORM)
             g_an = coef_an[:, None] * _norm_grad_direction(a - neg + eps, d_an, p, NORM)
             grad_a = g_ap + g_an
@@ -239,11 +248,11 @@ def _triplet_kernel(
                 grad_n -= g_pn
             offs = grad_base[:, None] + cols[None, :]
             if COMPUTE_ANCHOR_GRAD:
-                tl.store(grad_anchor_ptr + offs, grad_a.to(grad_anchor_ptr.dtype.element_ty), mask=mask)
+                tl.store(grad_anchor_ptr + offs, to_element_type(grad_a, grad_anchor_ptr), mask=mask)
             if COMPUTE_POSITIVE_GRAD:
-                tl.store(grad_positive_ptr + offs, grad_p.to(grad_positive_ptr.dtype.element_ty), mask=mask)
+                tl.store(grad_positive_ptr + offs, to_element_type(grad_p, grad_positive_ptr), mask=mask)
             if COMPUTE_NEGATIVE_GRAD:
-                tl.store(grad_negative_ptr + offs, grad_n.to(grad_negative_ptr.dtype.element_ty), mask=mask)
+                tl.store(grad_negative_ptr + offs, to_element_type(grad_n, grad_negative_ptr), mask=mask)
 
 
 @triton.jit

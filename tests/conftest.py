@@ -92,5 +92,5 @@ def assert_close(actual, expected, dtype, what="value", factor=1.0):
 
 def randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
     """Normal(0, scale) drawn on the CPU from ``gen`` (so every tier sees the same numbers), then moved."""
-    x = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
     return x.requires_grad_(requires_grad)

@@ -8,7 +8,7 @@ forward when ``grad_output == 1``; for ``none`` the backward recomputes it with 
 
 import torch
 
-from .. import _alloc, _checks
+from .. import _alloc, _checks, _grads
 from .._backend import backend
 
 
@@ -123,13 +123,12 @@ class _BinaryTriton(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        from ..kernels._common import scale_unless_one
         from ..kernels.binary import binary_forward
 
         if ctx.fused:
-            grads = tuple(None if g is None else scale_unless_one(g, grad_output.contiguous()) for g in ctx.grads)
+            grads = _grads.scale_fused_grads(ctx.grads, grad_output)
             ctx.grads = None
-            return grads + (None, None, None)
+            return (*grads, None, None, None)
         input, target, weight, pos_weight = ctx.tensors
         grad = _alloc.empty_like(input) if ctx.needs_input_grad[0] else None
         grad_target = _alloc.empty_like(target) if ctx.needs_input_grad[1] else None

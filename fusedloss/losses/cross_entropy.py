@@ -8,7 +8,7 @@ The math, and the three per-row gradient coefficients both backends share, is de
 
 import torch
 
-from .. import _alloc, _checks
+from .. import _alloc, _checks, _grads
 from .._backend import backend
 
 _PARAMS = ("ignore_index", "label_smoothing", "focal_gamma", "focal_alpha", "z_loss", "softcap")
@@ -243,11 +243,10 @@ class _CrossEntropyTriton(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        from ..kernels._common import scale_unless_one
         from ..kernels.cross_entropy import cross_entropy_backward
 
         if ctx.fused:
-            grad = scale_unless_one(ctx.grad, grad_output.contiguous())
+            (grad,) = _grads.scale_fused_grads([ctx.grad], grad_output)
             ctx.grad = None
             return grad, None, None, None, None
         input, target, weight, lse, coefs = ctx.tensors
