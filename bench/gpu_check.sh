@@ -7,7 +7,8 @@
 # Everything lands in $OUT (the device tool brings it back, 8 files at most): gpu.txt, tests.log,
 # sweep_cross_entropy.json, bench.log, results.{json,md,png}.
 # Knobs: TESTS (paths, default tests), TEST_SELECT / BENCH_SELECT (pytest -k), TEST_TIMEOUT / SWEEP_TIMEOUT / BENCH_TIMEOUT (seconds),
-# BENCH_FILE_TIMEOUT (seconds per bench file), BENCH_FILES (default: all), SKIP_TESTS=1, SKIP_SWEEP=1.
+# BENCH_FILE_TIMEOUT (seconds per bench file), BENCH_FILES (default: all), SKIP_TESTS=1, SKIP_SWEEP=1,
+# SKIP_BENCH=1.
 # Dry run on a CPU machine: OUT=/tmp/gpu bash bench/gpu_check.sh (the CUDA tier then skips, benchmarks are quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,5 +38,6 @@ if [ "${SKIP_SWEEP:-0}" != 1 ]; then
   timeout "${SWEEP_TIMEOUT:-120}" $PY bench/sweep_cross_entropy.py --out "$OUT/sweep_cross_entropy.json" 2>&1 \
     | tail -8
 fi
+[ "${SKIP_BENCH:-0}" = 1 ] && exit 0
 timeout "${BENCH_TIMEOUT:-300}" $PY bench/run.py --out "$OUT" -k "${BENCH_SELECT:-}" \
   --file-timeout "${BENCH_FILE_TIMEOUT:-150}" ${BENCH_FILES:-} 2>&1 | tee "$OUT/bench.log" | tail -80

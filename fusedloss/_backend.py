@@ -45,3 +45,15 @@ def backend(device):
 def uses_kernels(device):
     """True when the Triton kernels (compiled or interpreted) run on this device."""
     return backend(device) != "torch"
+
+
+def matmul_backend(device, dtype):
+    """``backend(device)`` for the families built on ``tl.dot`` (linear cross-entropy, contrastive, batch-hard
+    mining): fp64 takes the torch path where this Triton cannot compile an fp64 ``tl.dot``."""
+    which = backend(device)
+    if which != "torch" and dtype == torch.float64:
+        from .kernels._common import fp64_dot_supported
+
+        if not fp64_dot_supported():
+            return "torch"
+    return which

@@ -13,6 +13,21 @@ import triton
 import triton.language as tl
 
 
+def _triton_version():
+    return tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+
+
+# tl.dot on fp64 operands: Triton 3.6 rejects it while building the IR (an assertion on the accumulator type; seen
+# on an H100, 2026-11-26); 3.9 compiles it for sm_80 and sm_90 (bench/compile_report.py). Versions in between are
+# untested, so the matmul-based families send fp64 inputs to their torch path there (``fp64_dot_supported``).
+FP64_DOT_MIN_TRITON = (3, 9)
+
+
+def fp64_dot_supported():
+    """Whether this Triton can compile the fp64 ``tl.dot`` variants of the matmul-based kernels."""
+    return _triton_version() >= FP64_DOT_MIN_TRITON
+
+
 def split_f64(v):
     """A Python float as an fp32 (hi, lo) pair, rebuilt on the device by ``join_f64``: Triton passes Python floats
     as fp32, which would round e.g. label_smoothing=0.1 by 1.5e-8, too coarse for fp64 inputs."""

@@ -21,21 +21,26 @@ BINARY_NUM_WARPS = 8
 
 
 # --- cross-entropy family (kernels.cross_entropy) -------------------------------------------------------------
-def cross_entropy_config(n_classes, class_stride_is_one):
+def cross_entropy_config(n_rows, n_classes, class_stride_is_one):
     """(BLOCK_R rows, BLOCK_C classes, num_warps, CHUNK) for a (rows, classes) problem.
 
-    Large vocabularies (CHUNK > 0): one row per program per CHUNK classes, streamed in BLOCK_C-wide blocks
-    (online log-sum-exp), so registers stay bounded at any vocabulary; the last chunk of a row to finish runs
-    pass 2 (see ``_ce_fwd_kernel``). Small class counts: a [BLOCK_R, BLOCK_C] tile of several rows per program,
-    so a program still moves a few KB per step; when the class dimension is strided (K-dimensional inputs,
-    (N, C, d1, ...)), neighbouring rows are the contiguous axis and the tile coalesces along rows.
+    Large vocabularies: one row per program, streamed in BLOCK_C-wide blocks (online log-sum-exp), so registers
+    stay bounded at any vocabulary. With few rows (< CE_SPLIT_BELOW_ROWS) one program per row would leave most of
+    the GPU idle, so rows are split into CHUNK-class programs whose last finisher writes the gradient (see
+    ``_ce_fwd_kernel``). Small class counts: a [BLOCK_R, BLOCK_C] tile of several rows per program, so a program
+    still moves a few KB per step; when the class dimension is strided (K-dimensional inputs, (N, C, d1, ...)),
+    neighbouring rows are the contiguous axis and the tile coalesces along rows.
 
-    ``FUSEDLOSS_CE_CONFIG="BLOCK_C,NUM_WARPS,CHUNK"`` overrides the large-vocabulary config (CHUNK 0: one
-    program per row runs both passes), for tests and ``bench/sweep_cross_entropy.py``.
+    ``FUSEDLOSS_CE_CONFIG="BLOCK_C,NUM_WARPS,CHUNK"`` overrides the large-vocabulary config at any row count
+    (CHUNK 0: one program per row), for tests and ``bench/sweep_cross_entropy.py``.
     """
     if n_classes >= 2048:
         override = os.environ.get("FUSEDLOSS_CE_CONFIG")
-        block_c, num_warps, chunk = map(int, override.split(",")) if override else CE_LARGE_VOCAB
+        if override:
+            block_c, num_warps, chunk = map(int, override.split(","))
+        else:
+            block_c, num_warps = CE_LARGE_VOCAB
+            chunk = CE_SPLIT_CHUNK if n_rows < CE_SPLIT_BELOW_ROWS else 0
         return 1, block_c, num_warps, chunk if n_classes > chunk > 0 else 0
     block_c = max(triton.next_power_of_2(n_classes), 2)
     block_r = max(1, min(256, 2048 // block_c))
@@ -44,10 +49,18 @@ def cross_entropy_config(n_classes, class_stride_is_one):
     return block_r, block_c, 4, 0
 
 
-# (BLOCK_C, num_warps, CHUNK) for n_classes >= 2048. Provisional, pending bench/sweep_cross_entropy.py on a GPU:
-# the row-per-program schedule (CHUNK 0) measured 57% of the copy bandwidth forward+backward on an H100 at
-# 16384 x 128256 bf16, its second pass re-reading the row from HBM.
-CE_LARGE_VOCAB = (4096, 8, 16384)
+# (BLOCK_C, num_warps) for n_classes >= 2048, one program per row. Measured with bench/sweep_cross_entropy.py on
+# an H100 80GB HBM3 (2026-11-26, triton 3.6, bf16, 16384 rows, forward + backward, bench/results/): 4096 x 8 warps
+# was the fastest or within 1% at V = 32000, 128256 and 256000, plain and with label smoothing + focal + z-loss:
+# 60% of the copy bandwidth by the one-read count (the second pass re-reads each row from HBM, so ~90% of it
+# by the bytes actually moved). Splitting 16384 rows into 8-32K-class chunks was no faster (plain) and 6-13%
+# slower (ls+focal+z): the finisher's re-read did not come from L2.
+CE_LARGE_VOCAB = (4096, 8)
+# The split schedule, kept for few rows (e.g. evaluation on a short sequence): with N rows < 512 the
+# row-per-program grid fills at most N of an H100's 132 SMs x several programs. Chosen by that occupancy argument,
+# not measured.
+CE_SPLIT_BELOW_ROWS = 512
+CE_SPLIT_CHUNK = 16384
 
 
 # --- pointwise losses, triplet losses, distillation KL (kernels.pointwise, kernels.triplet, kernels.distillation) -

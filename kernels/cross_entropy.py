@@ -26,9 +26,10 @@ stay finite for ``0 < gamma < 1`` at saturated predictions, where the naive ``(1
 ``1 - p_y`` is ``-expm1(x_y - lse)``, accurate when p_y is close to 1.
 
 Two launch modes share one pass-2 helper:
-- fused (``COMPUTE_GRAD``): one launch reads each row in pass 1 (online max / sum-exp), then again in reverse
-  block order in pass 2 (the blocks read last are still in L2) to write the gradient, already scaled by the
-  reduction's ``1 / denominator`` on the device; the backward is then a no-op when ``grad_output == 1``.
+- fused (``COMPUTE_GRAD``): one launch reads each row in pass 1 (online max / sum-exp), then again in pass 2 to
+  write the gradient, already scaled by the reduction's ``1 / denominator`` on the device; the backward is then
+  a no-op when ``grad_output == 1``. Pass 2 visits the blocks in reverse, so its first reads are the blocks pass
+  1 read last; at LLM vocabularies most of pass 2 still comes from HBM (3 bytes moved per 2 counted).
 - split (``STORE_COEFS``): the forward stores ``lse`` and (K1, Kf, Ky, K3) per row; the backward kernel reads the
   logits once more and scales by a per-row ``grad_output`` (``reduction='none'``) or writes the gradient of
   probability targets as well.
@@ -277,13 +278,13 @@ def _ce_fwd_kernel(
     """Per-row loss and log-sum-exp; with COMPUTE_GRAD the gradient (times ``grad_scale``) in the same launch,
     with STORE_COEFS the per-row gradient coefficients for ``_ce_bwd_kernel``.
 
-    SPLIT (large vocabularies, BLOCK_R == 1): program ``pid`` reads chunk ``pid % num_chunks`` of row
-    ``pid // num_chunks`` once, publishes its partial statistics, and counts itself in ``arrivals[row]``; the
-    last program of a row to arrive merges the partials and runs pass 2 over the whole row. Its re-read hits
-    L2: the row's chunks were read moments earlier by programs launched next to it, so the data read between a
-    byte's two reads is a few rows' worth, not the (rows in flight x row size) of a row-per-program schedule,
-    which outgrows L2 at LLM vocabularies. No program waits on another, so the schedule cannot deadlock, and
-    the interpreter (which runs programs one by one) runs it too.
+    SPLIT (few rows of a large vocabulary, BLOCK_R == 1): program ``pid`` reads chunk ``pid % num_chunks`` of
+    row ``pid // num_chunks`` once, publishes its partial statistics, and counts itself in ``arrivals[row]``; the
+    last program of a row to arrive merges the partials and runs pass 2 over the whole row. This spreads a few
+    rows over the whole GPU. It was designed to serve pass 2 from L2 as well, but at 16384 rows on an H100 it was
+    no faster than one program per row (``configs.CE_LARGE_VOCAB``), so it runs only for few rows. No program
+    waits on another, so the schedule cannot deadlock, and the interpreter (which runs programs one by one) runs
+    it too.
     """
     eps = join_f64(eps_hi, eps_lo, DTYPE)
     gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
@@ -454,7 +455,7 @@ def cross_entropy_forward(logits, target, weight, alpha, grad_scale, loss, lse, 
     prob_target = target.is_floating_point()
     target_strides = class_layout(target)[2] if prob_target else (0, 0, 0)
     grad_strides = class_layout(grad)[2] if grad is not None else (0, 0, 0)
-    block_r, block_c, num_warps, chunk = cross_entropy_config(n_classes, logit_strides[2] == 1)
+    block_r, block_c, num_warps, chunk = cross_entropy_config(n_rows, n_classes, logit_strides[2] == 1)
     split = chunk > 0
     num_chunks = triton.cdiv(n_classes, chunk) if split else 1
     # The split schedule's workspace: (max, sumexp, B, A) per (row, chunk), and one arrival counter per row.
@@ -488,7 +489,7 @@ def cross_entropy_backward(logits, target, weight, lse, coefs, grad_scale, grad,
     prob_target = target.is_floating_point()
     target_strides = class_layout(target)[2] if prob_target else (0, 0, 0)
     grad_strides = class_layout(grad)[2] if grad is not None else (0, 0, 0)
-    block_r, block_c, num_warps, _ = cross_entropy_config(n_classes, logit_strides[2] == 1)
+    block_r, block_c, num_warps, _ = cross_entropy_config(n_rows, n_classes, logit_strides[2] == 1)
     grid = (triton.cdiv(n_rows, block_r),)
     _ce_bwd_kernel[grid](
         logits, target, weight, lse, coefs, grad_scale,
@@ -540,7 +541,7 @@ def compile_variants():
                     torch.zeros_like(logits) if input_grad else None,
                     torch.zeros_like(target) if target_grad else None, label_smoothing=eps, softcap=cap)
 
-    vocab = 20000  # above the default CHUNK: the split schedule
+    vocab = 20000  # above CE_SPLIT_CHUNK, and 4 rows: the split schedule
     flags = itertools.product((False, True), repeat=4)
     for (weight, smoothing, softcap, alpha), mode in itertools.product(flags, ("fused", "coefs", "none")):
         launch(torch.bfloat16, vocab, weight=weight, smoothing=smoothing, softcap=softcap, alpha=alpha, mode=mode)
@@ -552,4 +553,4 @@ def compile_variants():
     for strided in (False, True):
         launch(torch.bfloat16, 10, strided=strided, mode="coefs")
     for mode in ("fused", "coefs"):
-        launch(torch.bfloat16, 4096, mode=mode)  # one program per row, below the default CHUNK
+        launch(torch.bfloat16, 4096, mode=mode)  # one program per row, below CE_SPLIT_CHUNK

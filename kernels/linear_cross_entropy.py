@@ -190,7 +190,7 @@ def _lce_fwd_kernel(
         x_y += tl.sum(tl.where(cols[None, :] == y_col[:, None], x, 0.0), axis=1)
 
     offs = split.to(tl.int64) * n_rows + rows
-    plane = n_splits.to(tl.int64) * n_rows
+    plane = (tl.zeros([], tl.int64) + n_splits) * n_rows  # n_splits may arrive as the constexpr 1
     tl.store(part_ptr + offs, m, mask=row_mask)
     tl.store(part_ptr + plane + offs, s, mask=row_mask)
     tl.store(part_ptr + 2 * plane + offs, coef_dot, mask=row_mask)
@@ -220,7 +220,7 @@ def _lce_combine_kernel(
     splits = tl.arange(0, SPLITS)
     mask = row_mask[:, None] & (splits < n_splits)[None, :]
     offs = splits.to(tl.int64)[None, :] * n_rows + rows[:, None]
-    plane = n_splits.to(tl.int64) * n_rows
+    plane = (tl.zeros([], tl.int64) + n_splits) * n_rows  # n_splits may arrive as the constexpr 1
 
     m_i = tl.load(part_ptr + offs, mask=mask, other=float("-inf"))
     s_i = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)

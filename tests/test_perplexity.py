@@ -79,6 +79,4 @@ def test_bad_input(tier, name, error, call):
 
 
 def test_exports(tier):
-    if not (hasattr(fusedloss, "perplexity") and hasattr(fusedloss, "perplexity_from_loss")):
-        pytest.skip("fusedloss does not re-export the perplexity helpers yet")
     assert fusedloss.perplexity is perplexity and fusedloss.perplexity_from_loss is perplexity_from_loss

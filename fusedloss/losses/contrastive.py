@@ -34,7 +34,7 @@ import types
 import torch
 
 from .. import _alloc, _checks
-from .._backend import backend
+from .._backend import matmul_backend
 
 _EPS = 1e-12  # F.normalize's default
 # Torch backend: logits per band (fp32: 16 MiB, with ~3 such temporaries alive in the backward).
@@ -261,7 +261,7 @@ def _passes(spec, x_hat, y_hat, group):
 class _Contrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, scale, bias, spec):
-        engine = _TritonEngine if backend(x.device) != "torch" else _TorchEngine
+        engine = _TritonEngine if matmul_backend(x.device, x.dtype) != "torch" else _TorchEngine
         cd = _compute_dtype(x)
         scale = scale.detach()
         if spec.normalize:

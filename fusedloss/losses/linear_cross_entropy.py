@@ -17,7 +17,7 @@ Backends:
 import torch
 
 from .. import _alloc, _checks
-from .._backend import backend
+from .._backend import matmul_backend
 from .cross_entropy import _capped_rows, _check_class_range, _torch_rows
 
 # torch backend: the logits of at most this many bytes (in the compute dtype) exist at once.
@@ -70,7 +70,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     opts = _check_args(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
                        focal_gamma, shift, return_lse, input_precision)
     n_classes = weight.shape[0]
-    which = backend(input.device)
+    which = matmul_backend(input.device, input.dtype)
     if target.device.type == "cpu":
         _check_class_range(target[..., 1:] if shift else target, n_classes, ignore_index)
     if which == "torch" or input.numel() == 0:

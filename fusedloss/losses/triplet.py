@@ -13,7 +13,7 @@ through the selected indices only; its torch path mines in row chunks, so it als
 import torch
 
 from .. import _alloc, _checks, _grads
-from .._backend import backend
+from .._backend import backend, matmul_backend
 
 # Rows of the (chunk, B) score block the torch path of batch-hard mining holds at a time.
 _TORCH_MINING_CHUNK = 1024
@@ -95,7 +95,7 @@ def batch_hard_triplet_loss(embeddings, labels, margin=1.0, *, soft_margin=False
         raise TypeError(f"soft_margin must be a bool, got {type(soft_margin).__name__}")
     _checks.check_reduction(reduction)
     opts = {"margin": margin, "soft_margin": soft_margin, "reduction": reduction}
-    if backend(embeddings.device) == "torch" or embeddings.numel() == 0:
+    if matmul_backend(embeddings.device, embeddings.dtype) == "torch" or embeddings.numel() == 0:
         return _batch_hard_torch(embeddings, labels, opts)
     return _BatchHardTriton.apply(embeddings, labels, opts)
 
