@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
-from benchutil import skip_if_oom
+from benchutil import provider_fn, skip_if_oom
 
 
 def eager_sigmoid_focal(x, t, alpha=0.25, gamma=2.0):
@@ -28,7 +28,6 @@ LOSSES = {
     "bce": (lambda x, t: fusedloss.binary_cross_entropy_with_logits(x, t), F.binary_cross_entropy_with_logits),
     "sigmoid_focal": (lambda x, t: fusedloss.sigmoid_focal_loss(x, t, reduction="mean"), eager_sigmoid_focal),
 }
-_compiled = {}
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -37,13 +36,7 @@ _compiled = {}
 def test_binary(run_bench, device, quick, loss, provider, mode):
     if provider == "torch.compile" and device.type == "cpu":
         pytest.skip("torch.compile is benchmarked on GPU only")
-    ours, eager = LOSSES[loss]
-    if provider == "fusedloss":
-        fn = ours
-    elif provider == "eager":
-        fn = eager
-    else:
-        fn = _compiled.setdefault(loss, torch.compile(eager, dynamic=False))
+    fn = provider_fn(provider, *LOSSES[loss], key=loss)
     numel = (1 << 20) if quick else (1 << 28)  # 268M elements: 1.6 GB of bf16 input + target
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)

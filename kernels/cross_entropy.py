@@ -106,6 +106,16 @@ def _row_loss_and_coefs(lse, x_y, smooth, coef_sum, w_y, alpha, valid, in_range,
 
 
 @triton.jit
+def _store_coefs(coef_ptr, rows, row_mask, k1, kf, ky, k3):
+    """The per-row (K1, Kf, Ky, K3) into a (rows, 4) buffer, for a backward that reads the logits once more."""
+    coef_offs = rows.to(tl.int64) * 4
+    tl.store(coef_ptr + coef_offs + 0, k1, mask=row_mask)
+    tl.store(coef_ptr + coef_offs + 1, kf, mask=row_mask)
+    tl.store(coef_ptr + coef_offs + 2, ky, mask=row_mask)
+    tl.store(coef_ptr + coef_offs + 3, k3, mask=row_mask)
+
+
+@triton.jit
 def _dlogits_from_coefs(p, is_target, k1, kf, ky):
     """p_c (K1 + [c != y] Kf) - [c == y] Ky for a [rows, classes] tile, from per-row coefficient vectors: dloss/dx_c
     but for the smoothing term ``- a_c K3`` and the soft-cap factor, which the caller applies (a_c is 1 here, a
@@ -239,11 +249,7 @@ def _ce_finish(
     tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
     tl.store(lse_ptr + rows, lse.to(lse_ptr.dtype.element_ty), mask=row_mask)
     if STORE_COEFS:
-        coef_offs = rows.to(tl.int64) * 4
-        tl.store(coef_ptr + coef_offs + 0, k1, mask=row_mask)
-        tl.store(coef_ptr + coef_offs + 1, kf, mask=row_mask)
-        tl.store(coef_ptr + coef_offs + 2, ky, mask=row_mask)
-        tl.store(coef_ptr + coef_offs + 3, k3, mask=row_mask)
+        _store_coefs(coef_ptr, rows, row_mask, k1, kf, ky, k3)
     if COMPUTE_GRAD:
         scale = tl.load(grad_scale_ptr).to(DTYPE)
         grad_base = _row_offsets(rows, inner, stride_grad_outer, stride_grad_inner)

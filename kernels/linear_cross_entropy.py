@@ -72,7 +72,7 @@ import triton.language as tl
 
 from . import configs
 from ._common import join_f64, online_logsumexp_update, soft_cap, split_f64
-from .cross_entropy import _dlogits_from_coefs, _row_loss_and_coefs
+from .cross_entropy import _dlogits_from_coefs, _row_loss_and_coefs, _store_coefs
 
 # ---------------------------------------------------------------------------------------------------------------
 # Row helpers of this family (the per-row epilogue and per-element gradient are kernels.cross_entropy's).
@@ -246,11 +246,7 @@ def _lce_combine_kernel(
     tl.store(loss_ptr + rows, loss, mask=row_mask)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     if STORE_COEFS:
-        coef_offs = rows.to(tl.int64) * 4
-        tl.store(coef_ptr + coef_offs + 0, k1, mask=row_mask)
-        tl.store(coef_ptr + coef_offs + 1, kf, mask=row_mask)
-        tl.store(coef_ptr + coef_offs + 2, ky, mask=row_mask)
-        tl.store(coef_ptr + coef_offs + 3, k3, mask=row_mask)
+        _store_coefs(coef_ptr, rows, row_mask, k1, kf, ky, k3)
 
 
 @triton.jit
