@@ -52,6 +52,18 @@ def _median_seconds(fn, device, repeat):
     return sorted(times)[len(times) // 2]
 
 
+def _copy_fn(n_bytes, device):
+    src = torch.randn(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def _matmul_fn(n, dtype, device):
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return lambda: a @ b
+
+
 @pytest.fixture(scope="session")
 def ceilings(device, quick):
     """The two ceilings, measured once per session on this device.
@@ -61,16 +73,10 @@ def ceilings(device, quick):
       faster and would flatter the ceiling).
     """
     n_bytes = (64 << 20) if device.type == "cpu" else (2 << 30)
-    src = torch.randn(n_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    copy_s = _median_seconds(lambda: dst.copy_(src), device, 10)
-    del src, dst
+    copy_s = _median_seconds(_copy_fn(n_bytes, device), device, 10)
     n = 1024 if device.type == "cpu" else 8192
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    mm_s = _median_seconds(lambda: a @ b, device, 10)
-    del a, b
+    mm_s = _median_seconds(_matmul_fn(n, dtype, device), device, 10)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {

@@ -79,6 +79,9 @@ class SigmoidFocalLoss(torch.nn.Module):
 
 
 
+_OPEN_CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+
+
 class NTXentLoss(torch.nn.Module):
     """``fusedloss.nt_xent`` as a module: SimCLR's NT-Xent over ``(2N, d)`` features, rows ``i`` and ``i + N`` the
     positive pairs, self-similarity excluded."""
@@ -98,7 +101,7 @@ class ClipLoss(torch.nn.Module):
     bias for drop-in use with models that carry one: it cancels in the softmaxes, so its gradient is zero.
     ``process_group``: see ``fusedloss.clip_loss``."""
 
-    def __init__(self, logit_scale=math.log(1 / 0.07), logit_bias=None, *, process_group=None):
+    def __init__(self, logit_scale=_OPEN_CLIP_INIT_LOGIT_SCALE, logit_bias=None, *, process_group=None):
         super().__init__()
         self.logit_scale = torch.nn.Parameter(torch.tensor(float(logit_scale)))
         self.logit_bias = None if logit_bias is None else torch.nn.Parameter(torch.tensor(float(logit_bias)))
