@@ -11,7 +11,7 @@ coefficients and ``B = sum_c a_c``:
     ce     = B * lse - sum_c a_c x_c,  a_c = ((1 - eps) t_c + eps / C) * w_c        probability target
     loss   = alpha_y * (1 - p_y) ** gamma * ce + z * lse ** 2,      p_y = exp(x_y - lse)
 
-and the gradient with respect to ``x_c`` collapses to three per-row coefficients (``p_c = exp(x_c - lse)``):
+and the gradient with respect to ``x_c`` collapses to four per-row coefficients (``p_c = exp(x_c - lse)``):
 
     dloss/dx_c = p_c * (K1 + [c != y] * Kf) - a_c * K3 - [c == y] * Ky
 
@@ -30,7 +30,7 @@ Two launch modes share one pass-2 helper:
   write the gradient, already scaled by the reduction's ``1 / denominator`` on the device; the backward is then
   a no-op when ``grad_output == 1``. Pass 2 visits the blocks in reverse, so its first reads are the blocks pass
   1 read last; at LLM vocabularies most of pass 2 still comes from HBM (3 bytes moved per 2 counted).
-- split (``STORE_COEFS``): the forward stores ``lse`` and (K1, Kf, Ky, K3) per row; the backward kernel reads the
+- two launches (``STORE_COEFS``): the forward stores ``lse`` and (K1, Kf, Ky, K3) per row; the backward kernel reads the
   logits once more and scales by a per-row ``grad_output`` (``reduction='none'``) or writes the gradient of
   probability targets as well.
 """

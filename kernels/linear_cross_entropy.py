@@ -3,7 +3,7 @@ the extras of the cross-entropy family (label smoothing, focal weighting, z-loss
 ``(N, V)`` logits.
 
 The per-row math is that of ``kernels/cross_entropy.py`` (its docstring derives it): with ``x`` the soft-capped
-logits of one row, ``lse = logsumexp(x)``, the loss and the three per-row gradient coefficients come from
+logits of one row, ``lse = logsumexp(x)``, the loss and the four per-row gradient coefficients come from
 (lse, x_y, sum_c (lse - x_c)) alone, and
 
     dloss/dx_c = p_c * (K1 + [c != y] * Kf) - K3 - [c == y] * Ky,          p_c = exp(x_c - lse)

@@ -1,7 +1,7 @@
 """Cross-entropy family, host side: ``cross_entropy`` (a drop-in for ``torch.nn.functional.cross_entropy`` with
 focal weighting, z-loss and soft-capping on top) and ``focal_loss``.
 
-The math, and the three per-row gradient coefficients both backends share, is derived in the docstring of
+The math, and the four per-row gradient coefficients both backends share, is derived in the docstring of
 ``fusedloss.kernels.cross_entropy``. Memory: the Triton path holds the logits' gradient in the logits' dtype
 (or in the logits themselves with ``inplace_backward=True``) and O(rows) fp32 vectors, never an N x C fp32 buffer.
 """
