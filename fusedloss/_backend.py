@@ -42,11 +42,6 @@ def backend(device):
     raise ValueError(f"fusedloss has no backend for tensors on {device}")
 
 
-def uses_kernels(device):
-    """True when the Triton kernels (compiled or interpreted) run on this device."""
-    return backend(device) != "torch"
-
-
 def matmul_backend(device, dtype):
     """``backend(device)`` for the families built on ``tl.dot`` (linear cross-entropy, contrastive, batch-hard
     mining): fp64 takes the torch path where this Triton cannot compile an fp64 ``tl.dot``."""

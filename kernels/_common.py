@@ -101,6 +101,17 @@ def online_logsumexp_update(m, s, x, AXIS: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(pid, n_tiles_a, n_tiles_b, GROUP: tl.constexpr):
+    """(tile_a, tile_b) of program ``pid`` with GROUP consecutive tiles along ``a`` scheduled next to each other
+    for every ``b`` (the usual GEMM swizzle): programs that run at the same time share a few ``a`` tiles (kept in
+    L2) while they stream the ``b`` operand."""
+    per_group = GROUP * n_tiles_b
+    first = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_tiles_a - first, GROUP)
+    return first + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
 def _scale_unless_one_kernel(
     grad_ptr, scale_ptr,
     numel,

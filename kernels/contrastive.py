@@ -52,7 +52,7 @@ the caller opted into TF32 (``torch.backends.cuda.matmul.allow_tf32``); fp64 inp
 import triton
 import triton.language as tl
 
-from ._common import online_logsumexp_update
+from ._common import grouped_tile, online_logsumexp_update
 from .configs import (
     CONTRASTIVE_FWD_PROGRAMS_PER_SM,
     contrastive_band_rows,
@@ -60,19 +60,6 @@ from .configs import (
     contrastive_fwd_config,
     contrastive_matmul_config,
 )
-
-
-@triton.jit
-def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of a 1-D launch in groups of ``GROUP_M`` row tiles that sweep every column tile together, so
-    the ``GROUP_M`` row panels stay in L2 while the column panels stream past them (the usual GEMM swizzle)."""
-    width = GROUP_M * num_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size
-    pid_n = (pid % width) // size
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -182,7 +169,7 @@ def _contrastive_dlogits_kernel(
     the subnormal range when the weights are ~1 / N."""
     num_m = tl.cdiv(band_rows, BLOCK_M)
     num_n = tl.cdiv(n_cols, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
     local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = local < band_rows
     rows = row_start + local
@@ -230,7 +217,7 @@ def _matmul_kernel(
     through its strides for the second). ACCUMULATE adds to C, so the column gradient sums the bands in fp32."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M

@@ -71,7 +71,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import join_f64, online_logsumexp_update, soft_cap, split_f64
+from ._common import grouped_tile, join_f64, online_logsumexp_update, soft_cap, split_f64
 from .cross_entropy import _dlogits_from_coefs, _row_loss_and_coefs, _store_coefs
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,17 +127,6 @@ def _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidde
     return tl.where(col_mask[None, :], acc, float("-inf"))
 
 
-@triton.jit
-def _grouped_tile(pid, n_tiles_a, n_tiles_b, GROUP: tl.constexpr):
-    """(tile_a, tile_b) of program ``pid`` with GROUP consecutive tiles along ``a`` scheduled next to each other
-    for every ``b`` (the usual GEMM swizzle): programs that run at the same time share a few ``a`` tiles (kept in
-    L2) while they stream the ``b`` operand."""
-    per_group = GROUP * n_tiles_b
-    first = (pid // per_group) * GROUP
-    group_size = tl.minimum(n_tiles_a - first, GROUP)
-    return first + (pid % per_group) % group_size, (pid % per_group) // group_size
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 
@@ -160,7 +149,7 @@ def _lce_fwd_kernel(
     ``part`` laid out (4, n_splits, n_rows) so every store is row-contiguous. x_y is 0 in the splits that do not
     hold the target; the smoothing sum is kept relative to the running max so that it does not cancel."""
     softcap = join_f64(cap_hi, cap_lo, DTYPE)
-    tile_n, split = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), n_splits, GROUP_N)
+    tile_n, split = grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), n_splits, GROUP_N)
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
@@ -268,7 +257,7 @@ def _lce_dlogits_kernel(
     ``dlse * p`` when the returned lse is differentiated), stored (n_rows, chunk_width) in the workspace's dtype;
     with COMPUTE_DBIAS the tile's fp32 column sums go to row ``tile_n`` of ``dbias_part``."""
     softcap = join_f64(cap_hi, cap_lo, DTYPE)
-    tile_n, tile_v = _grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(chunk_width, BLOCK_V),
+    tile_n, tile_v = grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(chunk_width, BLOCK_V),
                                    GROUP_N)
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     local = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -321,7 +310,7 @@ def _lce_matmul_kernel(
     loaded ``acc`` is the K loop's initial value, so it costs no registers beyond the accumulator. Each program
     owns one (BLOCK_M x BLOCK_N) output tile, so ``acc`` may alias ``out`` (the fp32 dX accumulator: read, add,
     write by one program, no atomics). Any strides: A is G (K-major) for dX and G^T (M-major) for dW."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
