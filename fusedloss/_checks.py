@@ -1,6 +1,8 @@
 """Host-side argument checks: they read metadata only (shapes, dtypes, devices, argument values), run before
-any launch on every backend, and raise ``ValueError`` / ``TypeError`` naming the argument."""
+any launch on every backend, and raise ``ValueError`` / ``TypeError`` naming the argument. Numbers are accepted
+in every form torch's own argument parser takes: Python and NumPy scalars, and 0-d tensors."""
 
+import math
 import numbers
 import warnings
 
@@ -10,9 +12,9 @@ REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_tensor(name, t, *, floating=None, dims=None, device=None):
+def check_tensor(name, t, *, floating=None, dims=None, device=None, like="input"):
     """``t`` is a tensor; optionally of a floating dtype (``floating=True``) or an integer one (``False``), with
-    a number of dimensions in ``dims``, on ``device``."""
+    a number of dimensions in ``dims``, on ``device`` (the device of the argument named ``like``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if floating is True and t.dtype not in FLOAT_DTYPES:
@@ -22,26 +24,56 @@ def check_tensor(name, t, *, floating=None, dims=None, device=None):
     if dims is not None and t.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but input is on {device}")
+        raise ValueError(f"{name} is on {t.device} but {like} is on {device}")
 
 
 def check_reduction(reduction, allowed=REDUCTIONS):
-    if reduction not in allowed:
+    if not isinstance(reduction, str) or reduction not in allowed:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
 
 
-def check_number(name, value, *, low=None, high=None, low_open=False):
-    """A real Python number within [low, high] (or (low, high] with ``low_open``), returned as float."""
-    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+def _scalar(name, value, kind):
+    """A 0-d tensor argument as a Python number (a host read, as torch's parser does for number arguments)."""
+    if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"{name} must be {kind} or a 0-d tensor holding one, got a tensor of shape "
+                        f"{tuple(value.shape)} and dtype {value.dtype}")
+    return value.item()
+
+
+def check_number(name, value, *, low=None, high=None, low_open=False, finite=False):
+    """A real number within [low, high] (or (low, high] with ``low_open``), finite if asked, returned as float."""
+    if isinstance(value, torch.Tensor):
+        value = _scalar(name, value, "a number")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if value != value:
         raise ValueError(f"{name} must not be NaN")
+    if finite and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value}")
     return value
+
+
+def check_int(name, value):
+    """An integer (Python, NumPy or a 0-d integer tensor; not a bool), returned as int."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point():
+            raise TypeError(f"{name} must be an int, got a {value.dtype} tensor")
+        value = _scalar(name, value, "an int")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_bool(name, value):
+    """A bool (Python's, or NumPy's, which is not a subclass of it), returned as bool."""
+    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def legacy_reduction(size_average, reduce, reduction):
@@ -55,3 +87,23 @@ def legacy_reduction(size_average, reduce, reduction):
     if not reduce:
         return "none"
     return "mean" if size_average else "sum"
+
+
+def autocast_fp32(device, dtype):
+    """The result dtype of a loss that torch's autocast runs in fp32 (cross-entropy, the softmax family): fp32
+    for 16-bit inputs while autocast is on for ``device``, ``dtype`` otherwise."""
+    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type):
+        return torch.float32
+    return dtype
+
+
+def check_class_range(target, n_classes, ignore_index):
+    """CPU targets: an out-of-range class index raises IndexError, as torch does (a host read is free there).
+    Skipped while ``torch.compile`` traces, where a read of a tensor's value would break the graph; the kernels
+    then give that row a NaN loss, as on GPU."""
+    if torch.compiler.is_compiling() or target.numel() == 0:
+        return
+    y = target.to(torch.int64)
+    bad = (y != ignore_index) & ((y < 0) | (y >= n_classes))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(y[bad].flatten()[0])} is out of bounds.")

@@ -9,8 +9,11 @@ series; away from 0 the direct formula's relative error is at most a few ulps di
 import math
 import struct
 
+import torch
 import triton
 import triton.language as tl
+
+from ._launch import custom_launcher, num_sms
 
 
 def _triton_version():
@@ -117,34 +120,33 @@ def _scale_unless_one_kernel(
     numel,
     BLOCK: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """grad *= scale, in place, for a scalar scale on the device. When scale == 1 (a plain ``loss.backward()``)
-    every program returns after one scalar load: the gradient a fused forward wrote is already final and the
-    backward moves no bytes, without a host sync to find that out."""
+    """grad *= scale, in place, for a scalar scale on the device, each program striding over the tensor. When
+    scale == 1 (a plain ``loss.backward()``) every program returns after one scalar load: the gradient a fused
+    forward wrote is already final and the backward moves no bytes, without a host sync to find that out."""
     scale = tl.load(scale_ptr).to(DTYPE)
     if scale != 1.0:
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < numel
-        g = tl.load(grad_ptr + offsets, mask=mask)
-        tl.store(grad_ptr + offsets, (g.to(DTYPE) * scale).to(g.dtype), mask=mask)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, step):
+            offsets = start + tl.arange(0, BLOCK)
+            mask = offsets < numel
+            g = tl.load(grad_ptr + offsets, mask=mask)
+            tl.store(grad_ptr + offsets, (g.to(DTYPE) * scale).to(g.dtype), mask=mask)
 
 
-def scale_unless_one(grad, scale):
-    """``grad`` (contiguous, any float dtype) times the 0-d device tensor ``scale``, in place; returns ``grad``."""
-    import torch
-
-    from .configs import SCALE_BLOCK, SCALE_NUM_WARPS
+@custom_launcher("scale_unless_one", mutates_args=("grad",))
+def scale_unless_one(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """``grad`` (contiguous, any float dtype) times the 0-d device tensor ``scale``, in place."""
+    from .configs import SCALE_BLOCK, SCALE_NUM_WARPS, SCALE_PROGRAMS_PER_SM
 
     numel = grad.numel()
     if numel:
-        grid = (triton.cdiv(numel, SCALE_BLOCK),)
+        programs = min(triton.cdiv(numel, SCALE_BLOCK), SCALE_PROGRAMS_PER_SM * num_sms(grad.device))
         dtype = tl.float64 if grad.dtype == torch.float64 else tl.float32
-        _scale_unless_one_kernel[grid](grad, scale, numel, BLOCK=SCALE_BLOCK, DTYPE=dtype, num_warps=SCALE_NUM_WARPS)
-    return grad
+        _scale_unless_one_kernel[(programs,)](grad, scale, numel, BLOCK=SCALE_BLOCK, DTYPE=dtype,
+                                              num_warps=SCALE_NUM_WARPS)
 
 
 def compile_variants():
     """The scaling kernel for each gradient dtype (for ``bench/compile_report.py``)."""
-    import torch
-
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         scale_unless_one(torch.zeros(8, dtype=dtype), torch.ones((), dtype=dtype))

@@ -1,7 +1,7 @@
 """Every kernel's default launch configuration, in one place, with the measurement behind each.
 
 A config is chosen from the problem's shape only (never from tensor values), so the choice is deterministic
-and capturable in a CUDA graph. ``FUSEDLOSS_AUTOTUNE=1`` is reserved for a full sweep on request; the defaults
+and capturable in a CUDA graph. Sweeps over these live in ``bench/`` (``sweep_cross_entropy.py``); the defaults
 below are what ships.
 """
 
@@ -11,8 +11,14 @@ import triton
 
 # --- elementwise: gradient scaling (kernels._common._scale_unless_one_kernel) ------------------------------------
 # A pure streaming kernel: 8 warps x 4096 elements (16 per thread, 2-4 vector loads) is the usual memory-bound shape.
+# A persistent grid of at most SCALE_PROGRAMS_PER_SM programs per SM strides over the tensor, so that a backward
+# with grad_output == 1, where every program returns after one scalar load, launches a few hundred programs
+# instead of numel / 4096 (513K at 16384 x 128256).
 SCALE_BLOCK = 4096
 SCALE_NUM_WARPS = 8
+SCALE_PROGRAMS_PER_SM = 4
+# SM count assumed off-GPU (the interpreter, the compile report): an H100 SXM's, so both see a GPU's launch shapes.
+DEFAULT_NUM_SMS = 132
 
 
 # --- binary losses (kernels.binary._binary_kernel) -------------------------------------------------------------
@@ -22,45 +28,35 @@ BINARY_NUM_WARPS = 8
 
 # --- cross-entropy family (kernels.cross_entropy) -------------------------------------------------------------
 def cross_entropy_config(n_rows, n_classes, class_stride_is_one):
-    """(BLOCK_R rows, BLOCK_C classes, num_warps, CHUNK) for a (rows, classes) problem.
+    """(BLOCK_R rows, BLOCK_C classes, num_warps) for a (rows, classes) problem.
 
     Large vocabularies: one row per program, streamed in BLOCK_C-wide blocks (online log-sum-exp), so registers
-    stay bounded at any vocabulary. With few rows (< CE_SPLIT_BELOW_ROWS) one program per row would leave most of
-    the GPU idle, so rows are split into CHUNK-class programs whose last finisher writes the gradient (see
-    ``_ce_fwd_kernel``). Small class counts: a [BLOCK_R, BLOCK_C] tile of several rows per program, so a program
-    still moves a few KB per step; when the class dimension is strided (K-dimensional inputs, (N, C, d1, ...)),
-    neighbouring rows are the contiguous axis and the tile coalesces along rows.
+    stay bounded at any vocabulary. Small class counts: a [BLOCK_R, BLOCK_C] tile of several rows per program, so a
+    program still moves a few KB per step; when the class dimension is strided (K-dimensional inputs,
+    (N, C, d1, ...)), neighbouring rows are the contiguous axis and the tile coalesces along rows.
 
-    ``FUSEDLOSS_CE_CONFIG="BLOCK_C,NUM_WARPS,CHUNK"`` overrides the large-vocabulary config at any row count
-    (CHUNK 0: one program per row), for tests and ``bench/sweep_cross_entropy.py``.
+    ``FUSEDLOSS_CE_CONFIG="BLOCK_C,NUM_WARPS"`` overrides the large-vocabulary config, for
+    ``bench/sweep_cross_entropy.py``.
     """
     if n_classes >= 2048:
         override = os.environ.get("FUSEDLOSS_CE_CONFIG")
-        if override:
-            block_c, num_warps, chunk = map(int, override.split(","))
-        else:
-            block_c, num_warps = CE_LARGE_VOCAB
-            chunk = CE_SPLIT_CHUNK if n_rows < CE_SPLIT_BELOW_ROWS else 0
-        return 1, block_c, num_warps, chunk if n_classes > chunk > 0 else 0
+        block_c, num_warps = map(int, override.split(",")[:2]) if override else CE_LARGE_VOCAB
+        return 1, block_c, num_warps
     block_c = max(triton.next_power_of_2(n_classes), 2)
     block_r = max(1, min(256, 2048 // block_c))
     if not class_stride_is_one:
         block_r = max(block_r, 32)
-    return block_r, block_c, 4, 0
+    return block_r, block_c, 4
 
 
 # (BLOCK_C, num_warps) for n_classes >= 2048, one program per row. Measured with bench/sweep_cross_entropy.py on
 # an H100 80GB HBM3 (2026-11-26, triton 3.6, bf16, 16384 rows, forward + backward, bench/results/): 4096 x 8 warps
 # was the fastest or within 1% at V = 32000, 128256 and 256000, plain and with label smoothing + focal + z-loss:
 # 60% of the copy bandwidth by the one-read count (the second pass re-reads each row from HBM, so ~90% of it
-# by the bytes actually moved). Splitting 16384 rows into 8-32K-class chunks was no faster (plain) and 6-13%
-# slower (ls+focal+z): the finisher's re-read did not come from L2.
+# by the bytes actually moved). A schedule that split rows into 8-32K-class chunks whose last finisher wrote the
+# gradient was no faster (plain) and 6-13% slower (ls+focal+z): the finisher's re-read did not come from L2. It
+# was removed; the single-read schedule (kernels.cross_entropy_single_read) is its replacement.
 CE_LARGE_VOCAB = (4096, 8)
-# The split schedule, kept for few rows (e.g. evaluation on a short sequence): with N rows < 512 the
-# row-per-program grid fills at most N of an H100's 132 SMs x several programs. Chosen by that occupancy argument,
-# not measured.
-CE_SPLIT_BELOW_ROWS = 512
-CE_SPLIT_CHUNK = 16384
 
 
 # --- pointwise losses, triplet losses, distillation KL (kernels.pointwise, kernels.triplet, kernels.distillation) -
@@ -177,7 +173,6 @@ def contrastive_band_rows(n_cols, itemsize):
 # kernels/linear_cross_entropy.py's docstring.
 LCE_WORKSPACE_BYTES = 64 << 20  # backward: the G chunk (rows x chunk x itemsize) stays under this
 LCE_MAX_PARTIAL_BYTES = 16 << 20  # forward: the per-split partials (16 bytes x rows x splits, fp32)
-LCE_DEFAULT_SMS = 132  # SM count assumed off-GPU (compile report, interpreter): an H100 SXM
 LCE_COMBINE_BLOCK_R = 64
 LCE_COMBINE_NUM_WARPS = 4
 # Tests only: a dict merged over the chosen config (e.g. 16-wide tiles, 3 splits, a 32-column chunk) so that

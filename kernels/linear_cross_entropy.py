@@ -67,12 +67,24 @@ No host syncs: every size above comes from shapes; grad_output, the mean's denom
 stay on the device. All offsets that scale with N, V or H are computed in 64 bits.
 """
 
+import itertools
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
 from . import configs
 from ._common import grouped_tile, join_f64, online_logsumexp_update, soft_cap, split_f64
-from .cross_entropy import _dlogits_from_coefs, _row_loss_and_coefs, _store_coefs
+from ._launch import custom_launcher, num_sms
+from .cross_entropy import (
+    ROW_STATE,
+    _dlogits_from_coefs,
+    _load_row_state,
+    _one_stride_walk,
+    _row_loss_and_coefs,
+    _store_row_state,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Row helpers of this family (the per-row epilogue and per-element gradient are kernels.cross_entropy's).
@@ -99,7 +111,7 @@ def _class_i32(y, n_classes):
 
 @triton.jit
 def _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
-                 stride_xr, stride_xh, stride_wv, stride_wh, softcap,
+                 stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, softcap,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
                  DTYPE: tl.constexpr):
@@ -121,7 +133,7 @@ def _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidde
         x_ptrs += BLOCK_H * stride_xh
         w_ptrs += BLOCK_H * stride_wh
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(DTYPE)[None, :]
+        acc += tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0).to(DTYPE)[None, :]
     if HAS_SOFTCAP:
         acc, _ = soft_cap(acc, softcap)
     return tl.where(col_mask[None, :], acc, float("-inf"))
@@ -138,7 +150,7 @@ def _lce_fwd_kernel(
     # shapes
     n_rows, n_hidden, n_classes, seq_len, n_splits, split_width,
     # strides (in elements)
-    stride_xr, stride_xh, stride_wv, stride_wh, stride_target_outer, stride_target_seq,
+    stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, stride_target_outer, stride_target_seq,
     # constants
     shift, ignore_index, cap_hi, cap_lo,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
@@ -166,7 +178,7 @@ def _lce_fwd_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         col_mask = cols < col_end
         x = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
-                         stride_xr, stride_xh, stride_wv, stride_wh, softcap,
+                         stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, softcap,
                          BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
         m_old = m
         m, s, m_ref = online_logsumexp_update(m, s, x, 1)
@@ -189,18 +201,17 @@ def _lce_fwd_kernel(
 @triton.jit
 def _lce_combine_kernel(
     # pointers
-    part_ptr, target_ptr, loss_ptr, lse_ptr, coef_ptr,
+    part_ptr, target_ptr, loss_ptr, state_ptr,
     # shapes
     n_rows, n_classes, seq_len, n_splits, split_width,
     # strides
     stride_target_outer, stride_target_seq,
     # constants
     shift, ignore_index, eps_hi, eps_lo, gamma_hi, gamma_lo, z_hi, z_lo,
-    BLOCK_R: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, STORE_COEFS: tl.constexpr, DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLITS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """Merge the forward's per-split partials of BLOCK_R rows; write the per-row loss and lse and, with
-    STORE_COEFS, the gradient coefficients (K1, Kf, Ky, K3) for the backward."""
+    """Merge the forward's per-split partials of BLOCK_R rows; write the per-row loss and the row state (m, log s,
+    K1, Kf, Ky, K3) of ``kernels.cross_entropy`` for the backward."""
     eps = join_f64(eps_hi, eps_lo, DTYPE)
     gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
     z = join_f64(z_hi, z_lo, DTYPE)
@@ -215,37 +226,35 @@ def _lce_combine_kernel(
     s_i = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
     m = tl.max(m_i, axis=1)
     m_ref = tl.where(m > float("-inf"), m, 0.0)
-    lse = m + tl.log(tl.sum(s_i * tl.exp(m_i - m_ref[:, None]), axis=1))
+    log_s = tl.log(tl.sum(s_i * tl.exp(m_i - m_ref[:, None]), axis=1))
     x_y = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), axis=1)
-    smooth = tl.zeros([BLOCK_R], DTYPE)
+    coef_dot = tl.zeros([BLOCK_R], DTYPE)
     if HAS_SMOOTHING:
-        # sum_c (lse - x_c) = V (lse - m) - sum_i [A_i + n_i (m_i - m)], n_i the columns of split i
+        # A = sum_c (x_c - m) = sum_i [A_i + n_i (m_i - m)], n_i the columns of split i
         a_i = tl.load(part_ptr + 2 * plane + offs, mask=mask, other=0.0)
         n_i = tl.minimum(tl.maximum(n_classes - splits * split_width, 0), split_width).to(DTYPE)
         a_i = tl.where(mask & (m_i > float("-inf")), a_i + n_i[None, :] * (m_i - m_ref[:, None]), a_i)
-        smooth = n_classes * (lse - m) - tl.sum(a_i, axis=1)
+        coef_dot = tl.sum(a_i, axis=1)
 
     y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
                         ignore_index)
     valid = row_mask & (y != ignore_index)
     in_range = (y >= 0) & (y < n_classes)
     one = tl.zeros([BLOCK_R], DTYPE) + 1.0
-    loss, k1, kf, ky, k3 = _row_loss_and_coefs(lse, x_y, smooth, one * n_classes, one, one, valid, in_range,
+    loss, k1, kf, ky, k3 = _row_loss_and_coefs(m, log_s, x_y, one * n_classes, coef_dot, one, one, valid, in_range,
                                                eps, gamma, z, n_classes, HAS_SMOOTHING)
     tl.store(loss_ptr + rows, loss, mask=row_mask)
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    if STORE_COEFS:
-        _store_coefs(coef_ptr, rows, row_mask, k1, kf, ky, k3)
+    _store_row_state(state_ptr, rows, row_mask, m, log_s, k1, kf, ky, k3)
 
 
 @triton.jit
 def _lce_dlogits_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, target_ptr, lse_ptr, coef_ptr, row_scale_ptr, dlse_ptr, dlogits_ptr, dbias_part_ptr,
+    x_ptr, w_ptr, bias_ptr, target_ptr, state_ptr, row_scale_ptr, dlse_ptr, dlogits_ptr, dbias_part_ptr,
     # shapes
     n_rows, n_hidden, n_classes, seq_len, col_start, chunk_width,
     # strides (stride_row_scale is 0 for one scale shared by every row)
-    stride_xr, stride_xh, stride_wv, stride_wh, stride_target_outer, stride_target_seq, stride_row_scale,
+    stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, stride_target_outer, stride_target_seq, stride_row_scale,
     # constants
     shift, ignore_index, cap_hi, cap_lo,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
@@ -265,21 +274,16 @@ def _lce_dlogits_kernel(
     row_mask = rows < n_rows
     col_mask = local < chunk_width
     x = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
-                     stride_xr, stride_xh, stride_wv, stride_wh, softcap,
+                     stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, softcap,
                      BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
 
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     scale = tl.load(row_scale_ptr + rows.to(tl.int64) * stride_row_scale, mask=row_mask, other=0.0).to(DTYPE)
-    coef_offs = rows.to(tl.int64) * 4
-    k1 = tl.load(coef_ptr + coef_offs + 0, mask=row_mask, other=0.0) * scale
-    kf = tl.load(coef_ptr + coef_offs + 1, mask=row_mask, other=0.0) * scale
-    ky = tl.load(coef_ptr + coef_offs + 2, mask=row_mask, other=0.0) * scale
-    k3 = tl.load(coef_ptr + coef_offs + 3, mask=row_mask, other=0.0) * scale
+    m, log_s, k1, kf, ky, k3 = _load_row_state(state_ptr, rows, row_mask, scale, DTYPE)
     if HAS_DLSE:
         k1 += tl.load(dlse_ptr + rows, mask=row_mask, other=0.0).to(DTYPE)  # d lse / d x_c = p_c
     y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
                         ignore_index)
-    p = tl.exp(x - lse[:, None])
+    p = tl.exp((x - m[:, None]) - log_s[:, None])
     g = _dlogits_from_coefs(p, cols[None, :] == _class_i32(y, n_classes)[:, None], k1, kf, ky)
     if HAS_SMOOTHING:
         g -= k3[:, None]
@@ -337,7 +341,8 @@ def _lce_matmul_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers: derive every constexpr flag from the arguments, and write into caller-allocated buffers.
+# Launchers: derive every constexpr flag and config from the arguments' shapes, and write into caller-allocated
+# buffers. Registered as custom ops (``_launch.custom_launcher``), so their arguments are what a schema can hold.
 
 
 def target_layout(target):
@@ -345,21 +350,12 @@ def target_layout(target):
     or None when its leading dims cannot be walked with one stride (the caller then makes it contiguous)."""
     if target.dim() == 0:
         return 1, 0, 0
-    if target.dim() == 1:
-        return target.shape[0], 0, target.stride(0)
-    lead = [(size, stride) for size, stride in zip(target.shape[:-1], target.stride()[:-1]) if size != 1]
-    if not lead:
-        return target.shape[-1], 0, target.stride(-1)
-    expected = lead[-1][1]
-    for size, stride in reversed(lead):
-        if stride != expected:
-            return None
-        expected = stride * size
-    return target.shape[-1], lead[-1][1], target.stride(-1)
+    outer = _one_stride_walk(target.shape[:-1], target.stride()[:-1])
+    return None if outer is None else (target.shape[-1], outer, target.stride(-1))
 
 
 def _compute_dtype(x):
-    return tl.float64 if x.dtype.itemsize == 8 and x.is_floating_point() else tl.float32
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
 def _precision(x, input_precision):
@@ -369,14 +365,8 @@ def _precision(x, input_precision):
 
 def config_for(x2d, weight):
     """The launch configuration (``configs.linear_cross_entropy_config``) for this problem and device."""
-    device = x2d.device
-    num_sms = configs.LCE_DEFAULT_SMS
-    if device.type == "cuda":
-        import torch
-
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     return configs.linear_cross_entropy_config(x2d.shape[0], x2d.shape[1], weight.shape[0], x2d.dtype.itemsize,
-                                               num_sms)
+                                               num_sms(x2d.device))
 
 
 def num_splits(cfg, n_classes):
@@ -387,24 +377,29 @@ def num_splits(cfg, n_classes):
     return triton.cdiv(n_classes, split_width), split_width
 
 
-def linear_cross_entropy_forward(x2d, weight, bias, target, tlayout, part, loss, lse, coefs, cfg, *,
-                                 ignore_index, label_smoothing, focal_gamma, z_loss, softcap, shift,
-                                 input_precision):
-    """Launch the forward: per-row ``loss`` and ``lse`` (rows,), and ``coefs`` (rows, 4) when not None, all in the
-    compute dtype (fp32, fp64 for fp64 inputs). ``x2d`` (rows, H) and ``weight`` (V, H) with any strides, ``bias``
-    (V,) or None, ``target`` addressed by ``tlayout = target_layout(target)``; ``part`` is the partial buffer,
-    (4 * n_splits * rows,) in the compute dtype, with ``n_splits`` from ``num_splits(cfg, V)``."""
+@custom_launcher("linear_cross_entropy_forward", mutates_args=("loss", "row_state"))
+def linear_cross_entropy_forward(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+    loss: torch.Tensor, row_state: torch.Tensor, *, ignore_index: int, label_smoothing: float, focal_gamma: float,
+    z_loss: float, softcap: Optional[float], shift: bool, input_precision: str,
+) -> None:
+    """Launch the forward: per-row ``loss`` (rows,) and the row state (rows, ROW_STATE) of
+    ``kernels.cross_entropy`` (m, log s, K1, Kf, Ky, K3), in the compute dtype (fp32, fp64 for fp64 inputs).
+    ``x2d`` (rows, H) and ``weight`` (V, H) with any strides, ``bias`` (V,) with any stride or None, ``target``
+    with a ``target_layout``. The per-split partials (``4 * n_splits * rows`` values) are allocated here."""
     n_rows, n_hidden = x2d.shape
     n_classes = weight.shape[0]
+    cfg = config_for(x2d, weight)
     n_split, split_width = num_splits(cfg, n_classes)
     dtype = _compute_dtype(x2d)
-    seq_len, stride_target_outer, stride_target_seq = tlayout
+    seq_len, stride_target_outer, stride_target_seq = target_layout(target)
+    part = torch.empty(4 * n_split * n_rows, dtype=loss.dtype, device=x2d.device)
     c = cfg["fwd"]
-    grid = (triton.cdiv(n_rows, c["BLOCK_N"]) * n_split,)
-    _lce_fwd_kernel[grid](
+    _lce_fwd_kernel[(triton.cdiv(n_rows, c["BLOCK_N"]) * n_split,)](
         x2d, weight, bias, target, part,
         n_rows, n_hidden, n_classes, seq_len, n_split, split_width,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), stride_target_outer, stride_target_seq,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+        stride_target_outer, stride_target_seq,
         int(shift), ignore_index, *split_f64(softcap or 0.0),
         BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_N=c["GROUP_N"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
@@ -413,32 +408,35 @@ def linear_cross_entropy_forward(x2d, weight, bias, target, tlayout, part, loss,
     )
     block_r = configs.LCE_COMBINE_BLOCK_R
     _lce_combine_kernel[(triton.cdiv(n_rows, block_r),)](
-        part, target, loss, lse, coefs,
+        part, target, loss, row_state,
         n_rows, n_classes, seq_len, n_split, split_width,
         stride_target_outer, stride_target_seq,
         int(shift), ignore_index, *split_f64(label_smoothing), *split_f64(focal_gamma), *split_f64(z_loss),
         BLOCK_R=block_r, SPLITS=max(triton.next_power_of_2(n_split), 2),
-        HAS_SMOOTHING=label_smoothing > 0.0, STORE_COEFS=coefs is not None, DTYPE=dtype,
+        HAS_SMOOTHING=label_smoothing > 0.0, DTYPE=dtype,
         num_warps=configs.LCE_COMBINE_NUM_WARPS,
     )
 
 
-def linear_cross_entropy_dlogits(x2d, weight, bias, target, tlayout, lse, coefs, row_scale, dlse, dlogits,
-                                 dbias_part, col_start, cfg, *, ignore_index, label_smoothing, softcap, shift,
-                                 input_precision):
+@custom_launcher("linear_cross_entropy_dlogits", mutates_args=("dlogits", "dbias_part"))
+def linear_cross_entropy_dlogits(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+    row_state: torch.Tensor, row_scale: torch.Tensor, dlse: Optional[torch.Tensor], dlogits: torch.Tensor,
+    dbias_part: Optional[torch.Tensor], col_start: int, *, ignore_index: int, label_smoothing: float,
+    softcap: Optional[float], shift: bool, input_precision: str,
+) -> None:
     """Launch ``_lce_dlogits_kernel`` for the vocabulary chunk [col_start, col_start + dlogits.shape[1]):
     ``dlogits`` (rows, width) contiguous, in the input's dtype. ``row_scale`` is (rows,) or a 0-d tensor (one
     scale for every row); ``dlse`` (rows,) or None; ``dbias_part`` (ceil(rows / BLOCK_N), width) fp32 or None."""
     n_rows, n_hidden = x2d.shape
     width = dlogits.shape[1]
-    seq_len, stride_target_outer, stride_target_seq = tlayout
-    c = cfg["dlogits"]
-    grid = (triton.cdiv(n_rows, c["BLOCK_N"]) * triton.cdiv(width, c["BLOCK_V"]),)
-    _lce_dlogits_kernel[grid](
-        x2d, weight, bias, target, lse, coefs, row_scale, dlse, dlogits, dbias_part,
+    seq_len, stride_target_outer, stride_target_seq = target_layout(target)
+    c = config_for(x2d, weight)["dlogits"]
+    _lce_dlogits_kernel[(triton.cdiv(n_rows, c["BLOCK_N"]) * triton.cdiv(width, c["BLOCK_V"]),)](
+        x2d, weight, bias, target, row_state, row_scale, dlse, dlogits, dbias_part,
         n_rows, n_hidden, weight.shape[0], seq_len, col_start, width,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), stride_target_outer, stride_target_seq,
-        0 if row_scale.dim() == 0 else row_scale.stride(0),
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+        stride_target_outer, stride_target_seq, 0 if row_scale.dim() == 0 else row_scale.stride(0),
         int(shift), ignore_index, *split_f64(softcap or 0.0),
         BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_N=c["GROUP_N"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
@@ -448,16 +446,20 @@ def linear_cross_entropy_dlogits(x2d, weight, bias, target, tlayout, lse, coefs,
     )
 
 
-def matmul(a, b, out, scale, g, *, acc=None, input_precision="ieee"):
+@custom_launcher("linear_cross_entropy_matmul", mutates_args=("out",))
+def matmul(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, acc: Optional[torch.Tensor], *,
+    gemm: str, input_precision: str,
+) -> None:
     """``out = scale * (acc + a @ b)`` for 2-D ``a`` (M, K) and ``b`` (K, N) with any strides (a transposed view
     is read in place), ``out`` (M, N) of any float dtype, ``scale`` a 0-d tensor, ``acc`` None (zero) or (M, N),
-    which may be ``out`` itself. Accumulates in fp32 (fp64 for fp64 operands). ``g``: a GEMM config,
-    ``cfg["gemm_dw"]`` or ``cfg["gemm_dx"]``."""
+    which may be ``out`` itself. Accumulates in fp32 (fp64 for fp64 operands). ``gemm``: which GEMM config of
+    ``configs.linear_cross_entropy_config``, ``"gemm_dw"`` or ``"gemm_dx"`` (it depends on the dtype only)."""
     M, K = a.shape
     N = b.shape[1]
-    grid = (triton.cdiv(M, g["BLOCK_M"]) * triton.cdiv(N, g["BLOCK_N"]),)
+    g = configs.linear_cross_entropy_config(1, 1, 1, a.dtype.itemsize, 1)[gemm]
     acc_t = out if acc is None else acc
-    _lce_matmul_kernel[grid](
+    _lce_matmul_kernel[(triton.cdiv(M, g["BLOCK_M"]) * triton.cdiv(N, g["BLOCK_N"]),)](
         a, b, out, acc_t, scale,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
@@ -472,9 +474,6 @@ def compile_variants():
     """Call the launchers once per constexpr combination they can produce, on small CPU tensors (for
     ``bench/compile_report.py``, which records the launches instead of running them). The tile config is the
     one each dtype gets at LLM sizes (it depends on the dtype only, not on the tiny shapes here)."""
-    import itertools
-
-    import torch
 
     def launch(dtype, *, bias=False, softcap=False, smoothing=False, dlse=False, bias_grad=None, gemms=False,
                precision="ieee"):
@@ -483,30 +482,25 @@ def compile_variants():
         w = torch.zeros(vocab, hidden, dtype=dtype)
         b = torch.zeros(vocab, dtype=dtype) if bias else None
         t = torch.zeros(rows, dtype=torch.long)
-        cfg = config_for(x, w)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        vec = torch.zeros(rows, dtype=acc)
-        coefs = torch.zeros(rows, 4, dtype=acc)
-        n_split, _ = num_splits(cfg, vocab)
+        state = torch.zeros(rows, ROW_STATE, dtype=acc)
         opts = dict(ignore_index=-100, label_smoothing=0.1 if smoothing else 0.0, softcap=30.0 if softcap else None,
                     shift=True, input_precision=precision)
-        for store_coefs in (False, True):
-            linear_cross_entropy_forward(x, w, b, t, target_layout(t), torch.zeros(4 * n_split * rows, dtype=acc),
-                                         vec, vec, coefs if store_coefs else None, cfg, focal_gamma=2.0,
-                                         z_loss=1e-4, **opts)
+        linear_cross_entropy_forward(x, w, b, t, torch.zeros(rows, dtype=acc), state, focal_gamma=2.0, z_loss=1e-4,
+                                     **opts)
         g = torch.zeros(rows, vocab, dtype=dtype)
         part = torch.zeros(1, vocab, dtype=acc) if (bias if bias_grad is None else bias_grad) else None
-        linear_cross_entropy_dlogits(x, w, b, t, target_layout(t), vec, coefs, torch.ones((), dtype=acc),
-                                     vec if dlse else None, g, part, 0, cfg, **opts)
+        linear_cross_entropy_dlogits(x, w, b, t, state, torch.ones((), dtype=acc),
+                                     torch.zeros(rows, dtype=acc) if dlse else None, g, part, 0, **opts)
         if gemms:
             one = torch.ones((), dtype=acc)
-            dw_cfg, dx_cfg = cfg["gemm_dw"], cfg["gemm_dx"]
-            matmul(g.t(), x, w, one, dw_cfg, input_precision=precision)                  # dW = G^T X
-            matmul(g, w, x, one, dx_cfg, input_precision=precision)                      # dX, one chunk
             x32 = torch.zeros(rows, hidden, dtype=acc)
-            matmul(g, w, x32, one, dx_cfg, input_precision=precision)                    # dX, first chunk
-            matmul(g, w, x32, one, dx_cfg, acc=x32, input_precision=precision)           # middle chunk
-            matmul(g, w, x, one, dx_cfg, acc=x32, input_precision=precision)             # last chunk
+            for a, b_, out, acc_in, gemm in ((g.t(), x, w, None, "gemm_dw"),     # dW = G^T X
+                                             (g, w, x, None, "gemm_dx"),         # dX, one chunk
+                                             (g, w, x32, None, "gemm_dx"),       # dX, first chunk
+                                             (g, w, x32, x32, "gemm_dx"),        # middle chunk
+                                             (g, w, x, x32, "gemm_dx")):         # last chunk
+                matmul(a, b_, out, one, acc_in, gemm=gemm, input_precision=precision)
 
     for bias, softcap, smoothing in itertools.product((False, True), repeat=3):
         for dlse in (False, True):

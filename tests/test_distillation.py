@@ -144,7 +144,7 @@ BAD = [
     ("teacher_logits", ValueError, lambda s, t: kl_div_with_logits(s, t[:, :3])),
     ("student_logits", ValueError, lambda s, t: kl_div_with_logits(s[0, 0], t[0, 0])),
     ("temperature", ValueError, lambda s, t: kl_div_with_logits(s, t, 0.0)),
-    ("temperature", TypeError, lambda s, t: kl_div_with_logits(s, t, torch.tensor(2.0))),
+    ("temperature", TypeError, lambda s, t: kl_div_with_logits(s, t, torch.tensor([2.0, 3.0]))),
     ("target", TypeError, lambda s, t: kl_div_with_logits(s, t, target=torch.zeros(3))),
     ("target", ValueError, lambda s, t: kl_div_with_logits(s, t, target=torch.zeros(4, dtype=torch.long))),
     ("ignore_index", TypeError, lambda s, t: kl_div_with_logits(s, t, ignore_index=1.5)),

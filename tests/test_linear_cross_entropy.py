@@ -355,7 +355,7 @@ def _bad_cases():
     yield "z_loss", ValueError, (x, w, t), dict(z_loss=-1.0)
     yield "softcap", ValueError, (x, w, t), dict(softcap=0.0)
     yield "focal_gamma", ValueError, (x, w, t), dict(focal_gamma=-0.5)
-    yield "focal_gamma", TypeError, (x, w, t), dict(focal_gamma=torch.tensor(2.0))
+    yield "focal_gamma", TypeError, (x, w, t), dict(focal_gamma=torch.ones(2))
     yield "shift", TypeError, (x, w, t), dict(shift=1)
     yield "shift", ValueError, (torch.randn(8), w, torch.tensor(1)), dict(shift=True)
     yield "return_lse", TypeError, (x, w, t), dict(return_lse="yes")

@@ -292,7 +292,7 @@ BAD = [
     ("delta", ValueError, lambda x, t: huber_loss(x, t, delta=0.0)),
     ("delta", ValueError, lambda x, t: huber_loss(x, t, delta=float("nan"))),
     ("beta", ValueError, lambda x, t: smooth_l1_loss(x, t, beta=-1.0)),
-    ("beta", TypeError, lambda x, t: smooth_l1_loss(x, t, beta=torch.tensor(1.0))),
+    ("beta", TypeError, lambda x, t: smooth_l1_loss(x, t, beta=torch.ones(2))),
     ("target", TypeError, lambda x, t: kl_div(x, t.long())),
     ("input", TypeError, lambda x, t: kl_div(x.int(), t)),
     ("reduction", ValueError, lambda x, t: kl_div(x, t, reduction="avg")),

@@ -1,17 +1,39 @@
 """Cross-entropy family, host side: ``cross_entropy`` (a drop-in for ``torch.nn.functional.cross_entropy`` with
 focal weighting, z-loss and soft-capping on top) and ``focal_loss``.
 
-The math, and the four per-row gradient coefficients both backends share, is derived in the docstring of
-``fusedloss.kernels.cross_entropy``. Memory: the Triton path holds the logits' gradient in the logits' dtype
+The math, and the four per-row gradient coefficients the kernels use, are derived in the docstring of
+``fusedloss.kernels.cross_entropy``; ``_definition`` below states the loss in torch ops (the torch backend, and
+the higher-order gradients of the kernels). Memory on the Triton path: the logits' gradient in the logits' dtype
 (or in the logits themselves with ``inplace_backward=True``) and O(rows) fp32 vectors, never an N x C fp32 buffer.
 """
 
-import torch
+import dataclasses
+from typing import Optional
 
-from .. import _alloc, _checks, _grads
+import torch
+import torch.nn.functional as F
+
+from .. import _alloc, _checks, _family
 from .._backend import backend
 
-_PARAMS = ("ignore_index", "label_smoothing", "focal_gamma", "focal_alpha", "z_loss", "softcap")
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyOptions:
+    """Everything but the tensors: what both backends compute (see ``cross_entropy`` for each field)."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    focal_gamma: float = 0.0
+    focal_alpha: float = 1.0  # the scalar multiplier; a per-class alpha travels as a tensor
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    inplace_backward: bool = False
+    out_dtype: torch.dtype = torch.float32  # what torch returns: input's dtype, promoted, or fp32 under autocast
+
+    @property
+    def has_extras(self):
+        return self.focal_gamma != 0.0 or self.focal_alpha != 1.0 or self.z_loss != 0.0 or self.softcap is not None
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -20,79 +42,89 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """Softmax cross-entropy between logits and class indices or class probabilities, fused in one kernel.
 
     A drop-in for ``torch.nn.functional.cross_entropy`` (same positional order, same deprecated
-    ``size_average`` / ``reduce``), with composable extras.
+    ``size_average`` / ``reduce``, same result dtype, fp32 under ``torch.autocast`` as torch's autocast policy
+    gives), with composable extras.
 
     Args:
-        input: logits, ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; float16, bfloat16, float32 or float64.
-        target: class indices (int64 or uint8), ``()``, ``(N,)`` or ``(N, d1, ..., dk)``, in ``[0, C)`` or equal
-            to ``ignore_index``; or class probabilities of the input's shape (floating point).
-        weight: optional ``(C,)`` rescaling weight per class, as in torch.
+        input: logits, ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; float16, bfloat16, float32 or float64;
+            any strides.
+        target: class indices (int64 or uint8, as torch accepts; compared in int64), ``()``, ``(N,)`` or
+            ``(N, d1, ..., dk)``, in ``[0, C)`` or equal to ``ignore_index``; or class probabilities of the
+            input's shape (floating point, differentiable).
+        weight: optional ``(C,)`` rescaling weight per class, as in torch (differentiable for probability targets).
         ignore_index: class index whose rows contribute neither loss nor gradient (class-index targets only).
         reduction: ``'none'`` (loss of the target's shape), ``'mean'`` (sum over rows divided by the sum of the
             target classes' weights over non-ignored rows, or by the number of rows for probability targets, as
-            in torch; NaN when every row is ignored) or ``'sum'``.
+            in torch; NaN when every row is ignored, with a zero gradient) or ``'sum'``.
         label_smoothing: in ``[0, 1]``, PyTorch's convention (with weights and ``ignore_index`` as torch does).
-        focal_gamma: focusing exponent; each row's (smoothed, weighted) cross-entropy is multiplied by
+        focal_gamma: focusing exponent ``>= 0``; each row's (smoothed, weighted) cross-entropy is multiplied by
             ``(1 - p_t) ** focal_gamma``, ``p_t`` the softmax probability of the target class (after the cap).
             Class-index targets only. Gradients stay finite for ``0 < focal_gamma < 1`` at saturated predictions.
-        focal_alpha: ``None``, a number multiplying the focal term, or a ``(C,)`` tensor indexed by the target
+        focal_alpha: ``None``, a number multiplying each row's loss, or a ``(C,)`` tensor indexed by the target
             class. It does not enter the ``mean`` denominator.
-        z_loss: coefficient of PaLM's ``z_loss * logsumexp(x) ** 2``, added to each non-ignored row's loss
-            before the reduction.
-        softcap: ``None`` or ``c > 0``: logits become ``c * tanh(x / c)`` before everything else (Gemma 2).
+        z_loss: coefficient ``>= 0`` of PaLM's ``z_loss * logsumexp(x) ** 2``, added to each non-ignored row's
+            loss before the reduction.
+        softcap: ``None`` or a finite ``c > 0``: logits become ``c * tanh(x / c)`` before everything else
+            (Gemma 2). (An infinite cap is no cap: pass ``None``.)
         inplace_backward: write the gradient over ``input`` to save its memory (fused ``mean``/``sum`` path on
-            the Triton backends). ``input`` then holds the gradient after the call; its version counter is bumped,
-            so autograd raises instead of silently using the overwritten values if anything else saved it.
+            the Triton backends; ignored on the torch backend and under ``torch.compile``). ``input`` then holds
+            the gradient after the call; its version counter is bumped, so autograd raises instead of silently
+            using the overwritten values if anything else saved it. The graph can then be backpropagated through
+            once: ``retain_graph`` and higher-order gradients need the logits.
 
     Returns:
-        The loss, in the dtype torch would return (the input's; the promoted one for probability targets).
+        The loss, in the dtype torch would return (the input's; the promoted one for probability targets; fp32
+        under autocast).
+
+    Out-of-range class indices raise ``IndexError`` on the CPU backends (outside ``torch.compile``) and give the
+    row a NaN loss and gradient on GPU, where checking would need a host sync.
     """
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
-    opts = _check_args(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, focal_alpha,
-                       z_loss, softcap)
-    alpha = focal_alpha if isinstance(focal_alpha, torch.Tensor) else None
-    opts["focal_alpha"] = 1.0 if (focal_alpha is None or alpha is not None) else float(focal_alpha)
-    opts["reduction"] = reduction
-    opts["inplace_backward"] = bool(inplace_backward)
-
-    which = backend(input.device)
-    prob_target = target.is_floating_point()
-    if which != "torch" and not prob_target and target.device.type == "cpu":
-        _check_class_range(target, input.shape[1] if input.dim() > 1 else input.shape[0], ignore_index)
-    # Empty inputs and gradients torch propagates that the kernels do not produce (the class weights, for
-    # probability targets) run the torch path.
-    if which == "torch" or input.numel() == 0 or (weight is not None and weight.requires_grad):
-        if which == "torch" and not prob_target:
-            _check_class_range(target, input.shape[1] if input.dim() > 1 else input.shape[0], ignore_index)
-        return _cross_entropy_torch(input, target, weight, alpha, opts)
-    return _CrossEntropyTriton.apply(input, target, weight, alpha, opts)
+    opts, alpha = _options(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
+                           focal_alpha, z_loss, softcap, inplace_backward)
+    if not target.is_floating_point() and target.device.type == "cpu":
+        _checks.check_class_range(target, _n_classes(input), ignore_index)
+    needs = _family.needs_grad(input, target, weight, alpha)
+    # The torch backend is the definition itself; so are inputs the kernels do not cover: empty ones, and a
+    # differentiable class weight (probability targets), whose gradient the kernels do not produce.
+    if backend(input.device) == "torch" or input.numel() == 0 or needs[2]:
+        return _definition(opts, input, target, weight, alpha)
+    return _CrossEntropy.apply(opts, needs, input, target, weight, alpha)[0]
 
 
 def focal_loss(input, target, gamma=2.0, alpha=None, weight=None, ignore_index=-100, reduction="mean",
                label_smoothing=0.0):
-    """The seed's focal loss, ``alpha * (1 - p_t) ** gamma * CE``, on the cross-entropy kernel.
+    """The focal loss of Lin et al. (2017) for softmax classifiers, ``alpha * (1 - p_t) ** gamma * CE``, on the
+    cross-entropy kernel.
 
-    ``p_t`` is the target class's softmax probability (``exp(-CE)`` without smoothing, as in the seed). ``alpha``
-    is ``None``, a number multiplying the loss, or a ``(C,)`` tensor indexed by the target class. Shapes, dtypes
-    and the other arguments are those of ``cross_entropy``; class-index targets only.
+    ``p_t`` is the target class's softmax probability (``exp(-CE)`` without smoothing). ``alpha`` is ``None``, a
+    number multiplying the loss, or a ``(C,)`` tensor indexed by the target class. Shapes, dtypes and the other
+    arguments are those of ``cross_entropy``; class-index targets only.
     """
     return cross_entropy(input, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing, focal_gamma=gamma, focal_alpha=alpha)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Argument checks
+# Argument checks: metadata only, on every backend, before any launch.
 
 
-def _check_args(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, focal_alpha,
-                z_loss, softcap):
+def _n_classes(input):
+    return input.shape[1] if input.dim() > 1 else input.shape[0]
+
+
+def _options(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, focal_alpha, z_loss,
+             softcap, inplace_backward):
+    """(CrossEntropyOptions, per-class alpha tensor or None), or ValueError / TypeError naming the argument."""
     _checks.check_tensor("input", input, floating=True)
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension (C,), got a 0-d tensor")
     _checks.check_tensor("target", target, device=input.device)
     _checks.check_reduction(reduction)
-    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-    if target.is_floating_point():
+    n_classes = _n_classes(input)
+    prob_target = target.is_floating_point()
+    ignore_index = _checks.check_int("ignore_index", ignore_index)
+    if prob_target:
         _checks.check_tensor("target", target, floating=True)
         if target.shape != input.shape:
             raise ValueError(f"target holds class probabilities, so its shape must equal input's "
@@ -106,281 +138,182 @@ def _check_args(input, target, weight, ignore_index, reduction, label_smoothing,
         _checks.check_tensor("target", target, floating=False)
         if target.dtype not in (torch.int64, torch.uint8):
             raise TypeError(f"target must be int64 (or uint8) class indices, as torch requires, got {target.dtype}")
-        expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+        expected = _row_shape(input)
         if tuple(target.shape) != expected:
             raise ValueError(f"target must have shape {expected} for input of shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if weight is not None:
         _checks.check_tensor("weight", weight, floating=True, dims=(1,), device=input.device)
         if weight.shape[0] != n_classes:
             raise ValueError(f"weight must have one entry per class ({n_classes}), got shape {tuple(weight.shape)}")
-        if weight.requires_grad and not target.is_floating_point():
+        if weight.requires_grad and not prob_target and torch.is_grad_enabled():
             raise ValueError("weight cannot require grad with class-index targets: torch's cross_entropy is not "
                              "differentiable in weight there")
-    if isinstance(focal_alpha, torch.Tensor):
+    alpha_tensor = None
+    alpha_scalar = 1.0
+    if isinstance(focal_alpha, torch.Tensor) and focal_alpha.dim() == 1:
         _checks.check_tensor("focal_alpha", focal_alpha, floating=True, dims=(1,), device=input.device)
         if focal_alpha.shape[0] != n_classes:
             raise ValueError(f"focal_alpha must have one entry per class ({n_classes}), got shape "
                              f"{tuple(focal_alpha.shape)}")
-        if focal_alpha.requires_grad:
+        if focal_alpha.requires_grad and torch.is_grad_enabled():
             raise ValueError("focal_alpha cannot require grad")
+        alpha_tensor = focal_alpha
     elif focal_alpha is not None:
-        _checks.check_number("focal_alpha", focal_alpha)
-    return {
-        "ignore_index": ignore_index,
-        "label_smoothing": _checks.check_number("label_smoothing", label_smoothing, low=0.0, high=1.0),
-        "focal_gamma": _checks.check_number("focal_gamma", focal_gamma, low=0.0),
-        "z_loss": _checks.check_number("z_loss", z_loss, low=0.0),
-        "softcap": None if softcap is None else _checks.check_number("softcap", softcap, low=0.0, low_open=True),
-    }
+        alpha_scalar = _checks.check_number("focal_alpha", focal_alpha)
+    softcap = None if softcap is None else _checks.check_number("softcap", softcap, low=0.0, low_open=True,
+                                                                finite=True)
+    opts = CrossEntropyOptions(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=_checks.check_number("label_smoothing", label_smoothing, low=0.0, high=1.0),
+        focal_gamma=_checks.check_number("focal_gamma", focal_gamma, low=0.0, finite=True),
+        focal_alpha=alpha_scalar,
+        z_loss=_checks.check_number("z_loss", z_loss, low=0.0, finite=True),
+        softcap=softcap,
+        inplace_backward=_checks.check_bool("inplace_backward", inplace_backward),
+        out_dtype=_checks.autocast_fp32(input.device, _out_dtype(input, target)),
+    )
+    return opts, alpha_tensor
 
 
-def _check_class_range(target, n_classes, ignore_index):
-    """CPU backends: an out-of-range class index raises IndexError, as torch does (a host read is free here)."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
-    if bool(bad.any()):
-        raise IndexError(f"Target {int(target[bad].flatten()[0])} is out of bounds.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shared by both backends
-
-
-def _compute_dtype(input, target):
-    return torch.float64 if torch.float64 in (input.dtype, target.dtype) else torch.float32
+def _row_shape(input):
+    """The shape of ``reduction='none'``'s result: the input's without the class dimension."""
+    return () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
 
 
 def _out_dtype(input, target):
     return torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
 
 
-def _mean_denominator(input, target, weight, ignore_index, dtype):
-    """What ``mean`` divides by, as a 0-d device tensor (no host sync): the sum of the target classes' weights
-    over non-ignored rows, or the number of rows for probability targets."""
+# ---------------------------------------------------------------------------------------------------------------
+# The definition: the torch backend, and the higher-order gradients of the Triton backends.
+
+
+def _definition(opts, input, target, weight, alpha):
+    """``cross_entropy`` in torch ops. Without extras it is ``F.cross_entropy`` itself (ATen's fused kernel);
+    the extras are composed on top, in fp32 (fp64 for fp64 inputs)."""
+    if not opts.has_extras and alpha is None:
+        out = F.cross_entropy(input, target, weight=weight, ignore_index=opts.ignore_index, reduction=opts.reduction,
+                              label_smoothing=opts.label_smoothing)
+        return out.to(opts.out_dtype)
+    dtype = _family.compute_dtype(input, target)
+    class_dim = 0 if input.dim() == 1 else 1
+    x = input.to(dtype)
+    if opts.softcap is not None:
+        x = opts.softcap * torch.tanh(x / opts.softcap)
+    w = None if weight is None else weight.to(dtype)
+    lse = torch.logsumexp(x, dim=class_dim)
     if target.is_floating_point():
-        n_classes = target.shape[1] if target.dim() > 1 else target.shape[0]
-        return torch.full((), float(target.numel() // max(n_classes, 1)), dtype=dtype, device=input.device)
-    valid = target != ignore_index
+        rows = F.cross_entropy(x, target.to(dtype), weight=w, reduction="none",
+                               label_smoothing=opts.label_smoothing) + opts.z_loss * lse * lse
+        denominator = torch.tensor(float(rows.numel()), dtype=dtype, device=x.device)
+        return _family.reduce(rows.reshape(-1), opts.reduction, denominator, rows.shape).to(opts.out_dtype)
+    y = target.to(torch.int64)
+    valid = y != opts.ignore_index
+    y_safe = torch.where(valid, y, 0)
+    rows = F.cross_entropy(x, y, weight=w, ignore_index=opts.ignore_index, reduction="none",
+                           label_smoothing=opts.label_smoothing)
+    if opts.focal_gamma != 0.0:
+        log_p_y = torch.log_softmax(x, dim=class_dim).gather(class_dim, y_safe.unsqueeze(class_dim))
+        one_minus = -torch.expm1(log_p_y.squeeze(class_dim))
+        # (1 - p)^gamma through a where on both sides: at p == 1 exactly the weight is 0 and so is its gradient,
+        # instead of pow's gamma * 0^(gamma - 1) = inf times 0
+        positive = one_minus > 0
+        rows = rows * torch.where(positive, torch.where(positive, one_minus, 1.0) ** opts.focal_gamma, 0.0)
+    rows = rows * (opts.focal_alpha if alpha is None else alpha.to(dtype)[y_safe])
+    rows = torch.where(valid, rows + opts.z_loss * lse * lse, 0.0)
+    denominator = _mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
+    return _family.reduce(rows.reshape(-1), opts.reduction, denominator, rows.shape).to(opts.out_dtype)
+
+
+def _mean_denominator(target, weight, opts, dtype):
+    """What ``mean`` divides by, as a 0-d device tensor (no host sync): the sum of the target classes' weights
+    over non-ignored rows (an ignored row contributes 0 even if its clamped class has an inf weight), or the
+    number of rows for probability targets."""
+    if target.is_floating_point():
+        n_rows = target.numel() // max(target.shape[1] if target.dim() > 1 else target.shape[0], 1)
+        return torch.full((), float(n_rows), dtype=dtype, device=target.device)
+    y = target.to(torch.int64)
+    valid = y != opts.ignore_index
     if weight is None:
         return valid.sum().to(dtype)
-    n_classes = weight.shape[0]
-    return (weight.to(dtype)[target.clamp(0, n_classes - 1).long()] * valid).sum()
-
-
-def _reduce(rows, target, reduction, denom, input, out_dtype):
-    """rows (flat, compute dtype) -> the loss torch would return."""
-    if reduction == "none":
-        shape = target.shape if not target.is_floating_point() else (
-            () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:]))
-        return rows.reshape(shape).to(out_dtype)
-    total = rows.sum()
-    if reduction == "sum":
-        return total.to(out_dtype)
-    # An all-ignored mean is NaN, as in torch, but its gradient is 0 (torch's too), not 0 * inf.
-    return (total * _inverse_or_zero(denom) + torch.where(denom == 0, float("nan"), 0.0)).to(out_dtype)
-
-
-def _inverse_or_zero(denom):
-    """1 / denom, or 0 where denom == 0 (every row ignored), as a 0-d tensor, without a host sync."""
-    return torch.where(denom == 0, torch.zeros_like(denom), 1.0 / denom)
+    y_safe = torch.where(valid & (y >= 0) & (y < weight.shape[0]), y, 0)
+    return torch.where(valid, weight.to(dtype)[y_safe], 0.0).sum()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton backend (compiled or interpreted)
 
 
-class _CrossEntropyTriton(torch.autograd.Function):
+def _layouts(input, target):
+    """``input`` and ``target`` in layouts the kernels walk without a copy, or contiguous copies."""
+    from ..kernels.cross_entropy import class_layout, index_layout
+
+    if class_layout(input) is None:
+        input = input.contiguous()
+    walkable = class_layout(target) if target.is_floating_point() else index_layout(target)
+    return input, (target if walkable is not None else target.contiguous())
+
+
+def _inplace(opts):
+    return opts.inplace_backward and not torch.compiler.is_compiling()
+
+
+class _CrossEntropy(_family.LossFunction):
     @staticmethod
-    def forward(ctx, input, target, weight, alpha, opts):
-        from ..kernels.cross_entropy import class_layout, cross_entropy_forward
+    def forward(opts, needs, input, target, weight, alpha):
+        from ..kernels.cross_entropy import ROW_STATE, cross_entropy_forward
 
-        if class_layout(input) is None:
-            input = input.contiguous()
-        prob_target = target.is_floating_point()
-        if prob_target and class_layout(target) is None:
-            target = target.contiguous()
-        flat_target = target if prob_target else target.reshape(-1)
-        dtype = _compute_dtype(input, target)
-        n_rows = class_layout(input)[0]
-        reduction = opts["reduction"]
-        need_input_grad = ctx.needs_input_grad[0]
-        need_target_grad = prob_target and ctx.needs_input_grad[1]
-        # Fused: the gradient is written by the forward launch, already divided by the mean's denominator;
-        # the backward only rescales when grad_output != 1. Otherwise the forward stores per-row coefficients
-        # and the backward reads the logits once more.
-        fused = need_input_grad and not need_target_grad and reduction != "none"
-
-        denom = _mean_denominator(input, target, weight, opts["ignore_index"], dtype) if reduction == "mean" else None
+        logits, target = _layouts(input, target)
+        dtype = _family.compute_dtype(input, target)
+        n_rows = logits.numel() // _n_classes(logits)
+        # Fused: the forward writes the gradient, already divided by the mean's denominator, and the backward
+        # only rescales it. Not when the target needs a gradient too, nor for 'none' (a per-row grad_output).
+        fused = needs[0] and not needs[1] and opts.reduction != "none"
+        denominator = _mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
         rows = _alloc.empty(n_rows, dtype=dtype, device=input.device)
-        lse = _alloc.empty(n_rows, dtype=dtype, device=input.device)
-        coefs = grad = grad_scale = None
+        row_state = _alloc.empty((n_rows, ROW_STATE), dtype=dtype, device=input.device)
+        grad = grad_scale = None
         if fused:
-            grad = input if opts["inplace_backward"] else _alloc.empty_like(input)
-            grad_scale = torch.ones((), dtype=dtype, device=input.device) if denom is None else _inverse_or_zero(denom)
-        elif need_input_grad or need_target_grad:
-            coefs = _alloc.empty((n_rows, 4), dtype=dtype, device=input.device)
-        cross_entropy_forward(
-            input, flat_target, weight, alpha, grad_scale, rows, lse, coefs, grad,
-            **{k: opts[k] for k in _PARAMS},
-        )
-        out_dtype = _out_dtype(input, target)
-        if fused and opts["inplace_backward"]:
+            grad = logits if _inplace(opts) and logits is input else _alloc.empty_like(logits)
+            grad_scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, input.device)
+        cross_entropy_forward(logits, target, weight, alpha, grad_scale, rows, row_state, grad,
+                              ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+                              focal_gamma=opts.focal_gamma, focal_alpha=opts.focal_alpha, z_loss=opts.z_loss,
+                              softcap=opts.softcap)
+        if grad is input:
             torch.autograd.graph.increment_version(input)
-        ctx.fused = fused
-        ctx.opts = opts
-        ctx.denom = denom
-        ctx.out_dtype = out_dtype
-        if fused:
-            ctx.grad = grad
-        elif coefs is not None:
-            # Kept on ctx rather than save_for_backward: with inplace_backward the caller's tensor is ours to
-            # overwrite, and the version check is done by increment_version above.
-            ctx.tensors = (input, flat_target, weight, lse, coefs)
-        return _reduce(rows, target, reduction, denom, input, out_dtype)
+            grad = None  # the input itself (setup_context knows): an output may not be an input
+        loss = _family.reduce(rows, opts.reduction, denominator, _row_shape(input)).to(opts.out_dtype)
+        return loss, grad, row_state, denominator
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        from ..kernels.cross_entropy import cross_entropy_backward
-
-        if ctx.fused:
-            (grad,) = _grads.scale_fused_grads([ctx.grad], grad_output)
-            ctx.grad = None
-            return grad, None, None, None, None
-        input, target, weight, lse, coefs = ctx.tensors
-        opts = ctx.opts
-        if opts["reduction"] == "none":
-            grad_scale = grad_output.reshape(-1).to(lse.dtype)
-        elif opts["reduction"] == "mean":
-            grad_scale = grad_output.to(lse.dtype) * _inverse_or_zero(ctx.denom)
-        else:
-            grad_scale = grad_output.to(lse.dtype)
-        grad = grad_target = None
-        if ctx.needs_input_grad[0]:
-            grad = input if opts["inplace_backward"] else _alloc.empty_like(input)
-        if ctx.needs_input_grad[1] and target.is_floating_point():
-            grad_target = _alloc.empty_like(target)
-        cross_entropy_backward(input, target, weight, lse, coefs, grad_scale, grad, grad_target,
-                               label_smoothing=opts["label_smoothing"], softcap=opts["softcap"])
-        if grad is not None and opts["inplace_backward"]:
-            torch.autograd.graph.increment_version(input)
-        return grad, grad_target, None, None, None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Torch backend: the same per-row formulas and coefficients as the kernels, in plain PyTorch.
-
-
-def _as_rows(t):
-    """(C,) / (N, C) / (N, C, d1, ..., dk) -> (rows, C), rows in the order (n, d1, ..., dk)."""
-    return t.unsqueeze(0) if t.dim() == 1 else t.movedim(1, -1).reshape(-1, t.shape[1])
-
-
-def _from_rows(rows_c, like):
-    if like.dim() == 1:
-        return rows_c.reshape(like.shape)
-    return rows_c.reshape((like.shape[0],) + tuple(like.shape[2:]) + (like.shape[1],)).movedim(-1, 1)
-
-
-def _cross_entropy_torch(input, target, weight, alpha, opts):
-    dtype = _compute_dtype(input, target)
-    reduction = opts["reduction"]
-    denom = _mean_denominator(input, target, weight, opts["ignore_index"], dtype) if reduction == "mean" else None
-    rows = _CrossEntropyTorch.apply(input, target, weight, alpha, opts)
-    return _reduce(rows, target, reduction, denom, input, _out_dtype(input, target))
-
-
-def _capped_rows(input, dtype, cap):
-    """(rows, C) logits in the compute dtype after the soft cap, and the cap's derivative (None without cap)."""
-    x = _as_rows(input).to(dtype)
-    if cap is None:
-        return x, None
-    t = torch.tanh(x / cap)
-    return cap * t, 1.0 - t * t
-
-
-def _torch_rows(input, target, weight, alpha, opts):
-    """Per-row loss, lse, coefficients (K1, Kf, Ky, K3), a_c (rows, C) and the target one-hot (None for
-    probability targets), with the kernels' formulas."""
-    dtype = _compute_dtype(input, target)
-    eps, gamma, z = opts["label_smoothing"], opts["focal_gamma"], opts["z_loss"]
-    x, _ = _capped_rows(input, dtype, opts["softcap"])
-    n_rows, n_classes = x.shape
-    lse = torch.logsumexp(x, dim=1)
-    w = None if weight is None else weight.to(dtype)
-    if target.is_floating_point():
-        a = (1.0 - eps) * _as_rows(target).to(dtype) + eps / n_classes
-        if w is not None:
-            a = a * w
-        ce = (a * (lse[:, None] - x)).sum(1)
-        zero = torch.zeros_like(lse)
-        return ce + z * lse * lse, lse, (a.sum(1) + 2 * z * lse, zero, zero, zero + 1.0), a, None
-    y = target.reshape(-1).long()
-    valid = y != opts["ignore_index"]
-    in_range = (y >= 0) & (y < n_classes)
-    y_safe = torch.where(valid & in_range, y, torch.zeros_like(y))
-    one_hot = torch.nn.functional.one_hot(y_safe, n_classes).to(torch.bool) & (valid & in_range)[:, None]
-    w_y = torch.ones_like(lse) if w is None else w[y_safe]
-    a = torch.ones(n_classes, dtype=dtype, device=x.device) if w is None else w
-    alpha_y = alpha.to(dtype)[y_safe] if alpha is not None else torch.full_like(lse, opts["focal_alpha"])
-    log_p_y = x.gather(1, y_safe[:, None]).squeeze(1) - lse
-    ce = (1.0 - eps) * w_y * (-log_p_y)
-    if eps > 0.0:
-        ce = ce + eps / n_classes * (a * (lse[:, None] - x)).sum(1)
-    p_y = log_p_y.exp()
-    one_minus_p_y = -torch.expm1(log_p_y)
-    focal = torch.where(one_minus_p_y > 0, one_minus_p_y.clamp_min(0) ** gamma,
-                        torch.full_like(lse, 1.0 if gamma == 0.0 else 0.0))
-    loss = alpha_y * focal * ce + z * lse * lse
-    k1 = alpha_y * focal * ((1.0 - eps) * w_y + eps / n_classes * a.sum()) + 2 * z * lse
-    focal_term = alpha_y * ce * gamma * p_y * focal
-    kf = focal_term * torch.where(one_minus_p_y > 0, 1.0 / one_minus_p_y, torch.zeros_like(lse))
-    ky = alpha_y * focal * (1.0 - eps) * w_y + focal_term
-    k3 = alpha_y * focal * eps / n_classes
-    nan = torch.full_like(lse, float("nan"))
-    zero = torch.zeros_like(lse)
-    loss = torch.where(valid, torch.where(in_range, loss, nan), zero)
-    k1 = torch.where(valid, torch.where(in_range, k1, nan), zero)
-    kf, ky, k3 = (torch.where(valid, k, zero) for k in (kf, ky, k3))
-    return loss, lse, (k1, kf, ky, k3), a.expand(n_rows, n_classes), one_hot
-
-
-class _CrossEntropyTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, target, weight, alpha, opts):
-        loss, lse, coefs, a, one_hot = _torch_rows(input, target, weight, alpha, opts)
-        ctx.save_for_backward(input, target, weight)
-        ctx.state = (lse, coefs, a, one_hot, opts)
-        return loss
+    def setup_context(ctx, inputs, output):
+        opts, needs, input, target, weight, alpha = inputs
+        _, grad, row_state, denominator = output
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        in_place = grad is None and needs[0] and not needs[1] and opts.reduction != "none" and _inplace(opts)
+        fused = [input if in_place else grad, None, None, None] if (grad is not None or in_place) else None
+        _family.save(ctx, opts, needs, (input, target, weight, alpha), state=(row_state, denominator), fused=fused,
+                     keep_inputs=not in_place)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_rows):
-        input, target, weight = ctx.saved_tensors
-        lse, (k1, kf, ky, k3), a, one_hot, opts = ctx.state
-        eps = opts["label_smoothing"]
-        x, dcap = _capped_rows(input, lse.dtype, opts["softcap"])
-        log_p = x - lse[:, None]
-        scale = grad_rows.to(lse.dtype)[:, None]
-        grad = grad_target = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            p = log_p.exp()
-            if one_hot is None:
-                g = p * k1[:, None] - a * k3[:, None]
-            else:
-                g = p * torch.where(one_hot, k1[:, None], (k1 + kf)[:, None]) - a * k3[:, None]
-                g = g - torch.where(one_hot, ky[:, None], torch.zeros_like(g))
-            if dcap is not None:
-                g = g * dcap
-            grad = _from_rows(g * scale, input).to(input.dtype)
-        if target.is_floating_point():
-            # ce = sum_c a_c (lse - x_c) with a_c = ((1 - eps) t_c + eps / C) w_c
-            if ctx.needs_input_grad[1]:
-                w = 1.0 if weight is None else weight.to(lse.dtype)
-                grad_target = _from_rows(-(1.0 - eps) * w * log_p * scale, target).to(target.dtype)
-            if ctx.needs_input_grad[2]:
-                t_smooth = (1.0 - eps) * _as_rows(target).to(lse.dtype) + eps / x.shape[1]
-                grad_weight = (-t_smooth * log_p * scale).sum(0).to(weight.dtype)
-        return grad, grad_target, grad_weight, None, None
+    def backward(ctx, *grad_outputs):
+        return _family.backward(ctx, _recompute, _definition, grad_outputs)
+
+
+def _recompute(ctx, inputs, state, grad_outputs):
+    """The gradients from the saved logits and row state: one more pass over the logits, scaled per row."""
+    from ..kernels.cross_entropy import cross_entropy_backward
+
+    input, target, weight, _ = inputs
+    row_state, denominator = state
+    opts, needs = ctx.opts, ctx.needs
+    logits, target_view = _layouts(input, target)
+    scale = _family.grad_scale(grad_outputs[0].to(row_state.dtype), opts.reduction, denominator)
+    grad = _alloc.empty_like(logits) if needs[0] else None
+    grad_target = _alloc.empty_like(target_view) if needs[1] and target.is_floating_point() else None
+    cross_entropy_backward(logits, target_view, weight, row_state, scale.contiguous(), grad, grad_target,
+                           label_smoothing=opts.label_smoothing, softcap=opts.softcap)
+    return grad, grad_target, None, None

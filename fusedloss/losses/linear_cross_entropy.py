@@ -4,26 +4,52 @@ optional causal shift) without ever holding the ``(tokens, vocab)`` logits.
 
 Backends:
 - Triton (compiled or interpreted): the kernels of ``fusedloss.kernels.linear_cross_entropy`` (algorithm, FLOP and
-  byte counts and the workspace bound in its docstring). The forward keeps per-row lse and gradient coefficients
-  (O(tokens)); the backward recomputes the logits chunk by chunk of the vocabulary.
-- torch: the same per-row math in plain PyTorch (``_torch_rows`` of the cross-entropy module), chunked over tokens
-  so that at most ``TORCH_CHUNK_BYTES`` of logits exist at a time. A chunk's logits span the whole vocabulary, so
-  for 'mean' and 'sum' the forward forms the gradient right away (three matmuls, as eager) and the backward only
-  scales it; 'none' and gradients through the returned lse recompute the chunks in the backward. Peak memory
-  beyond inputs and gradients at 8192 x 256 x 50000 (fp32): ~56 MiB, against 1.5 GiB for eager's logits alone
+  byte counts and the workspace bound in its docstring). The forward keeps the per-row state of the cross-entropy
+  kernels (O(tokens)); the backward recomputes the logits chunk by chunk of the vocabulary.
+- torch: the definition (``_definition``: ``F.linear``, then the cross-entropy definition), on chunks of tokens so
+  that at most ``TORCH_CHUNK_BYTES`` of logits exist at a time. For 'mean' and 'sum' the forward differentiates
+  each chunk right away (three matmuls per chunk, as eager) and the backward only scales the gradients; 'none'
+  and a gradient through the returned lse recompute the chunks in the backward. Peak memory beyond inputs and
+  gradients at 8192 x 256 x 50000 (fp32) with every extra: under 5% of the 1.5 GiB of eager's logits alone
   (``test_torch_backend_peak_memory``).
 """
 
+import dataclasses
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 
-from .. import _alloc, _checks
+from .. import _alloc, _checks, _family
 from .._backend import matmul_backend
-from .cross_entropy import _capped_rows, _check_class_range, _torch_rows
+from . import cross_entropy as ce
 
-# torch backend: the logits of at most this many bytes (in the compute dtype) exist at once.
-TORCH_CHUNK_BYTES = 16 << 20
+# torch backend: the logits of at most this many bytes (in the compute dtype) exist at once. Differentiating the
+# definition of a chunk with every extra (softcap, smoothing, focal, z-loss) keeps ~5 chunk-sized temporaries alive.
+TORCH_CHUNK_BYTES = 8 << 20
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCrossEntropyOptions:
+    """Everything but the tensors (see ``linear_cross_entropy`` for each field)."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    focal_gamma: float = 0.0
+    shift: bool = False
+    input_precision: str = "ieee"
+    out_dtype: torch.dtype = torch.float32
+
+    def row_options(self, dtype):
+        """The per-row cross-entropy of the logits (reduction 'none', in ``dtype``)."""
+        return ce.CrossEntropyOptions(ignore_index=self.ignore_index, reduction="none",
+                                      label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma,
+                                      z_loss=self.z_loss, softcap=self.softcap, out_dtype=dtype)
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
@@ -37,18 +63,19 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     bound is in ``fusedloss.kernels.linear_cross_entropy``'s docstring), never ``tokens x vocab``.
 
     Args:
-        input: hidden states ``(..., H)``; float16, bfloat16, float32 or float64.
-        weight: ``(V, H)``, the classifier (an LM head's ``lm_head.weight``), of ``input``'s dtype and device.
+        input: hidden states ``(..., H)``; float16, bfloat16, float32 or float64; any strides.
+        weight: ``(V, H)``, the classifier (an LM head's ``lm_head.weight``), of ``input``'s dtype and device
+            (under ``torch.autocast`` both are cast to the autocast dtype first, as ``F.linear`` would be).
         target: class indices ``(...)`` (``input``'s leading shape), int64 or int32, in ``[0, V)`` or equal to
-            ``ignore_index``.
-        bias: optional ``(V,)``, of ``input``'s dtype.
+            ``ignore_index``; any strides.
+        bias: optional ``(V,)``, of ``input``'s dtype; any stride.
         ignore_index: rows whose target equals it contribute neither loss nor gradient, and are left out of the
             ``mean`` denominator.
         reduction: ``'mean'`` (over non-ignored rows; NaN when every row is ignored, as torch), ``'sum'`` or
             ``'none'`` (the loss per row, of ``target``'s shape).
         label_smoothing: in ``[0, 1]``, PyTorch's convention.
-        z_loss: coefficient of ``z_loss * logsumexp(logits) ** 2``, added per non-ignored row.
-        softcap: ``None`` or ``c > 0``: logits become ``c * tanh(logits / c)`` (after the bias) before the rest.
+        z_loss: coefficient ``>= 0`` of ``z_loss * logsumexp(logits) ** 2``, added per non-ignored row.
+        softcap: ``None`` or a finite ``c > 0``: logits become ``c * tanh(logits / c)`` (after the bias) first.
         focal_gamma: ``>= 0``; each row's cross-entropy is multiplied by ``(1 - p_t) ** focal_gamma``.
         shift: causal LM: ``input[..., t, :]`` predicts ``target[..., t + 1]`` (the last dimension of ``target``
             is the sequence). Nothing is copied: the kernels offset their target reads; the last position of
@@ -61,23 +88,30 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             accumulation; fp64 runs in fp64.
 
     Returns:
-        The loss in ``input``'s dtype (as torch would return it), or ``(loss, lse)`` with ``return_lse``.
+        The loss in ``input``'s dtype (as torch would return it; fp32 under autocast), or ``(loss, lse)`` with
+        ``return_lse``.
 
-    Inputs whose leading dimensions cannot be flattened without a copy are copied once (``reshape``); targets
-    whose leading dimensions cannot be walked with one stride likewise. CPU backends raise ``IndexError`` on an
-    out-of-range class index; on GPU that row's loss is NaN.
+    CPU backends raise ``IndexError`` on an out-of-range class index; on GPU that row's loss is NaN.
     """
-    opts = _check_args(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                       focal_gamma, shift, return_lse, input_precision)
-    n_classes = weight.shape[0]
-    which = matmul_backend(input.device, input.dtype)
+    opts = _options(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                    focal_gamma, shift, return_lse, input_precision)
+    if torch.is_autocast_enabled(input.device.type):
+        # F.linear runs in the autocast dtype under autocast; cast here, differentiably, so that the gradients of
+        # fp32 parameters come back in fp32, as autocast's own casts give
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    elif weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise TypeError(f"weight and bias must have input's dtype {input.dtype} (outside torch.autocast), got "
+                        f"{weight.dtype}" + ("" if bias is None else f" and {bias.dtype}"))
     if target.device.type == "cpu":
-        _check_class_range(target[..., 1:] if shift else target, n_classes, ignore_index)
-    if which == "torch" or input.numel() == 0:
-        fn = _LinearCrossEntropyTorch
+        _checks.check_class_range(target[..., 1:] if shift else target, weight.shape[0], opts.ignore_index)
+    needs = _family.needs_grad(input, weight, bias, target)
+    if matmul_backend(input.device, input.dtype) == "torch" or input.numel() == 0:
+        function = _LinearCrossEntropyTorch
     else:
-        fn = _LinearCrossEntropyTriton
-    loss, lse = fn.apply(input, weight, bias, target, opts)
+        function = _LinearCrossEntropy
+    loss, lse = function.apply(opts, needs, input, weight, bias, target)[:2]
     return (loss, lse) if return_lse else loss
 
 
@@ -85,14 +119,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
 # Argument checks
 
 
-def _check_args(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, focal_gamma,
-                shift, return_lse, input_precision):
+def _options(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, focal_gamma,
+             shift, return_lse, input_precision):
     _checks.check_tensor("input", input, floating=True)
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension (..., H), got a 0-d tensor")
     _checks.check_tensor("weight", weight, floating=True, dims=(2,), device=input.device)
-    if weight.dtype != input.dtype:
-        raise TypeError(f"weight must have input's dtype {input.dtype}, got {weight.dtype}")
     if weight.shape[1] != input.shape[-1]:
         raise ValueError(f"weight must have shape (V, {input.shape[-1]}) for input of shape {tuple(input.shape)}, "
                          f"got {tuple(weight.shape)}")
@@ -106,16 +138,11 @@ def _check_args(input, weight, target, bias, ignore_index, reduction, label_smoo
                          f"got {tuple(target.shape)}")
     if bias is not None:
         _checks.check_tensor("bias", bias, floating=True, dims=(1,), device=input.device)
-        if bias.dtype != input.dtype:
-            raise TypeError(f"bias must have input's dtype {input.dtype}, got {bias.dtype}")
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     _checks.check_reduction(reduction)
-    for name, value in (("shift", shift), ("return_lse", return_lse)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    shift = _checks.check_bool("shift", shift)
+    _checks.check_bool("return_lse", return_lse)
     if shift and input.dim() < 2:
         raise ValueError(f"shift needs a sequence dimension: input must be (..., T, H), got {tuple(input.shape)}")
     if not isinstance(input_precision, str):
@@ -123,316 +150,264 @@ def _check_args(input, weight, target, bias, ignore_index, reduction, label_smoo
     if input_precision not in _PRECISIONS:
         raise ValueError(f"input_precision must be one of {', '.join(map(repr, _PRECISIONS))}, "
                          f"got {input_precision!r}")
-    return {
-        "ignore_index": ignore_index,
-        "reduction": reduction,
-        "label_smoothing": _checks.check_number("label_smoothing", label_smoothing, low=0.0, high=1.0),
-        "z_loss": _checks.check_number("z_loss", z_loss, low=0.0),
-        "softcap": None if softcap is None else _checks.check_number("softcap", softcap, low=0.0, low_open=True),
-        "focal_gamma": _checks.check_number("focal_gamma", focal_gamma, low=0.0),
-        "focal_alpha": 1.0,
-        "shift": shift,
-        "input_precision": input_precision,
-    }
+    return LinearCrossEntropyOptions(
+        ignore_index=_checks.check_int("ignore_index", ignore_index),
+        reduction=reduction,
+        label_smoothing=_checks.check_number("label_smoothing", label_smoothing, low=0.0, high=1.0),
+        z_loss=_checks.check_number("z_loss", z_loss, low=0.0, finite=True),
+        softcap=None if softcap is None else _checks.check_number("softcap", softcap, low=0.0, low_open=True,
+                                                                   finite=True),
+        focal_gamma=_checks.check_number("focal_gamma", focal_gamma, low=0.0, finite=True),
+        shift=shift,
+        input_precision=input_precision,
+        out_dtype=_checks.autocast_fp32(input.device, input.dtype),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared by both backends
+# The definition, and what both backends share
 
 
-def _compute_dtype(input):
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
+def _shifted_target(target, opts):
+    """The class each row predicts, flat (rows,), as int64: ``target[..., t + 1]`` with ``shift`` (the last
+    position of each sequence ignored), a copy only here and in the torch backend's chunks."""
+    y = target.to(torch.int64)
+    if opts.shift:
+        y = torch.cat([y[..., 1:], torch.full_like(y[..., :1], opts.ignore_index)], dim=-1)
+    return y.reshape(-1)
+
+
+def _rows_and_lse(opts, x2d, weight, bias, y):
+    """Per-row losses and log-sum-exps of ``x2d @ weight.T + bias`` in the compute dtype (torch ops)."""
+    dtype = _family.compute_dtype(x2d)
+    logits = F.linear(x2d.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    rows = ce._definition(opts.row_options(dtype), logits, y, None, None)
+    if opts.softcap is not None:
+        logits = opts.softcap * torch.tanh(logits / opts.softcap)
+    return rows, torch.logsumexp(logits, dim=-1)
 
 
 def _denominator(target, opts, dtype):
     """The ``mean``'s denominator as a 0-d device tensor (no host sync): the rows whose (shifted) target is not
     ignored."""
-    t = target[..., 1:] if opts["shift"] else target
-    return (t != opts["ignore_index"]).sum().to(dtype)
+    t = target[..., 1:] if opts.shift else target
+    return (t.to(torch.int64) != opts.ignore_index).sum().to(dtype)
 
 
-def _reduce(rows, opts, denom, lead_shape, out_dtype):
-    reduction = opts["reduction"]
-    if reduction == "none":
-        return rows.reshape(lead_shape).to(out_dtype)
-    total = rows.sum()
-    return (total if reduction == "sum" else total / denom).to(out_dtype)
+def _definition(opts, input, weight, bias, target):
+    """``(loss, lse)`` in torch ops, the logits materialized: the higher-order gradients of both backends."""
+    dtype = _family.compute_dtype(input)
+    rows, lse = _rows_and_lse(opts, input.reshape(-1, input.shape[-1]), weight, bias, _shifted_target(target, opts))
+    denominator = _denominator(target, opts, dtype) if opts.reduction == "mean" else None
+    lead = tuple(input.shape[:-1])
+    return _family.reduce(rows, opts.reduction, denominator, lead).to(opts.out_dtype), lse.reshape(lead)
 
 
-def _grad_scales(grad_loss, grad_lse, opts, denom, dtype, n_rows, device):
-    """(row_scale, gemm_scale, dlse) for the backward: G = row_scale * (coefficient form) + dlse * p, and
-    dX, dW, db = gemm_scale * (G @ W, G^T @ X, colsum G). ``row_scale`` is 0-d (shared by every row) or (rows,);
-    the scalar factor of 'mean'/'sum' goes to the GEMM epilogues so that G keeps its magnitude in fp16; with a
-    ``grad_lse`` it is folded into the rows instead (dlse must not be scaled by it)."""
-    one = torch.ones((), dtype=dtype, device=device)
+def _row_and_lse_scales(grad_outputs, opts, denominator, dtype, device):
+    """(row_scale, dlse) of a backward: dloss/drow (0-d or per row, zeros when the loss got no gradient) and
+    dloss/dlse per row (None when the returned lse got none)."""
+    grad_loss, grad_lse = grad_outputs[0], grad_outputs[1]
     if grad_loss is None:
-        row_scale, gemm_scale = torch.zeros((), dtype=dtype, device=device), one
-    elif opts["reduction"] == "none":
-        row_scale, gemm_scale = grad_loss.reshape(-1).to(dtype), one
+        row_scale = torch.zeros((), dtype=dtype, device=device)
     else:
-        gemm_scale = grad_loss.to(dtype)
-        if opts["reduction"] == "mean":
-            # all rows ignored: the loss is NaN (0 / 0) but every row's gradient is 0, as in torch
-            gemm_scale = torch.where(denom == 0, torch.zeros_like(denom), gemm_scale / denom)
-        row_scale = one
-    dlse = None
-    if grad_lse is not None:
-        dlse = grad_lse.reshape(-1).to(dtype).contiguous()
-        row_scale, gemm_scale = row_scale * gemm_scale, one
-    return row_scale, gemm_scale, dlse
-
-
-def _lead_shape(input):
-    return tuple(input.shape[:-1])
+        row_scale = _family.grad_scale(grad_loss.to(dtype), opts.reduction, denominator)
+    return row_scale, None if grad_lse is None else grad_lse.reshape(-1).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton backend (compiled or interpreted)
 
 
-class _LinearCrossEntropyTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, weight, bias, target, opts):
-        from ..kernels import linear_cross_entropy as K
+def _kernel_inputs(input, target):
+    """(rows, H) input and a target the kernels can walk, without copies where the strides allow."""
+    from ..kernels.linear_cross_entropy import target_layout
 
-        ctx.set_materialize_grads(False)
-        n_hidden = input.shape[-1]
-        x2d = input.reshape(-1, n_hidden)  # a view unless the leading dims cannot be flattened
-        layout = K.target_layout(target)
-        if layout is None:
-            target = target.contiguous()
-            layout = K.target_layout(target)
+    return input.reshape(-1, input.shape[-1]), (target if target_layout(target) is not None else target.contiguous())
+
+
+class _LinearCrossEntropy(_family.LossFunction):
+    @staticmethod
+    def forward(opts, needs, input, weight, bias, target):
+        from ..kernels.cross_entropy import ROW_STATE
+        from ..kernels.linear_cross_entropy import linear_cross_entropy_forward
+
+        x2d, target_k = _kernel_inputs(input, target)
         n_rows = x2d.shape[0]
-        dtype = _compute_dtype(input)
-        cfg = K.config_for(x2d, weight)
-        n_split, _ = K.num_splits(cfg, weight.shape[0])
-        need_grad = any(ctx.needs_input_grad[:3])
-
-        part = _alloc.empty(4 * n_split * n_rows, dtype=dtype, device=input.device)
+        dtype = _family.compute_dtype(input)
         rows = _alloc.empty(n_rows, dtype=dtype, device=input.device)
-        lse = _alloc.empty(n_rows, dtype=dtype, device=input.device)
-        coefs = _alloc.empty((n_rows, 4), dtype=dtype, device=input.device) if need_grad else None
-        K.linear_cross_entropy_forward(
-            x2d, weight, bias, target, layout, part, rows, lse, coefs, cfg,
-            **{k: opts[k] for k in ("ignore_index", "label_smoothing", "focal_gamma", "z_loss", "softcap", "shift",
-                                    "input_precision")})
-        del part
-        denom = _denominator(target, opts, dtype) if opts["reduction"] == "mean" else None
-        ctx.save_for_backward(x2d, weight, bias, target, lse, coefs)
-        ctx.opts, ctx.denom, ctx.layout, ctx.input_shape = opts, denom, layout, input.shape
-        lead = _lead_shape(input)
-        return _reduce(rows, opts, denom, lead, input.dtype), lse.view(lead)
+        row_state = _alloc.empty((n_rows, ROW_STATE), dtype=dtype, device=input.device)
+        linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, row_state,
+                                     ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+                                     focal_gamma=opts.focal_gamma, z_loss=opts.z_loss, softcap=opts.softcap,
+                                     shift=opts.shift, input_precision=opts.input_precision)
+        denominator = _denominator(target, opts, dtype) if opts.reduction == "mean" else None
+        lead = tuple(input.shape[:-1])
+        loss = _family.reduce(rows, opts.reduction, denominator, lead).to(opts.out_dtype)
+        lse = (row_state[:, 0] + row_state[:, 1]).reshape(lead)
+        return loss, lse, row_state, denominator
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_lse):
-        from ..kernels import linear_cross_entropy as K
+    def setup_context(ctx, inputs, output):
+        opts, needs, input, weight, bias, target = inputs
+        ctx.mark_non_differentiable(*(t for t in output[2:] if t is not None))
+        _family.save(ctx, opts, needs, (input, weight, bias, target), state=output[2:])
 
-        x2d, weight, bias, target, lse, coefs = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        opts = ctx.opts
-        n_rows, n_hidden = x2d.shape
-        n_classes = weight.shape[0]
-        dtype = lse.dtype
-        device = x2d.device
-        row_scale, gemm_scale, dlse = _grad_scales(grad_loss, grad_lse, opts, ctx.denom, dtype, n_rows, device)
-        cfg = K.config_for(x2d, weight)
-        chunk = cfg["chunk"]
-        n_chunks = -(-n_classes // chunk)
-        precision = opts["input_precision"]
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        return _family.backward(ctx, _recompute, _definition, grad_outputs)
 
-        dx = _alloc.empty((n_rows, n_hidden), dtype=x2d.dtype, device=device) if need_x else None
-        dw = _alloc.empty(tuple(weight.shape), dtype=weight.dtype, device=device) if need_w else None
-        db = _alloc.empty(n_classes, dtype=dtype, device=device) if need_b else None
-        # dX accumulates over the vocabulary chunks in the compute dtype: in dx itself when that is its dtype,
-        # else in an fp32 buffer whose last chunk writes dx (see the kernels' docstring for the traffic).
-        dx_acc = dx
-        if need_x and n_chunks > 1 and x2d.dtype != dtype:
-            dx_acc = _alloc.empty((n_rows, n_hidden), dtype=dtype, device=device)
-        # One workspace for every chunk: G, and the per-row-tile column sums of G for db.
-        workspace = _alloc.empty(n_rows * min(chunk, n_classes), dtype=x2d.dtype, device=device)
-        n_tiles = -(-n_rows // cfg["dlogits"]["BLOCK_N"])
-        one = torch.ones((), dtype=dtype, device=device)
-        bias_parts = _alloc.empty(n_tiles * min(chunk, n_classes), dtype=dtype, device=device) if need_b else None
-        for index, col_start in enumerate(range(0, n_classes, chunk)):
-            width = min(chunk, n_classes - col_start)
-            g = workspace[: n_rows * width].view(n_rows, width)
-            part = bias_parts[: n_tiles * width].view(n_tiles, width) if need_b else None
-            K.linear_cross_entropy_dlogits(
-                x2d, weight, bias, target, ctx.layout, lse, coefs, row_scale, dlse, g, part, col_start, cfg,
-                ignore_index=opts["ignore_index"], label_smoothing=opts["label_smoothing"],
-                softcap=opts["softcap"], shift=opts["shift"], input_precision=precision)
-            if need_b:
-                torch.sum(part, dim=0, out=db[col_start:col_start + width])
-            if need_w:  # dW rows of this chunk, complete (K = all tokens): written once
-                K.matmul(g.t(), x2d, dw[col_start:col_start + width], gemm_scale, cfg["gemm_dw"],
-                         input_precision=precision)
-            if need_x:  # the chunks' sums stay unscaled in dx_acc; the last one is scaled into dx
-                last = index == n_chunks - 1
-                K.matmul(g, weight[col_start:col_start + width], dx if last else dx_acc,
-                         gemm_scale if last else one, cfg["gemm_dx"], acc=None if index == 0 else dx_acc,
-                         input_precision=precision)
-        grad_bias = (db * gemm_scale).to(bias.dtype) if need_b else None
-        grad_input = dx.view(ctx.input_shape) if need_x else None
-        return grad_input, dw, grad_bias, None, None
+
+def _recompute(ctx, inputs, state, grad_outputs):
+    """dX, dW, db by vocabulary chunks: recompute each chunk's logits and G, then two GEMMs (kernels' docstring)."""
+    from ..kernels.linear_cross_entropy import config_for, linear_cross_entropy_dlogits, matmul
+
+    input, weight, bias, target = inputs
+    row_state, denominator = state
+    opts = ctx.opts
+    need_x, need_w, need_b = ctx.needs[:3]
+    x2d, target_k = _kernel_inputs(input, target)
+    n_rows, n_hidden = x2d.shape
+    n_classes = weight.shape[0]
+    dtype, device = row_state.dtype, input.device
+    row_scale, dlse = _row_and_lse_scales(grad_outputs, opts, denominator, dtype, device)
+    # G keeps the coefficient form times the per-row scale; a scalar scale ('mean', 'sum') goes to the GEMM
+    # epilogues instead, so that G keeps its magnitude in fp16 (p / N would flush to zero). With a gradient into
+    # the lse, which must not be scaled by it, the scalar goes into the rows.
+    gemm_scale = torch.ones((), dtype=dtype, device=device)
+    if row_scale.dim() == 0 and dlse is None:
+        row_scale, gemm_scale = gemm_scale, row_scale
+    cfg = config_for(x2d, weight)
+    chunk = cfg["chunk"]
+    n_chunks = -(-n_classes // chunk)
+    kw = dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, softcap=opts.softcap,
+              shift=opts.shift, input_precision=opts.input_precision)
+    dx = _alloc.empty((n_rows, n_hidden), dtype=x2d.dtype, device=device) if need_x else None
+    dw = _alloc.empty(tuple(weight.shape), dtype=weight.dtype, device=device) if need_w else None
+    db = _alloc.empty(n_classes, dtype=dtype, device=device) if need_b else None
+    # dX accumulates over the vocabulary chunks in the compute dtype: in dx itself when that is its dtype,
+    # else in an fp32 buffer whose last chunk writes dx (see the kernels' docstring for the traffic).
+    dx_acc = dx
+    if need_x and n_chunks > 1 and x2d.dtype != dtype:
+        dx_acc = _alloc.empty((n_rows, n_hidden), dtype=dtype, device=device)
+    # One workspace for every chunk: G, and the per-row-tile column sums of G for db.
+    workspace = _alloc.empty(n_rows * min(chunk, n_classes), dtype=x2d.dtype, device=device)
+    n_tiles = -(-n_rows // cfg["dlogits"]["BLOCK_N"])
+    one = torch.ones((), dtype=dtype, device=device)
+    bias_parts = _alloc.empty(n_tiles * min(chunk, n_classes), dtype=dtype, device=device) if need_b else None
+    for index, col_start in enumerate(range(0, n_classes, chunk)):
+        width = min(chunk, n_classes - col_start)
+        g = workspace[: n_rows * width].view(n_rows, width)
+        part = bias_parts[: n_tiles * width].view(n_tiles, width) if need_b else None
+        linear_cross_entropy_dlogits(x2d, weight, bias, target_k, row_state, row_scale, dlse, g, part, col_start,
+                                     **kw)
+        if need_b:
+            torch.sum(part, dim=0, out=db[col_start:col_start + width])
+        if need_w:  # dW rows of this chunk, complete (K = all tokens): written once
+            matmul(g.t(), x2d, dw[col_start:col_start + width], gemm_scale, None, gemm="gemm_dw",
+                   input_precision=opts.input_precision)
+        if need_x:  # the chunks' sums stay unscaled in dx_acc; the last one is scaled into dx
+            last = index == n_chunks - 1
+            matmul(g, weight[col_start:col_start + width], dx if last else dx_acc, gemm_scale if last else one,
+                   None if index == 0 else dx_acc, gemm="gemm_dx", input_precision=opts.input_precision)
+    grad_bias = (db * gemm_scale).to(bias.dtype) if need_b else None
+    return (dx.view(input.shape) if need_x else None), dw, grad_bias, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Torch backend: the cross-entropy module's per-row formulas on chunks of tokens. A chunk's logits cover the whole
-# vocabulary, so when the gradient's scale is one number ('mean', 'sum') the forward forms G right away and
-# accumulates dX, dW, db (three matmuls, as eager); the backward only scales them. With 'none' (a scale per row
-# only known in backward) or a gradient through the returned lse, the backward recomputes the chunks' logits.
+# Torch backend: the definition on chunks of tokens. A chunk's logits cover the whole vocabulary, so when the
+# gradient's scale is one number ('mean', 'sum') the forward differentiates each chunk right away and the backward
+# only scales; with 'none' (a scale per row, known in backward) or a gradient through the returned lse, the
+# backward recomputes the chunks.
 
 
-def _chunk_rows(n_rows, n_classes, dtype):
-    per_row = max(1, n_classes) * torch.finfo(dtype).bits // 8
-    return max(1, TORCH_CHUNK_BYTES // per_row)
+def _chunks(n_rows, n_classes, dtype):
+    step = max(1, TORCH_CHUNK_BYTES // (max(1, n_classes) * torch.finfo(dtype).bits // 8))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
-def _chunk_target(target, start, stop, opts):
-    """The classes rows [start, stop) predict (shifted by ``opts['shift']``), gathered through a (outer, T) view."""
-    seq_len = target.shape[-1] if target.dim() else 1
-    rows = torch.arange(start, stop, device=target.device)
-    t = rows % seq_len + int(opts["shift"])
-    live = t < seq_len
-    y = target.reshape(-1, seq_len)[rows // seq_len, t.clamp(max=seq_len - 1)].long()
-    return torch.where(live, y, torch.full_like(y, opts["ignore_index"]))
+def _chunk_grads(opts, needs, x2d, weight, bias, y, rows, grad_rows, grad_lse, grads):
+    """Differentiate the definition on rows ``rows`` with output gradients ``grad_rows`` (and ``grad_lse``), and
+    add the results into ``grads`` (dX rows written, dW and db accumulated, all in the compute dtype)."""
+    dtype = _family.compute_dtype(x2d)
+    with torch.enable_grad():
+        leaves = [t.detach().to(dtype).requires_grad_(need) if t is not None else None
+                  for t, need in zip((x2d[rows], weight, bias), needs)]
+        out_rows, out_lse = _rows_and_lse(opts, leaves[0], leaves[1], leaves[2], y[rows])
+        outputs, output_grads = [out_rows], [grad_rows.expand(out_rows.shape)]
+        if grad_lse is not None:
+            outputs.append(out_lse)
+            output_grads.append(grad_lse[rows])
+        wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+        chunk = iter(torch.autograd.grad(outputs, wanted, output_grads))
+    for index, need in enumerate(needs):
+        if not need:
+            continue
+        g = next(chunk)
+        if index == 0:
+            grads[0][rows] = g
+        else:
+            grads[index].add_(g)
 
 
-def _chunk_logits(x, weight_c, bias_c):
-    return x @ weight_c.t() if bias_c is None else torch.addmm(bias_c, x, weight_c.t())
+def _new_grads(opts, needs, x2d, weight, bias, dtype):
+    device = x2d.device
+    return [torch.empty(x2d.shape, dtype=dtype, device=device) if needs[0] else None,
+            torch.zeros(weight.shape, dtype=dtype, device=device) if needs[1] else None,
+            torch.zeros(weight.shape[0], dtype=dtype, device=device) if needs[2] else None]
 
 
-class _TorchGrads:
-    """dX, dW, db in the compute dtype, accumulated chunk by chunk from G (dW and db over the token chunks)."""
-
-    def __init__(self, x2d, weight, need, dtype):
-        need_x, need_w, need_b = need
-        device = x2d.device
-        self.dx = torch.empty(x2d.shape, dtype=dtype, device=device) if need_x else None
-        self.dw = torch.zeros(weight.shape, dtype=dtype, device=device) if need_w else None
-        self.db = torch.zeros(weight.shape[0], dtype=dtype, device=device) if need_b else None
-
-    def add(self, g, x, weight_c, start, stop):
-        if self.dx is not None:
-            torch.mm(g, weight_c, out=self.dx[start:stop])
-        if self.dw is not None:
-            self.dw.addmm_(g.t(), x)
-        if self.db is not None:
-            self.db += g.sum(0)
-
-    def scaled(self, scale, x2d, weight, bias, input_shape):
-        """The gradients times the 0-d ``scale``, in the parameters' dtypes."""
-        out = []
-        for grad, like, shape in ((self.dx, x2d, input_shape), (self.dw, weight, None), (self.db, bias, None)):
-            out.append(None if grad is None else grad.mul_(scale).to(like.dtype).view(shape or like.shape))
-        return out
+def _as_param_grads(grads, input, weight, bias):
+    like = (input, weight, bias)
+    return [None if g is None else g.to(t.dtype).reshape(t.shape) for g, t in zip(grads, like)]
 
 
-def _torch_setup(x2d, weight, bias, dtype):
-    weight_c = weight.to(dtype)
-    return weight_c, None if bias is None else bias.to(dtype), _chunk_rows(x2d.shape[0], weight.shape[0], dtype)
-
-
-class _LinearCrossEntropyTorch(torch.autograd.Function):
+class _LinearCrossEntropyTorch(_family.LossFunction):
     @staticmethod
-    def forward(ctx, input, weight, bias, target, opts):
-        ctx.set_materialize_grads(False)
-        dtype = _compute_dtype(input)
+    def forward(opts, needs, input, weight, bias, target):
+        dtype = _family.compute_dtype(input)
         x2d = input.reshape(-1, input.shape[-1])
+        y = _shifted_target(target, opts)
         n_rows = x2d.shape[0]
-        need = tuple(ctx.needs_input_grad[:3])
-        # G right away when its scale is one number: then no logits are recomputed
-        fused = any(need) and opts["reduction"] != "none"
-        weight_c, bias_c, step = _torch_setup(x2d, weight, bias, dtype)
         rows = torch.empty(n_rows, dtype=dtype, device=input.device)
         lse = torch.empty(n_rows, dtype=dtype, device=input.device)
-        coefs = torch.empty((n_rows, 4), dtype=dtype, device=input.device)
-        grads = _TorchGrads(x2d, weight, need, dtype) if fused else None
-        one = torch.ones((), dtype=dtype, device=input.device)
-        for start in range(0, n_rows, step):
-            stop = min(start + step, n_rows)
-            x = x2d[start:stop].to(dtype)
-            logits = _chunk_logits(x, weight_c, bias_c)
-            y = _chunk_target(target, start, stop, opts)
-            loss, lse_c, ks, _, _ = _torch_rows(logits, y, None, None, opts)
-            rows[start:stop], lse[start:stop] = loss, lse_c
-            coefs[start:stop] = torch.stack(ks, dim=1)
-            del loss, ks
+        denominator = _denominator(target, opts, dtype) if opts.reduction == "mean" else None
+        need = tuple(needs[:3])
+        fused = any(need) and opts.reduction != "none"
+        grads = _new_grads(opts, need, x2d, weight, bias, dtype) if fused else None
+        scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, input.device) if fused else None
+        for chunk in _chunks(n_rows, weight.shape[0], dtype):
+            with torch.no_grad():
+                rows[chunk], lse[chunk] = _rows_and_lse(opts, x2d[chunk], weight, bias, y[chunk])
             if fused:
-                grads.add(_torch_dlogits(logits, y, lse_c, coefs[start:stop], one, None, opts), x, weight_c, start,
-                          stop)
-            del logits, lse_c
-        denom = _denominator(target, opts, dtype) if opts["reduction"] == "mean" else None
-        ctx.save_for_backward(x2d, weight, bias, target, lse, coefs)
-        ctx.opts, ctx.denom, ctx.input_shape, ctx.grads = opts, denom, input.shape, grads
-        lead = _lead_shape(input)
-        return _reduce(rows, opts, denom, lead, input.dtype), lse.view(lead)
+                _chunk_grads(opts, need, x2d, weight, bias, y, chunk, scale, None, grads)
+        lead = tuple(input.shape[:-1])
+        loss = _family.reduce(rows, opts.reduction, denominator, lead).to(opts.out_dtype)
+        fused_grads = _as_param_grads(grads, input, weight, bias) if fused else (None, None, None)
+        return loss, lse.reshape(lead), *fused_grads, denominator
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_lse):
-        x2d, weight, bias, target, lse, coefs = ctx.saved_tensors
-        opts, dtype = ctx.opts, lse.dtype
-        n_rows = x2d.shape[0]
-        need = tuple(ctx.needs_input_grad[:3])
-        fused, ctx.grads = ctx.grads, None
-        if fused is not None:
-            # the forward's G had row scale 1: scale by grad_output (/ denominator) now; a gradient into the
-            # returned lse is added by a recomputing pass with the loss's row scale set to 0
-            _, scale, _ = _grad_scales(grad_loss, None, opts, ctx.denom, dtype, n_rows, x2d.device)
-            if grad_loss is None:
-                scale = torch.zeros((), dtype=dtype, device=x2d.device)
-            if grad_lse is None:
-                return (*fused.scaled(scale, x2d, weight, bias, ctx.input_shape), None, None)
-            for grad in (fused.dx, fused.dw, fused.db):
-                if grad is not None:
-                    grad.mul_(scale)
-            row_scale, gemm_scale, dlse = _grad_scales(None, grad_lse, opts, ctx.denom, dtype, n_rows, x2d.device)
-            grads = fused
-        else:
-            row_scale, gemm_scale, dlse = _grad_scales(grad_loss, grad_lse, opts, ctx.denom, dtype, n_rows,
-                                                       x2d.device)
-            grads = _TorchGrads(x2d, weight, need, dtype)
-        weight_c, bias_c, step = _torch_setup(x2d, weight, bias, dtype)
-        for start in range(0, n_rows, step):
-            stop = min(start + step, n_rows)
-            x = x2d[start:stop].to(dtype)
-            g = _torch_dlogits(_chunk_logits(x, weight_c, bias_c), _chunk_target(target, start, stop, opts),
-                               lse[start:stop], coefs[start:stop],
-                               row_scale if row_scale.dim() == 0 else row_scale[start:stop],
-                               None if dlse is None else dlse[start:stop], opts)
-            if fused is not None:  # add to the forward's gradients
-                if grads.dx is not None:
-                    grads.dx[start:stop] += g @ weight_c
-                if grads.dw is not None:
-                    grads.dw.addmm_(g.t(), x)
-                if grads.db is not None:
-                    grads.db += g.sum(0)
-            else:
-                grads.add(g, x, weight_c, start, stop)
-            del g, x
-        return (*grads.scaled(gemm_scale, x2d, weight, bias, ctx.input_shape), None, None)
+    def setup_context(ctx, inputs, output):
+        opts, needs, input, weight, bias, target = inputs
+        _, _, dx, dw, db, denominator = output
+        ctx.mark_non_differentiable(*(t for t in output[2:] if t is not None))
+        fused = [dx, dw, db, None] if any(t is not None for t in (dx, dw, db)) else None
+        _family.save(ctx, opts, needs, (input, weight, bias, target), state=(denominator,), fused=fused)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        return _family.backward(ctx, _torch_recompute, _definition, grad_outputs)
 
 
-def _torch_dlogits(logits, y, lse, coefs, row_scale, dlse, opts):
-    """G = dloss/dlogits for a chunk of rows, in place over ``logits``: the coefficient form of the cross-entropy
-    module, ``p_c (K1 + [c != y] Kf) - [c == y] Ky - K3``, times the row scale, plus ``dlse * p``, times the cap's
-    derivative."""
-    x, dcap = _capped_rows(logits, lse.dtype, opts["softcap"])
-    k1, kf, ky, k3 = (coefs[:, i] * row_scale for i in range(4))
-    if dlse is not None:
-        k1 = k1 + dlse
-    g = x.sub_(lse[:, None]).exp_()  # p, in place (x is logits itself without a cap)
-    n_classes = g.shape[1]
-    y_col = y.clamp(0, n_classes - 1)[:, None]
-    hit = ((y >= 0) & (y < n_classes))[:, None]
-    p_y = g.gather(1, y_col)
-    g.mul_((k1 + kf)[:, None])
-    # the target column: p_y K1 - Ky instead of p_y (K1 + Kf); ignored rows have Kf = Ky = 0
-    g.scatter_add_(1, y_col, torch.where(hit, -p_y * kf[:, None] - ky[:, None], torch.zeros_like(p_y)))
-    if opts["label_smoothing"] > 0.0:
-        g.sub_(k3[:, None])
-    if dcap is not None:
-        g.mul_(dcap)
-    return g
+def _torch_recompute(ctx, inputs, state, grad_outputs):
+    input, weight, bias, target = inputs
+    (denominator,) = state
+    opts, needs = ctx.opts, tuple(ctx.needs[:3])
+    dtype = _family.compute_dtype(input)
+    x2d = input.reshape(-1, input.shape[-1])
+    y = _shifted_target(target, opts)
+    row_scale, dlse = _row_and_lse_scales(grad_outputs, opts, denominator, dtype, input.device)
+    grads = _new_grads(opts, needs, x2d, weight, bias, dtype)
+    for chunk in _chunks(x2d.shape[0], weight.shape[0], dtype):
+        _chunk_grads(opts, needs, x2d, weight, bias, y, chunk, row_scale if row_scale.dim() == 0 else row_scale[chunk],
+                     dlse, grads)
+    return (*_as_param_grads(grads, input, weight, bias), None)

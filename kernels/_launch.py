@@ -1,0 +1,46 @@
+"""Host-side helpers shared by the launchers of every kernel module."""
+
+import functools
+
+import torch
+
+
+def custom_launcher(name, mutates_args):
+    """Register a launcher as the custom op ``fusedloss::<name>`` (it writes into the caller's buffers named in
+    ``mutates_args`` and returns nothing, so it needs no fake implementation), and return a function that calls
+    the op while ``torch.compile`` traces, where it makes the launch one opaque node instead of a graph break, and
+    the launcher itself otherwise: eagerly the dispatcher would only add tens of microseconds per launch. The
+    launcher's annotations are the op's schema."""
+
+    def register(launcher):
+        op = torch.library.custom_op(f"fusedloss::{name}", mutates_args=mutates_args)(launcher)
+
+        @functools.wraps(launcher)
+        def launch(*args, **kwargs):
+            if torch.compiler.is_compiling():
+                return op(*args, **kwargs)
+            return launcher(*args, **kwargs)
+
+        launch.op = op
+        return launch
+
+    return register
+
+
+def strides_or_zero(t, count):
+    """``t``'s strides, or ``count`` zeros for an absent tensor (its pointer is never dereferenced)."""
+    return tuple(t.stride()) if t is not None else (0,) * count
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device):
+    """Streaming multiprocessors of ``device``: the CUDA device's count, ``configs.DEFAULT_NUM_SMS`` elsewhere."""
+    from .configs import DEFAULT_NUM_SMS
+
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_NUM_SMS
