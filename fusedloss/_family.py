@@ -114,6 +114,8 @@ def backward(ctx, recompute, definition, grad_outputs):
     """The shared backward (module docstring). ``recompute(ctx, inputs, state, grad_outputs)`` returns one
     gradient per tensor input from the saved inputs and state; ``definition(opts, *inputs)`` returns the
     differentiable outputs in torch ops. Returns the gradients of ``forward``'s arguments (None for opts, needs)."""
+    if all(g is None for g in grad_outputs):
+        return (None,) * (2 + ctx.n_inputs)
     if torch.is_grad_enabled():
         return (None, None, *_definition_grads(ctx, definition, grad_outputs))
     only_loss = all(g is None for g in grad_outputs[1:])

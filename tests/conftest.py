@@ -11,9 +11,11 @@ Tiers (the ``tier`` fixture):
 Every buffer a kernel writes is poisoned with NaN first (``FUSEDLOSS_POISON=1``), so an unwritten element fails.
 """
 
+import dataclasses
 import hashlib
 import os
 import types
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -94,3 +96,18 @@ def randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, requires_gr
     """Normal(0, scale) drawn on the CPU from ``gen`` (so every tier sees the same numbers), then moved."""
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
     return x.requires_grad_(requires_grad)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A loss call for ``test_contract.py``: ``make(gen, dtype) -> (args, kwargs)`` builds fresh CPU inputs in
+    ``dtype``; ``grad_args`` are the positions of the differentiable tensors; ``compile`` puts the case in the
+    (slow) torch.compile test; ``stride0(args, kwargs) -> (args, kwargs)`` replaces some argument by an expanded,
+    stride-0 tensor of the same values."""
+
+    name: str
+    fn: Callable
+    make: Callable
+    grad_args: tuple = (0,)
+    compile: bool = False
+    stride0: Optional[Callable] = None

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
-from conftest import TOL, assert_close, randn, rel_err
+from conftest import TOL, Case, assert_close, randn, rel_err
 
 # ---------------------------------------------------------------------------------------------------------------
 # The reference: torch's own F.cross_entropy in fp64 for the cross-entropy part (weights, ignore_index,
@@ -411,3 +411,43 @@ def test_large_vocab_schedules(tier, gen, monkeypatch, config, target_kind, redu
         x = randn(gen, 5, 9000, scale=3.0)
         target = torch.softmax(randn(gen, 5, 9000, scale=3.0), dim=1)
     check(tier, x, target, torch.float32, reduction=reduction, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The autograd / compile / layout contract (tests/test_contract.py)
+
+
+def _ce_case(shape, *, prob=False, reduction="mean", weight=False, ignore=0.0, target_dtype=torch.int64, **extra):
+    def make(gen, dtype):
+        x, target = make_inputs(gen, shape, dtype=dtype, ignore_frac=ignore)
+        n_classes = shape[1] if len(shape) > 1 else shape[0]
+        if prob:
+            target = torch.softmax(randn(gen, *shape, dtype=dtype), dim=1)
+        kw = dict(extra, reduction=reduction)
+        if weight:
+            kw["weight"] = (torch.rand(n_classes, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+        if isinstance(kw.get("focal_alpha"), str):
+            kw["focal_alpha"] = (torch.rand(n_classes, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+        if not prob:  # ignored rows carry this case's ignore_index (255 for a uint8 target)
+            target = torch.where(target == -100, extra.get("ignore_index", -100), target).to(target_dtype)
+        return [x, target], kw
+
+    return make
+
+
+def _expand_weight(args, kw):
+    return args, dict(kw, weight=kw["weight"][:1].expand(kw["weight"].shape[0]))
+
+
+CONTRACT_CASES = [
+    Case("cross_entropy-every_extra", fusedloss.cross_entropy,
+         _ce_case((6, 37), weight=True, ignore=0.3, label_smoothing=0.1, focal_gamma=1.5, focal_alpha="per_class",
+                  z_loss=1e-3, softcap=5.0),
+         compile=True, stride0=_expand_weight),
+    Case("cross_entropy-none-k_dim", fusedloss.cross_entropy,
+         _ce_case((3, 11, 4), reduction="none", label_smoothing=0.2, weight=True), stride0=_expand_weight),
+    Case("cross_entropy-probabilities", fusedloss.cross_entropy,
+         _ce_case((5, 13), prob=True, weight=True, label_smoothing=0.1, z_loss=1e-2), grad_args=(0, 1)),
+    Case("cross_entropy-sum-uint8", fusedloss.cross_entropy,
+         _ce_case((7, 20), reduction="sum", ignore=0.2, target_dtype=torch.uint8, ignore_index=255)),
+]

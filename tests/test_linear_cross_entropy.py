@@ -14,7 +14,7 @@ shipped configs on larger odd sizes, in bf16 as well (the interpreter computes b
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, randn
+from conftest import Case, assert_close, randn
 
 from fusedloss import _alloc
 from fusedloss.losses import linear_cross_entropy as host
@@ -435,3 +435,40 @@ def test_torch_backend_peak_memory(tier):
     print(f"\npeak allocated: fused {fused / 2**20:.0f} MiB (gradients {grads / 2**20:.0f} MiB), eager logits "
           f"{logits / 2**20:.0f} MiB; eager at 1024 tokens {eager / 2**20:.0f} MiB")
     assert fused - grads <= 0.05 * logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The autograd / compile / layout contract (tests/test_contract.py)
+
+
+def _lce_case(lead, hidden, vocab, *, bias=True, **kw):
+    def make(gen, dtype):
+        x = randn(gen, *lead, hidden, dtype=dtype)
+        w = randn(gen, vocab, hidden, dtype=dtype, scale=hidden ** -0.5)
+        t = torch.randint(0, vocab, lead, generator=gen)
+        t[torch.rand(lead, generator=gen) < 0.2] = -100
+        args = [x, w, t] + ([randn(gen, vocab, dtype=dtype)] if bias else [])
+        return args, kw
+
+    return make
+
+
+def _loss_plus_lse(*args, **kw):
+    """Both differentiable outputs in one tensor: the loss per row plus a tenth of the log-sum-exp."""
+    loss, lse = linear_cross_entropy(*args, return_lse=True, **kw)
+    return loss + 0.1 * lse
+
+
+def _expand_bias(args, kw):
+    return args[:3] + [args[3][:1].expand(args[3].shape[0])], kw
+
+
+CONTRACT_CASES = [
+    Case("linear_cross_entropy-shift-every_extra", linear_cross_entropy,
+         _lce_case((2, 9), 16, 50, shift=True, label_smoothing=0.1, z_loss=1e-3, softcap=4.0, focal_gamma=1.0),
+         grad_args=(0, 1, 3), compile=True, stride0=_expand_bias),
+    Case("linear_cross_entropy-none-lse", _loss_plus_lse, _lce_case((11,), 8, 30, reduction="none"),
+         grad_args=(0, 1, 3)),
+    Case("linear_cross_entropy-sum-no_bias", linear_cross_entropy,
+         _lce_case((7,), 12, 40, bias=False, reduction="sum", label_smoothing=0.2), grad_args=(0, 1)),
+]

@@ -107,11 +107,14 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     if target.device.type == "cpu":
         _checks.check_class_range(target[..., 1:] if shift else target, weight.shape[0], opts.ignore_index)
     needs = _family.needs_grad(input, weight, bias, target)
-    if matmul_backend(input.device, input.dtype) == "torch" or input.numel() == 0:
-        function = _LinearCrossEntropyTorch
+    if matmul_backend(input.device, input.dtype) != "torch" and input.numel() > 0:
+        loss, lse = _LinearCrossEntropy.apply(opts, needs, input, weight, bias, target)[:2]
+    elif torch.compiler.is_compiling():
+        # the chunked torch engine differentiates chunk by chunk with torch.autograd.grad, which Dynamo does not
+        # trace: a compiled graph gets the definition itself (its logits materialized, as eager torch's are)
+        loss, lse = _definition(opts, input, weight, bias, target)
     else:
-        function = _LinearCrossEntropy
-    loss, lse = function.apply(opts, needs, input, weight, bias, target)[:2]
+        loss, lse = _LinearCrossEntropyTorch.apply(opts, needs, input, weight, bias, target)[:2]
     return (loss, lse) if return_lse else loss
 
 

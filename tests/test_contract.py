@@ -1,0 +1,193 @@
+"""The contract every loss owes its users beyond its values: it behaves like a composition of torch ops under every
+use autograd, torch.compile and torch.func allow, and reads every argument through its strides.
+
+Each family's test module lists its cases in ``CONTRACT_CASES`` (``conftest.Case``: the public function, inputs
+built from a generator, which positions are differentiable); every test here runs on every case in every tier:
+
+- backward twice through a retained graph accumulates twice, and ``autograd.grad(..., retain_graph=True)`` then
+  ``backward()`` (the PCGrad / GradNorm pattern) gives the same gradient twice;
+- ``gradcheck`` and ``gradgradcheck`` in fp64 (so ``create_graph=True`` gives the right second-order gradient);
+- an in-place edit of an input between forward and backward either raises, as torch does when it saved that
+  input, or leaves the gradient that of the inputs at forward time: never a gradient of the edited values;
+- ``torch.compile(fullgraph=True)`` traces it with no graph break, values and gradients equal to eager;
+- ``torch.func.grad`` gives autograd's gradient;
+- non-contiguous, strided and stride-0 (expanded) arguments give the contiguous arguments' results.
+"""
+
+import importlib
+
+import pytest
+import torch
+from conftest import assert_close
+
+_FAMILIES = ("test_cross_entropy", "test_linear_cross_entropy", "test_binary", "test_pointwise", "test_triplet",
+             "test_distillation", "test_perplexity", "test_contrastive", "test_siglip")
+
+
+def _cases():
+    cases = []
+    for name in _FAMILIES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        cases += getattr(module, "CONTRACT_CASES", [])
+    return cases
+
+
+CASES = _cases()
+COMPILE_CASES = [case for case in CASES if case.compile]
+
+
+def _call(case, tier, gen, dtype=torch.float64, transform=None):
+    """(output, differentiable leaves) of one call with fresh inputs from ``gen`` on the tier's device."""
+    args, kwargs = case.make(gen, dtype)
+    leaves = []
+    moved = []
+    for index, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            arg = arg.to(tier.device)
+            if index in case.grad_args:
+                arg = arg.detach().requires_grad_(True)
+                leaves.append(arg)
+            if transform is not None:
+                arg = transform(arg)
+        moved.append(arg)
+    kwargs = {k: (v.to(tier.device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    return case.fn(*moved, **kwargs), leaves, moved, kwargs
+
+
+def _grad_output(out, gen):
+    return (torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5).to(out.dtype).to(out.device)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_backward_twice_accumulates_twice(tier, gen, case):
+    out, leaves, _, _ = _call(case, tier, gen)
+    go = _grad_output(out, gen)
+    once = torch.autograd.grad(out, leaves, go, retain_graph=True)
+    out.backward(go, retain_graph=True)
+    out.backward(go)
+    for leaf, g in zip(leaves, once):
+        assert_close(leaf.grad, 2 * g, torch.float64, "twice the gradient")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_grad_then_backward(tier, gen, case):
+    """PCGrad / GradNorm: per-task gradients with ``retain_graph``, then the usual backward."""
+    out, leaves, _, _ = _call(case, tier, gen)
+    go = _grad_output(out, gen)
+    first = torch.autograd.grad(out, leaves, go, retain_graph=True)
+    out.backward(go)
+    for leaf, g in zip(leaves, first):
+        assert_close(leaf.grad, g, torch.float64, "the same gradient")
+        assert leaf.grad.data_ptr() != g.data_ptr() or leaf.grad is g, "a gradient buffer handed out twice"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gradcheck_and_gradgradcheck(tier, gen, case):
+    if tier.name == "cuda":
+        pytest.skip("fp64 finite differences on the CPU tiers; the kernels are the interpreter tier's")
+    args, kwargs = case.make(gen, torch.float64)
+    leaves = [args[i].detach().requires_grad_(True) for i in case.grad_args]
+
+    def fn(*diff):
+        full = list(args)
+        for i, t in zip(case.grad_args, diff):
+            full[i] = t
+        return case.fn(*full, **kwargs)
+
+    # fast mode: the Jacobian against random projections, a few evaluations instead of one per input element
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_inplace_edit_before_backward_is_never_silent(tier, gen, case):
+    state = gen.get_state()
+    out, leaves, _, _ = _call(case, tier, gen)
+    go = _grad_output(out, gen)
+    expected = torch.autograd.grad(out, leaves, go)
+    gen.set_state(state)
+    out, leaves, moved, _ = _call(case, tier, gen, transform=lambda t: t * 1.0 if t.requires_grad else t.clone())
+    for arg in moved:  # every tensor argument a non-leaf copy the caller may edit
+        if isinstance(arg, torch.Tensor) and arg.is_floating_point():
+            with torch.no_grad():
+                arg.add_(0.5)
+    try:
+        got = torch.autograd.grad(out, leaves, go)
+    except RuntimeError as error:
+        assert "modified by an inplace operation" in str(error)
+        return
+    for g, e in zip(got, expected):
+        assert_close(g, e, torch.float64, "the gradient at forward time")
+
+
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: c.name)
+def test_compile_fullgraph(tier, gen, case):
+    """One traced graph (a graph break or a host read fails ``fullgraph``), values and gradients equal to eager.
+    ``aot_eager`` runs Dynamo and AOTAutograd without Inductor's codegen (slow on CPU); the launchers are opaque
+    custom ops either way."""
+    torch._dynamo.reset()
+    state = gen.get_state()
+    out, leaves, _, _ = _call(case, tier, gen, dtype=torch.float32)
+    go = _grad_output(out, gen)
+    expected = torch.autograd.grad(out, leaves, go)
+    gen.set_state(state)
+    args, kwargs = case.make(gen, torch.float32)
+    args = [a.to(tier.device) if isinstance(a, torch.Tensor) else a for a in args]
+    leaves = [args[i].detach().requires_grad_(True) for i in case.grad_args]
+    for i, leaf in zip(case.grad_args, leaves):
+        args[i] = leaf
+    compiled = torch.compile(lambda *a: case.fn(*a, **kwargs), fullgraph=True, backend="aot_eager")
+    got_out = compiled(*args)
+    assert_close(got_out, out, torch.float32, "compiled value")
+    for g, e in zip(torch.autograd.grad(got_out, leaves, go), expected):
+        assert_close(g, e, torch.float32, "compiled gradient")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_torch_func_grad(tier, gen, case):
+    args, kwargs = case.make(gen, torch.float64)
+    args = [a.to(tier.device) if isinstance(a, torch.Tensor) else a for a in args]
+    first = case.grad_args[0]
+
+    def loss_of(x):
+        full = list(args)
+        full[first] = x
+        return case.fn(*full, **kwargs).sum()
+
+    x = args[first].detach()
+    leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(loss_of(leaf), leaf)
+    assert_close(torch.func.grad(loss_of)(x), expected, torch.float64, "torch.func.grad")
+
+
+def _noncontiguous(t):
+    """The same values in a non-contiguous layout: every other element of a doubled last dimension."""
+    if t.dim() == 0:
+        return t
+    doubled = torch.stack([t, torch.full_like(t, 7.0) if t.is_floating_point() else t], dim=-1)
+    return doubled.select(-1, 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_strided_arguments(tier, gen, case):
+    state = gen.get_state()
+    out, leaves, _, _ = _call(case, tier, gen)
+    go = _grad_output(out, gen)
+    expected = torch.autograd.grad(out, leaves, go)
+    gen.set_state(state)
+    strided, leaves, _, _ = _call(case, tier, gen, transform=_noncontiguous)
+    assert_close(strided, out, torch.float64, "value with strided arguments")
+    for g, e in zip(torch.autograd.grad(strided, leaves, go), expected):
+        assert_close(g, e, torch.float64, "gradient with strided arguments")
+    if case.stride0 is not None:  # stride-0 (expanded) arguments are read in place, never past their storage
+        gen.set_state(state)
+        args, kwargs = case.stride0(*case.make(gen, torch.float64))
+        args = [a.to(tier.device) if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: (v.to(tier.device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        dense = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        dense_kwargs = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        assert any(isinstance(a, torch.Tensor) and 0 in a.stride() for a in list(args) + list(kwargs.values()))
+        assert_close(case.fn(*args, **kwargs), case.fn(*dense, **dense_kwargs), torch.float64, "stride-0 value")
