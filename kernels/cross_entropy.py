@@ -53,6 +53,8 @@ from .configs import cross_entropy_config
 
 # Columns of the per-row state the forward stores: the row max, log of the shifted sum-exp, and K1, Kf, Ky, K3.
 ROW_STATE = 6
+# Columns of a shard's partial statistics (vocabulary-parallel): max, shifted sum-exp, B, A, target logit.
+PARTIAL_STATE = 5
 
 
 @triton.jit
@@ -74,16 +76,17 @@ def _load_logits(row_ptrs, cols, mask, stride_class, softcap, HAS_SOFTCAP: tl.co
 
 
 @triton.jit
-def _smoothing_coef(target_rows, weight_ptr, cols, mask, eps, n_classes, stride_target_class, stride_weight,
-                    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, DTYPE: tl.constexpr):
-    """a_c for a [rows, classes] tile: the weight of class c in the smoothed / soft-target term."""
+def _smoothing_coef(target_rows, weight_ptr, cols, mask, col_mask, eps, n_classes, class_offset, stride_target_class,
+                    stride_weight, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, DTYPE: tl.constexpr):
+    """a_c for a [rows, classes] tile: the weight of class c in the smoothed / soft-target term. ``cols`` are
+    this shard's columns, class ``cols + class_offset`` of ``n_classes`` in all (see ``_ce_fwd_kernel``)."""
     if PROB_TARGET:
         t = tl.load(target_rows[:, None] + cols[None, :] * stride_target_class, mask=mask, other=0.0).to(DTYPE)
         a = (1.0 - eps) * t + eps / n_classes
     else:
         a = tl.zeros(mask.shape, DTYPE) + 1.0
     if HAS_WEIGHT:
-        w = tl.load(weight_ptr + cols.to(tl.int64) * stride_weight, mask=cols < n_classes, other=0.0)
+        w = tl.load(weight_ptr + (cols + class_offset).to(tl.int64) * stride_weight, mask=col_mask, other=0.0)
         a = a * w.to(DTYPE)[None, :]
     return tl.where(mask, a, 0.0)
 
@@ -156,7 +159,7 @@ def _dlogits_from_coefs(p, is_target, k1, kf, ky):
 def _ce_grad_pass(
     logits_rows, target_rows, weight_ptr, grad_rows, grad_target_rows,
     row_mask, y, m, log_s, k1, kf, ky, k3, target_grad_scale,
-    n_classes, stride_logits_class, stride_target_class, stride_weight, stride_grad_class,
+    n_cols, n_classes, class_offset, stride_logits_class, stride_target_class, stride_weight, stride_grad_class,
     stride_grad_target_class, eps, softcap,
     BLOCK_C: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_COEF: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, COMPUTE_INPUT_GRAD: tl.constexpr, COMPUTE_TARGET_GRAD: tl.constexpr,
@@ -165,17 +168,18 @@ def _ce_grad_pass(
     """Pass 2 over a group of rows: dloss/dlogits from the per-row coefficients and, for probability targets,
     dloss/dtarget_c = -(1 - eps) * w_c * log p_c. Blocks are visited last-to-first so that the ones pass 1 read
     most recently are read first, while they may still be in L2."""
-    num_blocks = tl.cdiv(n_classes, BLOCK_C)
+    num_blocks = tl.cdiv(n_cols, BLOCK_C)
     for i in range(0, num_blocks):
         cols = (num_blocks - 1 - i) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
         x, dcap = _load_logits(logits_rows, cols, mask, stride_logits_class, softcap, HAS_SOFTCAP, DTYPE)
         log_p = (x - m[:, None]) - log_s[:, None]
         if COMPUTE_INPUT_GRAD:
-            g = _dlogits_from_coefs(tl.exp(log_p), cols[None, :] == y[:, None], k1, kf, ky)
+            g = _dlogits_from_coefs(tl.exp(log_p), (cols + class_offset)[None, :] == y[:, None], k1, kf, ky)
             if HAS_COEF:
-                a = _smoothing_coef(target_rows, weight_ptr, cols, mask, eps, n_classes, stride_target_class,
-                                    stride_weight, PROB_TARGET, HAS_WEIGHT, DTYPE)
+                a = _smoothing_coef(target_rows, weight_ptr, cols, mask, col_mask, eps, n_classes, class_offset,
+                                    stride_target_class, stride_weight, PROB_TARGET, HAS_WEIGHT, DTYPE)
                 g -= a * k3[:, None]
             if HAS_SOFTCAP:
                 g *= dcap
@@ -183,7 +187,7 @@ def _ce_grad_pass(
             tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=mask)
         if COMPUTE_TARGET_GRAD:
             if HAS_WEIGHT:
-                w = tl.load(weight_ptr + cols.to(tl.int64) * stride_weight, mask=cols < n_classes, other=0.0)
+                w = tl.load(weight_ptr + (cols + class_offset).to(tl.int64) * stride_weight, mask=col_mask, other=0.0)
                 log_p *= w.to(DTYPE)[None, :]
             gt = tl.where(mask, -target_grad_scale[:, None] * log_p, 0.0)
             gt_ptrs = grad_target_rows[:, None] + cols[None, :] * stride_grad_target_class
@@ -192,8 +196,8 @@ def _ce_grad_pass(
 
 @triton.jit
 def _ce_row_stats(
-    logits_rows, target_rows, weight_ptr, row_mask, n_classes, stride_logits_class, stride_target_class,
-    stride_weight, eps, softcap,
+    logits_rows, target_rows, weight_ptr, row_mask, n_cols, n_classes, class_offset, stride_logits_class,
+    stride_target_class, stride_weight, eps, softcap,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_COEF: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DTYPE: tl.constexpr,
 ):
@@ -204,15 +208,16 @@ def _ce_row_stats(
     s = tl.zeros([BLOCK_R], DTYPE)
     coef_sum = tl.zeros([BLOCK_R], DTYPE)
     coef_dot = tl.zeros([BLOCK_R], DTYPE)
-    for start in range(0, n_classes, BLOCK_C):
+    for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        mask = row_mask[:, None] & (cols < n_classes)[None, :]
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
         x, _ = _load_logits(logits_rows, cols, mask, stride_logits_class, softcap, HAS_SOFTCAP, DTYPE)
         m_old = m
         m, s, shift = online_logsumexp_update(m, s, x, 1)
         if HAS_COEF:
-            a = _smoothing_coef(target_rows, weight_ptr, cols, mask, eps, n_classes, stride_target_class,
-                                stride_weight, PROB_TARGET, HAS_WEIGHT, DTYPE)
+            a = _smoothing_coef(target_rows, weight_ptr, cols, mask, col_mask, eps, n_classes, class_offset,
+                                stride_target_class, stride_weight, PROB_TARGET, HAS_WEIGHT, DTYPE)
             coef_dot = tl.where(m_old > float("-inf"), coef_dot + coef_sum * (m_old - shift), coef_dot)
             coef_dot += tl.sum(tl.where(mask, a * (x - shift[:, None]), 0.0), axis=1)
             coef_sum += tl.sum(a, axis=1)
@@ -220,11 +225,41 @@ def _ce_row_stats(
 
 
 @triton.jit
+def _finish_rows(m, log_s, coef_sum, coef_dot, x_y, y, row_mask, weight_ptr, alpha_ptr, stride_weight, stride_alpha,
+                 ignore_index, eps, gamma, alpha_scalar, z, n_classes,
+                 BLOCK_R: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 HAS_SMOOTHING: tl.constexpr, HAS_ALPHA: tl.constexpr, DTYPE: tl.constexpr):
+    """(loss, K1, Kf, Ky, K3) of a group of rows from their statistics over all classes (module docstring); the
+    class weight and alpha of the target are read here, by its (global) class index."""
+    if PROB_TARGET:
+        lse = m + log_s
+        loss = tl.where(row_mask, coef_sum * log_s - coef_dot + z * lse * lse, 0.0)
+        k1 = coef_sum + 2.0 * z * lse
+        kf = tl.zeros([BLOCK_R], DTYPE)
+        ky = tl.zeros([BLOCK_R], DTYPE)
+        k3 = tl.zeros([BLOCK_R], DTYPE) + 1.0
+    else:
+        valid = row_mask & (y != ignore_index)
+        in_range = (y >= 0) & (y < n_classes)
+        gather = valid & in_range
+        y_safe = tl.where(gather, y, 0)
+        w_y = tl.zeros([BLOCK_R], DTYPE) + 1.0
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y_safe * stride_weight, mask=gather, other=0.0).to(DTYPE)
+        alpha = tl.zeros([BLOCK_R], DTYPE) + alpha_scalar
+        if HAS_ALPHA:
+            alpha = tl.load(alpha_ptr + y_safe * stride_alpha, mask=gather, other=0.0).to(DTYPE)
+        loss, k1, kf, ky, k3 = _row_loss_and_coefs(m, log_s, x_y, coef_sum, coef_dot, w_y, alpha, valid, in_range,
+                                                   eps, gamma, z, n_classes, HAS_SMOOTHING)
+    return loss, k1, kf, ky, k3
+
+
+@triton.jit
 def _ce_fwd_kernel(
     # pointers
     logits_ptr, target_ptr, weight_ptr, alpha_ptr, grad_scale_ptr, loss_ptr, state_ptr, grad_ptr,
     # shapes
-    n_rows, n_classes, inner,
+    n_rows, n_cols, n_classes, class_offset, inner,
     # strides (in elements)
     stride_logits_outer, stride_logits_inner, stride_logits_class,
     stride_target_outer, stride_target_inner, stride_target_class,
@@ -233,11 +268,17 @@ def _ce_fwd_kernel(
     ignore_index, eps_hi, eps_lo, gamma_hi, gamma_lo, alpha_hi, alpha_lo, z_hi, z_lo, cap_hi, cap_lo,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALPHA: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DTYPE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALPHA: tl.constexpr, COMPUTE_GRAD: tl.constexpr, PARTIAL: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):
     """Per-row loss and state (m, log s, K1, Kf, Ky, K3); with COMPUTE_GRAD the gradient times ``grad_scale`` in
     the same launch. Class-index targets are read as (rows,) with stride ``stride_target_inner`` and compared in
-    int64 (a uint8 target never wraps against ``ignore_index``)."""
+    int64 (a uint8 target never wraps against ``ignore_index``).
+
+    The logits hold ``n_cols`` classes, classes ``class_offset ..`` of ``n_classes`` (all of them on one GPU; one
+    shard of them across the ranks of a vocabulary-parallel group). With PARTIAL the kernel stops at this shard's
+    statistics, (m, s, B, A, x_y) per row into ``state`` (rows, PARTIAL_STATE), x_y 0 unless the shard holds the
+    target; the ranks then merge them and ``_ce_finish_kernel`` finishes."""
     eps = join_f64(eps_hi, eps_lo, DTYPE)
     gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
     alpha_scalar = join_f64(alpha_hi, alpha_lo, DTYPE)
@@ -250,46 +291,86 @@ def _ce_fwd_kernel(
     logits_rows = logits_ptr + _row_offsets(rows, inner, stride_logits_outer, stride_logits_inner)
     target_rows = target_ptr + _row_offsets(rows, inner, stride_target_outer, stride_target_inner)
     m, s, coef_sum, coef_dot = _ce_row_stats(
-        logits_rows, target_rows, weight_ptr, row_mask, n_classes, stride_logits_class, stride_target_class,
-        stride_weight, eps, softcap, BLOCK_R, BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_COEF, HAS_SOFTCAP, DTYPE)
-    log_s = tl.log(s)
-    if PROB_TARGET:
-        y = tl.full([BLOCK_R], -1, tl.int64)
-        lse = m + log_s
-        loss = coef_sum * log_s - coef_dot + z * lse * lse
-        k1 = coef_sum + 2.0 * z * lse
-        kf = tl.zeros([BLOCK_R], DTYPE)
-        ky = tl.zeros([BLOCK_R], DTYPE)
-        k3 = tl.zeros([BLOCK_R], DTYPE) + 1.0
-    else:
+        logits_rows, target_rows, weight_ptr, row_mask, n_cols, n_classes, class_offset, stride_logits_class,
+        stride_target_class, stride_weight, eps, softcap, BLOCK_R, BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_COEF,
+        HAS_SOFTCAP, DTYPE)
+    y = tl.full([BLOCK_R], -1, tl.int64)
+    x_y = tl.zeros([BLOCK_R], DTYPE)
+    if not PROB_TARGET:
         y = tl.load(target_rows, mask=row_mask, other=0).to(tl.int64)
-        valid = row_mask & (y != ignore_index)
-        in_range = (y >= 0) & (y < n_classes)
-        gather = valid & in_range
-        y_safe = tl.where(gather, y, 0)
-        # the target logit, with the same conversion and cap as the tiles (so log p_y matches log p_c at c == y)
-        x_y = tl.load(logits_rows + y_safe * stride_logits_class, mask=gather, other=0.0).to(DTYPE)
+        # the target logit where this shard holds it, with the same conversion and cap as the tiles (so that
+        # log p_y matches log p_c at c == y)
+        local = y - class_offset
+        owned = row_mask & (y != ignore_index) & (local >= 0) & (local < n_cols)
+        x_y = tl.load(logits_rows + tl.where(owned, local, 0) * stride_logits_class, mask=owned, other=0.0)
+        x_y = x_y.to(DTYPE)
         if HAS_SOFTCAP:
             x_y, _ = soft_cap(x_y, softcap)
-        w_y = tl.zeros([BLOCK_R], DTYPE) + 1.0
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y_safe * stride_weight, mask=gather, other=0.0).to(DTYPE)
-        alpha = tl.zeros([BLOCK_R], DTYPE) + alpha_scalar
-        if HAS_ALPHA:
-            alpha = tl.load(alpha_ptr + y_safe * stride_alpha, mask=gather, other=0.0).to(DTYPE)
-        loss, k1, kf, ky, k3 = _row_loss_and_coefs(m, log_s, x_y, coef_sum, coef_dot, w_y, alpha, valid, in_range,
-                                                   eps, gamma, z, n_classes, HAS_SMOOTHING)
+        x_y = tl.where(owned, x_y, 0.0)
+    if PARTIAL:
+        offs = rows.to(tl.int64) * 5
+        tl.store(state_ptr + offs + 0, m, mask=row_mask)
+        tl.store(state_ptr + offs + 1, s, mask=row_mask)
+        tl.store(state_ptr + offs + 2, coef_sum, mask=row_mask)
+        tl.store(state_ptr + offs + 3, coef_dot, mask=row_mask)
+        tl.store(state_ptr + offs + 4, x_y, mask=row_mask)
+    else:
+        log_s = tl.log(s)
+        loss, k1, kf, ky, k3 = _finish_rows(
+            m, log_s, coef_sum, coef_dot, x_y, y, row_mask, weight_ptr, alpha_ptr, stride_weight, stride_alpha,
+            ignore_index, eps, gamma, alpha_scalar, z, n_classes,
+            BLOCK_R, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_ALPHA, DTYPE)
+        tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
+        _store_row_state(state_ptr, rows, row_mask, m, log_s, k1, kf, ky, k3)
+        if COMPUTE_GRAD:
+            scale = tl.load(grad_scale_ptr).to(DTYPE)
+            grad_rows = grad_ptr + _row_offsets(rows, inner, stride_grad_outer, stride_grad_inner)
+            _ce_grad_pass(
+                logits_rows, target_rows, weight_ptr, grad_rows, grad_rows,
+                row_mask, y, m, log_s, k1 * scale, kf * scale, ky * scale, k3 * scale, scale,
+                n_cols, n_classes, class_offset, stride_logits_class, stride_target_class, stride_weight,
+                stride_grad_class, 0, eps, softcap,
+                BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_COEF, HAS_SOFTCAP, True, False, DTYPE,
+            )
+
+
+@triton.jit
+def _ce_finish_kernel(
+    # pointers
+    stats_ptr, target_ptr, weight_ptr, alpha_ptr, loss_ptr, state_ptr,
+    # shapes
+    n_rows, n_classes, inner,
+    # strides (in elements)
+    stride_target_outer, stride_target_inner, stride_weight, stride_alpha,
+    # constants
+    ignore_index, eps_hi, eps_lo, gamma_hi, gamma_lo, alpha_hi, alpha_lo, z_hi, z_lo,
+    BLOCK_R: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """The per-row loss and state from statistics merged over every shard of the classes, (m, s, B, A, x_y) per
+    row: what ``_ce_fwd_kernel`` does after its pass 1 on one GPU."""
+    eps = join_f64(eps_hi, eps_lo, DTYPE)
+    gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
+    alpha_scalar = join_f64(alpha_hi, alpha_lo, DTYPE)
+    z = join_f64(z_hi, z_lo, DTYPE)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    offs = rows.to(tl.int64) * 5
+    m = tl.load(stats_ptr + offs + 0, mask=row_mask, other=0.0).to(DTYPE)
+    log_s = tl.log(tl.load(stats_ptr + offs + 1, mask=row_mask, other=1.0).to(DTYPE))
+    coef_sum = tl.load(stats_ptr + offs + 2, mask=row_mask, other=0.0).to(DTYPE)
+    coef_dot = tl.load(stats_ptr + offs + 3, mask=row_mask, other=0.0).to(DTYPE)
+    x_y = tl.load(stats_ptr + offs + 4, mask=row_mask, other=0.0).to(DTYPE)
+    y = tl.full([BLOCK_R], -1, tl.int64)
+    if not PROB_TARGET:
+        y = tl.load(target_ptr + _row_offsets(rows, inner, stride_target_outer, stride_target_inner), mask=row_mask,
+                    other=0).to(tl.int64)
+    loss, k1, kf, ky, k3 = _finish_rows(
+        m, log_s, coef_sum, coef_dot, x_y, y, row_mask, weight_ptr, alpha_ptr, stride_weight, stride_alpha,
+        ignore_index, eps, gamma, alpha_scalar, z, n_classes,
+        BLOCK_R, PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_ALPHA, DTYPE)
     tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
     _store_row_state(state_ptr, rows, row_mask, m, log_s, k1, kf, ky, k3)
-    if COMPUTE_GRAD:
-        scale = tl.load(grad_scale_ptr).to(DTYPE)
-        grad_rows = grad_ptr + _row_offsets(rows, inner, stride_grad_outer, stride_grad_inner)
-        _ce_grad_pass(
-            logits_rows, target_rows, weight_ptr, grad_rows, grad_rows,
-            row_mask, y, m, log_s, k1 * scale, kf * scale, ky * scale, k3 * scale, scale,
-            n_classes, stride_logits_class, stride_target_class, stride_weight, stride_grad_class, 0, eps, softcap,
-            BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_COEF, HAS_SOFTCAP, True, False, DTYPE,
-        )
 
 
 @triton.jit
@@ -297,7 +378,7 @@ def _ce_bwd_kernel(
     # pointers
     logits_ptr, target_ptr, weight_ptr, state_ptr, grad_scale_ptr, grad_ptr, grad_target_ptr,
     # shapes
-    n_rows, n_classes, inner,
+    n_rows, n_cols, n_classes, class_offset, inner,
     # strides (in elements; stride_grad_scale is 0 for a scalar grad_output)
     stride_logits_outer, stride_logits_inner, stride_logits_class,
     stride_target_outer, stride_target_inner, stride_target_class,
@@ -312,7 +393,8 @@ def _ce_bwd_kernel(
     DTYPE: tl.constexpr,
 ):
     """Gradient of the logits (and of probability targets) from the forward's row state, scaled per row by
-    ``grad_scale`` (``grad_output``, divided by the denominator for ``mean``)."""
+    ``grad_scale`` (``grad_output``, divided by the denominator for ``mean``). Shapes as ``_ce_fwd_kernel``'s:
+    the row state is the same on every shard of the classes, so each writes its shard's gradient alone."""
     eps = join_f64(eps_hi, eps_lo, DTYPE)
     softcap = join_f64(cap_hi, cap_lo, DTYPE)
     HAS_COEF: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
@@ -337,7 +419,7 @@ def _ce_bwd_kernel(
     _ce_grad_pass(
         logits_rows, target_rows, weight_ptr, grad_rows, grad_target_rows,
         row_mask, y, m, log_s, k1, kf, ky, k3, (1.0 - eps) * scale,
-        n_classes, stride_logits_class, stride_target_class, stride_weight, stride_grad_class,
+        n_cols, n_classes, class_offset, stride_logits_class, stride_target_class, stride_weight, stride_grad_class,
         stride_grad_target_class, eps, softcap,
         BLOCK_C, PROB_TARGET, HAS_WEIGHT, HAS_COEF, HAS_SOFTCAP, COMPUTE_INPUT_GRAD, COMPUTE_TARGET_GRAD, DTYPE,
     )
@@ -402,18 +484,23 @@ def cross_entropy_forward(
     logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
     grad_scale: Optional[torch.Tensor], loss: torch.Tensor, row_state: torch.Tensor, grad: Optional[torch.Tensor],
     *, ignore_index: int, label_smoothing: float, focal_gamma: float, focal_alpha: float, z_loss: float,
-    softcap: Optional[float],
+    softcap: Optional[float], n_classes: Optional[int] = None, class_offset: int = 0, partial: bool = False,
 ) -> None:
     """Launch ``_ce_fwd_kernel``: per-row ``loss`` (rows,) and ``row_state`` (rows, ROW_STATE), fp32 (fp64 for fp64
     inputs); the gradient into ``grad`` (logits' shape; may be ``logits`` itself) times the 0-d ``grad_scale``
     when ``grad`` is not None. ``logits`` must have a ``class_layout``; ``target`` an ``index_layout`` (class
     indices: the logits' shape without C) or a ``class_layout`` (probabilities: the logits' shape). ``weight`` and
-    ``alpha`` (C,) with any stride, 0 included."""
-    n_rows, inner, logit_strides, n_classes, (block_r, block_c, num_warps) = _layout_and_config(logits)
+    ``alpha`` (C,) with any stride, 0 included.
+
+    A shard of the classes (vocabulary parallelism): the logits hold classes ``class_offset ..`` of
+    ``n_classes``; ``weight`` and ``alpha`` cover all ``n_classes``, a probability target only the shard. With
+    ``partial`` the launch writes only the shard's statistics into ``row_state`` (rows, PARTIAL_STATE); ``loss``
+    and ``grad`` are untouched (``cross_entropy_finish`` then takes the merged statistics)."""
+    n_rows, inner, logit_strides, n_cols, (block_r, block_c, num_warps) = _layout_and_config(logits)
     prob_target = target.is_floating_point()
     _ce_fwd_kernel[(triton.cdiv(n_rows, block_r),)](
         logits, target, weight, alpha, grad_scale, loss, row_state, grad,
-        n_rows, n_classes, inner,
+        n_rows, n_cols, n_cols if n_classes is None else n_classes, class_offset, inner,
         *logit_strides, *_target_layout(target), *(class_layout(grad)[2] if grad is not None else (0, 0, 0)),
         weight.stride(0) if weight is not None else 0, alpha.stride(0) if alpha is not None else 0,
         ignore_index, *split_f64(label_smoothing), *split_f64(focal_gamma), *split_f64(focal_alpha),
@@ -421,9 +508,36 @@ def cross_entropy_forward(
         BLOCK_R=block_r, BLOCK_C=block_c,
         PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0 and not prob_target,
-        HAS_SOFTCAP=softcap is not None, HAS_ALPHA=alpha is not None, COMPUTE_GRAD=grad is not None,
-        DTYPE=_dtype_of(logits, target),
+        HAS_SOFTCAP=softcap is not None, HAS_ALPHA=alpha is not None, COMPUTE_GRAD=grad is not None and not partial,
+        PARTIAL=partial, DTYPE=_dtype_of(logits, target),
         num_warps=num_warps,
+    )
+
+
+@custom_launcher("cross_entropy_finish", mutates_args=("loss", "row_state"))
+def cross_entropy_finish(
+    stats: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], alpha: Optional[torch.Tensor],
+    loss: torch.Tensor, row_state: torch.Tensor, *, n_classes: int, ignore_index: int, label_smoothing: float,
+    focal_gamma: float, focal_alpha: float, z_loss: float,
+) -> None:
+    """Launch ``_ce_finish_kernel``: per-row ``loss`` and ``row_state`` from ``stats`` (rows, PARTIAL_STATE), the
+    shards' partial statistics merged; ``target`` as for the forward (probability targets only set the mode: their
+    terms are in the statistics already)."""
+    n_rows = stats.shape[0]
+    prob_target = target.is_floating_point()
+    target_outer, target_inner = (0, 0) if prob_target else _target_layout(target)[:2]
+    inner = 1 if prob_target or target.dim() < 2 else math.prod(target.shape[1:])
+    block_r = 128
+    _ce_finish_kernel[(triton.cdiv(n_rows, block_r),)](
+        stats, target, weight, alpha, loss, row_state,
+        n_rows, n_classes, inner,
+        target_outer, target_inner, weight.stride(0) if weight is not None else 0,
+        alpha.stride(0) if alpha is not None else 0,
+        ignore_index, *split_f64(label_smoothing), *split_f64(focal_gamma), *split_f64(focal_alpha),
+        *split_f64(z_loss),
+        BLOCK_R=block_r, PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0.0 and not prob_target, HAS_ALPHA=alpha is not None,
+        DTYPE=_dtype_of(stats), num_warps=4,
     )
 
 
@@ -431,15 +545,16 @@ def cross_entropy_forward(
 def cross_entropy_backward(
     logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], row_state: torch.Tensor,
     grad_scale: torch.Tensor, grad: Optional[torch.Tensor], grad_target: Optional[torch.Tensor], *,
-    label_smoothing: float, softcap: Optional[float],
+    label_smoothing: float, softcap: Optional[float], n_classes: Optional[int] = None, class_offset: int = 0,
 ) -> None:
     """Launch ``_ce_bwd_kernel``: ``grad`` (logits' shape) and/or ``grad_target`` (probability targets) from the
-    forward's ``row_state``, times ``grad_scale`` (0-d, or one value per row). Layouts as the forward's."""
-    n_rows, inner, logit_strides, n_classes, (block_r, block_c, num_warps) = _layout_and_config(logits)
+    forward's ``row_state``, times ``grad_scale`` (0-d, or one value per row). Layouts and shards as the
+    forward's."""
+    n_rows, inner, logit_strides, n_cols, (block_r, block_c, num_warps) = _layout_and_config(logits)
     prob_target = target.is_floating_point()
     _ce_bwd_kernel[(triton.cdiv(n_rows, block_r),)](
         logits, target, weight, row_state, grad_scale, grad, grad_target,
-        n_rows, n_classes, inner,
+        n_rows, n_cols, n_cols if n_classes is None else n_classes, class_offset, inner,
         *logit_strides, *_target_layout(target),
         *(class_layout(grad)[2] if grad is not None else (0, 0, 0)),
         *(class_layout(grad_target)[2] if grad_target is not None else (0, 0, 0)),

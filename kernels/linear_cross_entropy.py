@@ -148,7 +148,7 @@ def _lce_fwd_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, target_ptr, part_ptr,
     # shapes
-    n_rows, n_hidden, n_classes, seq_len, n_splits, split_width,
+    n_rows, n_hidden, n_classes, seq_len, n_splits, split_width, class_offset,
     # strides (in elements)
     stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, stride_target_outer, stride_target_seq,
     # constants
@@ -166,7 +166,7 @@ def _lce_fwd_kernel(
     row_mask = rows < n_rows
     y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
                         ignore_index)
-    y_col = _class_i32(y, n_classes)
+    y_col = _class_i32(y - class_offset, n_classes)  # the target's column in this shard of the vocabulary
 
     m = tl.full([BLOCK_N], float("-inf"), DTYPE)
     s = tl.zeros([BLOCK_N], DTYPE)
@@ -208,10 +208,13 @@ def _lce_combine_kernel(
     stride_target_outer, stride_target_seq,
     # constants
     shift, ignore_index, eps_hi, eps_lo, gamma_hi, gamma_lo, z_hi, z_lo,
-    BLOCK_R: tl.constexpr, SPLITS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, SPLITS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, PARTIAL: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):
-    """Merge the forward's per-split partials of BLOCK_R rows; write the per-row loss and the row state (m, log s,
-    K1, Kf, Ky, K3) of ``kernels.cross_entropy`` for the backward."""
+    """Merge the per-split partials of BLOCK_R rows; write the per-row loss and the row state (m, log s, K1, Kf,
+    Ky, K3) of ``kernels.cross_entropy`` for the backward. With PARTIAL (one shard of a vocabulary-parallel group)
+    write the merged partials instead, in the partial buffer's layout with one split: (4, rows), which the ranks
+    exchange and merge again, as ``n_splits`` = ranks of ``split_width`` = the shard's classes each."""
     eps = join_f64(eps_hi, eps_lo, DTYPE)
     gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
     z = join_f64(z_hi, z_lo, DTYPE)
@@ -226,7 +229,7 @@ def _lce_combine_kernel(
     s_i = tl.load(part_ptr + plane + offs, mask=mask, other=0.0)
     m = tl.max(m_i, axis=1)
     m_ref = tl.where(m > float("-inf"), m, 0.0)
-    log_s = tl.log(tl.sum(s_i * tl.exp(m_i - m_ref[:, None]), axis=1))
+    s = tl.sum(s_i * tl.exp(m_i - m_ref[:, None]), axis=1)
     x_y = tl.sum(tl.load(part_ptr + 3 * plane + offs, mask=mask, other=0.0), axis=1)
     coef_dot = tl.zeros([BLOCK_R], DTYPE)
     if HAS_SMOOTHING:
@@ -236,15 +239,22 @@ def _lce_combine_kernel(
         a_i = tl.where(mask & (m_i > float("-inf")), a_i + n_i[None, :] * (m_i - m_ref[:, None]), a_i)
         coef_dot = tl.sum(a_i, axis=1)
 
-    y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
-                        ignore_index)
-    valid = row_mask & (y != ignore_index)
-    in_range = (y >= 0) & (y < n_classes)
-    one = tl.zeros([BLOCK_R], DTYPE) + 1.0
-    loss, k1, kf, ky, k3 = _row_loss_and_coefs(m, log_s, x_y, one * n_classes, coef_dot, one, one, valid, in_range,
-                                               eps, gamma, z, n_classes, HAS_SMOOTHING)
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
-    _store_row_state(state_ptr, rows, row_mask, m, log_s, k1, kf, ky, k3)
+    if PARTIAL:
+        tl.store(state_ptr + rows, m, mask=row_mask)
+        tl.store(state_ptr + n_rows + rows, s, mask=row_mask)
+        tl.store(state_ptr + 2 * n_rows + rows, coef_dot, mask=row_mask)
+        tl.store(state_ptr + 3 * n_rows + rows, x_y, mask=row_mask)
+    else:
+        log_s = tl.log(s)
+        y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
+                            ignore_index)
+        valid = row_mask & (y != ignore_index)
+        in_range = (y >= 0) & (y < n_classes)
+        one = tl.zeros([BLOCK_R], DTYPE) + 1.0
+        loss, k1, kf, ky, k3 = _row_loss_and_coefs(m, log_s, x_y, one * n_classes, coef_dot, one, one, valid,
+                                                   in_range, eps, gamma, z, n_classes, HAS_SMOOTHING)
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        _store_row_state(state_ptr, rows, row_mask, m, log_s, k1, kf, ky, k3)
 
 
 @triton.jit
@@ -252,7 +262,7 @@ def _lce_dlogits_kernel(
     # pointers
     x_ptr, w_ptr, bias_ptr, target_ptr, state_ptr, row_scale_ptr, dlse_ptr, dlogits_ptr, dbias_part_ptr,
     # shapes
-    n_rows, n_hidden, n_classes, seq_len, col_start, chunk_width,
+    n_rows, n_hidden, n_classes, seq_len, col_start, chunk_width, class_offset,
     # strides (stride_row_scale is 0 for one scale shared by every row)
     stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, stride_target_outer, stride_target_seq, stride_row_scale,
     # constants
@@ -284,7 +294,7 @@ def _lce_dlogits_kernel(
     y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
                         ignore_index)
     p = tl.exp((x - m[:, None]) - log_s[:, None])
-    g = _dlogits_from_coefs(p, cols[None, :] == _class_i32(y, n_classes)[:, None], k1, kf, ky)
+    g = _dlogits_from_coefs(p, cols[None, :] == _class_i32(y - class_offset, n_classes)[:, None], k1, kf, ky)
     if HAS_SMOOTHING:
         g -= k3[:, None]
     if HAS_SOFTCAP:
@@ -381,31 +391,52 @@ def num_splits(cfg, n_classes):
 def linear_cross_entropy_forward(
     x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
     loss: torch.Tensor, row_state: torch.Tensor, *, ignore_index: int, label_smoothing: float, focal_gamma: float,
-    z_loss: float, softcap: Optional[float], shift: bool, input_precision: str,
+    z_loss: float, softcap: Optional[float], shift: bool, input_precision: str, class_offset: int = 0,
+    partial: bool = False,
 ) -> None:
     """Launch the forward: per-row ``loss`` (rows,) and the row state (rows, ROW_STATE) of
     ``kernels.cross_entropy`` (m, log s, K1, Kf, Ky, K3), in the compute dtype (fp32, fp64 for fp64 inputs).
     ``x2d`` (rows, H) and ``weight`` (V, H) with any strides, ``bias`` (V,) with any stride or None, ``target``
-    with a ``target_layout``. The per-split partials (``4 * n_splits * rows`` values) are allocated here."""
+    with a ``target_layout``. The per-split partials (``4 * n_splits * rows`` values) are allocated here.
+
+    A shard of a vocabulary-parallel group: ``weight`` holds classes ``class_offset ..``; with ``partial`` the
+    launch writes the shard's merged partials (m, s, A, x_y) into ``row_state`` as (4, rows) and no ``loss``;
+    ``linear_cross_entropy_combine`` finishes from every shard's."""
     n_rows, n_hidden = x2d.shape
     n_classes = weight.shape[0]
     cfg = config_for(x2d, weight)
     n_split, split_width = num_splits(cfg, n_classes)
-    dtype = _compute_dtype(x2d)
     seq_len, stride_target_outer, stride_target_seq = target_layout(target)
     part = torch.empty(4 * n_split * n_rows, dtype=loss.dtype, device=x2d.device)
     c = cfg["fwd"]
     _lce_fwd_kernel[(triton.cdiv(n_rows, c["BLOCK_N"]) * n_split,)](
         x2d, weight, bias, target, part,
-        n_rows, n_hidden, n_classes, seq_len, n_split, split_width,
+        n_rows, n_hidden, n_classes, seq_len, n_split, split_width, class_offset,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
         stride_target_outer, stride_target_seq,
         int(shift), ignore_index, *split_f64(softcap or 0.0),
         BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_N=c["GROUP_N"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
-        PRECISION=_precision(x2d, input_precision), DTYPE=dtype,
+        PRECISION=_precision(x2d, input_precision), DTYPE=_compute_dtype(x2d),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
+    linear_cross_entropy_combine(part, target, loss, row_state, n_classes=n_classes, split_width=split_width,
+                                 ignore_index=ignore_index, label_smoothing=label_smoothing, focal_gamma=focal_gamma,
+                                 z_loss=z_loss, shift=shift, partial=partial)
+
+
+@custom_launcher("linear_cross_entropy_combine", mutates_args=("loss", "row_state"))
+def linear_cross_entropy_combine(
+    part: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, row_state: torch.Tensor, *, n_classes: int,
+    split_width: int, ignore_index: int, label_smoothing: float, focal_gamma: float, z_loss: float, shift: bool,
+    partial: bool = False,
+) -> None:
+    """Launch ``_lce_combine_kernel`` on ``part`` (4, splits, rows) partials of ``split_width`` classes each (the
+    last split may be narrower), ``n_classes`` in all: the forward's vocabulary splits, or the shards of a
+    vocabulary-parallel group, each merged already (``split_width`` = the shard's classes)."""
+    n_rows = loss.shape[0] if not partial else row_state.shape[-1]
+    n_split = part.numel() // (4 * max(n_rows, 1))
+    seq_len, stride_target_outer, stride_target_seq = target_layout(target)
     block_r = configs.LCE_COMBINE_BLOCK_R
     _lce_combine_kernel[(triton.cdiv(n_rows, block_r),)](
         part, target, loss, row_state,
@@ -413,7 +444,7 @@ def linear_cross_entropy_forward(
         stride_target_outer, stride_target_seq,
         int(shift), ignore_index, *split_f64(label_smoothing), *split_f64(focal_gamma), *split_f64(z_loss),
         BLOCK_R=block_r, SPLITS=max(triton.next_power_of_2(n_split), 2),
-        HAS_SMOOTHING=label_smoothing > 0.0, DTYPE=dtype,
+        HAS_SMOOTHING=label_smoothing > 0.0, PARTIAL=partial, DTYPE=_compute_dtype(part),
         num_warps=configs.LCE_COMBINE_NUM_WARPS,
     )
 
@@ -423,18 +454,19 @@ def linear_cross_entropy_dlogits(
     x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
     row_state: torch.Tensor, row_scale: torch.Tensor, dlse: Optional[torch.Tensor], dlogits: torch.Tensor,
     dbias_part: Optional[torch.Tensor], col_start: int, *, ignore_index: int, label_smoothing: float,
-    softcap: Optional[float], shift: bool, input_precision: str,
+    softcap: Optional[float], shift: bool, input_precision: str, class_offset: int = 0,
 ) -> None:
     """Launch ``_lce_dlogits_kernel`` for the vocabulary chunk [col_start, col_start + dlogits.shape[1]):
     ``dlogits`` (rows, width) contiguous, in the input's dtype. ``row_scale`` is (rows,) or a 0-d tensor (one
-    scale for every row); ``dlse`` (rows,) or None; ``dbias_part`` (ceil(rows / BLOCK_N), width) fp32 or None."""
+    scale for every row); ``dlse`` (rows,) or None; ``dbias_part`` (ceil(rows / BLOCK_N), width) fp32 or None;
+    ``class_offset`` the first class of ``weight`` in a vocabulary-parallel group."""
     n_rows, n_hidden = x2d.shape
     width = dlogits.shape[1]
     seq_len, stride_target_outer, stride_target_seq = target_layout(target)
     c = config_for(x2d, weight)["dlogits"]
     _lce_dlogits_kernel[(triton.cdiv(n_rows, c["BLOCK_N"]) * triton.cdiv(width, c["BLOCK_V"]),)](
         x2d, weight, bias, target, row_state, row_scale, dlse, dlogits, dbias_part,
-        n_rows, n_hidden, weight.shape[0], seq_len, col_start, width,
+        n_rows, n_hidden, weight.shape[0], seq_len, col_start, width, class_offset,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
         stride_target_outer, stride_target_seq, 0 if row_scale.dim() == 0 else row_scale.stride(0),
         int(shift), ignore_index, *split_f64(softcap or 0.0),

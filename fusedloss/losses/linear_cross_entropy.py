@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _checks, _family
+from .. import _alloc, _checks, _distributed, _family
 from .._backend import matmul_backend
 from . import cross_entropy as ce
 
@@ -44,17 +44,23 @@ class LinearCrossEntropyOptions:
     shift: bool = False
     input_precision: str = "ieee"
     out_dtype: torch.dtype = torch.float32
+    # vocabulary parallelism: the weight holds classes class_offset .. of n_classes, split over process_group
+    n_classes: int = 0
+    class_offset: int = 0
+    process_group: Optional[object] = dataclasses.field(default=None, compare=False)
 
     def row_options(self, dtype):
         """The per-row cross-entropy of the logits (reduction 'none', in ``dtype``)."""
         return ce.CrossEntropyOptions(ignore_index=self.ignore_index, reduction="none",
                                       label_smoothing=self.label_smoothing, focal_gamma=self.focal_gamma,
-                                      z_loss=self.z_loss, softcap=self.softcap, out_dtype=dtype)
+                                      z_loss=self.z_loss, softcap=self.softcap, out_dtype=dtype,
+                                      n_classes=self.n_classes, class_offset=self.class_offset,
+                                      process_group=self.process_group)
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0, shift=False,
-                         return_lse=False, input_precision="ieee"):
+                         return_lse=False, input_precision="ieee", process_group=None):
     """Cross-entropy of the logits ``input @ weight.T + bias`` against class indices, without the logits.
 
     Equals ``F.cross_entropy(F.linear(input, weight, bias).reshape(-1, V), target.reshape(-1), ...)`` (reshaped
@@ -86,6 +92,15 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         input_precision: fp32 inputs only: ``'ieee'`` (default, full fp32 products), ``'tf32'`` or ``'tf32x3'``
             (tensor cores, Triton's meaning). 16-bit inputs always run on the tensor cores with fp32
             accumulation; fp64 runs in fp64.
+        process_group: vocabulary (tensor) parallelism: with a ``torch.distributed`` group of W ranks, ``weight``
+            and ``bias`` are this rank's slice of the classes, the r-th of W equal contiguous slices (the LM head
+            of a tensor-parallel model), ``input`` and ``target`` (global class indices) are the same on every
+            rank. Every rank returns the loss (and lse) of the whole problem; ``weight`` and ``bias`` get their
+            slice of the single-process gradient and ``input`` the whole single-process gradient (summed over the
+            ranks inside, so no collective is needed around the call). Communication: one all-gather of 4 numbers
+            per row in the forward (each rank sends ``16 N`` bytes, 32 for fp64, N the rows) and one all-reduce
+            of the ``N x H`` input gradient in the compute dtype in the backward (``4 N H`` bytes per rank before
+            the collective's own factor, about ``2 (W - 1) / W`` for a ring). Every rank must call it.
 
     Returns:
         The loss in ``input``'s dtype (as torch would return it; fp32 under autocast), or ``(loss, lse)`` with
@@ -94,7 +109,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     CPU backends raise ``IndexError`` on an out-of-range class index; on GPU that row's loss is NaN.
     """
     opts = _options(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                    focal_gamma, shift, return_lse, input_precision)
+                    focal_gamma, shift, return_lse, input_precision, process_group)
     if torch.is_autocast_enabled(input.device.type):
         # F.linear runs in the autocast dtype under autocast; cast here, differentiably, so that the gradients of
         # fp32 parameters come back in fp32, as autocast's own casts give
@@ -105,13 +120,14 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         raise TypeError(f"weight and bias must have input's dtype {input.dtype} (outside torch.autocast), got "
                         f"{weight.dtype}" + ("" if bias is None else f" and {bias.dtype}"))
     if target.device.type == "cpu":
-        _checks.check_class_range(target[..., 1:] if shift else target, weight.shape[0], opts.ignore_index)
+        _checks.check_class_range(target[..., 1:] if shift else target, opts.n_classes, opts.ignore_index)
     needs = _family.needs_grad(input, weight, bias, target)
     if matmul_backend(input.device, input.dtype) != "torch" and input.numel() > 0:
         loss, lse = _LinearCrossEntropy.apply(opts, needs, input, weight, bias, target)[:2]
-    elif torch.compiler.is_compiling():
+    elif torch.compiler.is_compiling() or process_group is not None:
         # the chunked torch engine differentiates chunk by chunk with torch.autograd.grad, which Dynamo does not
-        # trace: a compiled graph gets the definition itself (its logits materialized, as eager torch's are)
+        # trace: a compiled graph gets the definition itself (its logits materialized, as eager torch's are);
+        # so does a vocabulary-parallel call, whose shard's logits are a 1 / W slice
         loss, lse = _definition(opts, input, weight, bias, target)
     else:
         loss, lse = _LinearCrossEntropyTorch.apply(opts, needs, input, weight, bias, target)[:2]
@@ -123,7 +139,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
 
 
 def _options(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, focal_gamma,
-             shift, return_lse, input_precision):
+             shift, return_lse, input_precision, process_group=None):
     _checks.check_tensor("input", input, floating=True)
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension (..., H), got a 0-d tensor")
@@ -153,6 +169,10 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
     if input_precision not in _PRECISIONS:
         raise ValueError(f"input_precision must be one of {', '.join(map(repr, _PRECISIONS))}, "
                          f"got {input_precision!r}")
+    n_classes, class_offset = weight.shape[0], 0
+    if process_group is not None:
+        rank, world = _distributed.rank_and_size(_distributed.check_group(process_group))
+        n_classes, class_offset = n_classes * world, n_classes * rank
     return LinearCrossEntropyOptions(
         ignore_index=_checks.check_int("ignore_index", ignore_index),
         reduction=reduction,
@@ -164,6 +184,9 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
         shift=shift,
         input_precision=input_precision,
         out_dtype=_checks.autocast_fp32(input.device, input.dtype),
+        n_classes=n_classes,
+        class_offset=class_offset,
+        process_group=process_group,
     )
 
 
@@ -183,7 +206,11 @@ def _shifted_target(target, opts):
 def _rows_and_lse(opts, x2d, weight, bias, y):
     """Per-row losses and log-sum-exps of ``x2d @ weight.T + bias`` in the compute dtype (torch ops)."""
     dtype = _family.compute_dtype(x2d)
+    if opts.process_group is not None:  # a shard of the classes; the input's gradient is summed over the ranks
+        x2d = _distributed.copy_to_group(x2d, opts.process_group)
     logits = F.linear(x2d.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    if opts.process_group is not None:
+        return ce._sharded_rows_and_lse(opts.row_options(dtype), logits, y, None, None)
     rows = ce._definition(opts.row_options(dtype), logits, y, None, None)
     if opts.softcap is not None:
         logits = opts.softcap * torch.tanh(logits / opts.softcap)
@@ -232,17 +259,26 @@ class _LinearCrossEntropy(_family.LossFunction):
     @staticmethod
     def forward(opts, needs, input, weight, bias, target):
         from ..kernels.cross_entropy import ROW_STATE
-        from ..kernels.linear_cross_entropy import linear_cross_entropy_forward
+        from ..kernels.linear_cross_entropy import linear_cross_entropy_combine, linear_cross_entropy_forward
 
         x2d, target_k = _kernel_inputs(input, target)
         n_rows = x2d.shape[0]
         dtype = _family.compute_dtype(input)
         rows = _alloc.empty(n_rows, dtype=dtype, device=input.device)
         row_state = _alloc.empty((n_rows, ROW_STATE), dtype=dtype, device=input.device)
-        linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, row_state,
-                                     ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-                                     focal_gamma=opts.focal_gamma, z_loss=opts.z_loss, softcap=opts.softcap,
-                                     shift=opts.shift, input_precision=opts.input_precision)
+        kw = dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, focal_gamma=opts.focal_gamma,
+                  z_loss=opts.z_loss, shift=opts.shift)
+        if opts.process_group is None:
+            linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, row_state, softcap=opts.softcap,
+                                         input_precision=opts.input_precision, **kw)
+        else:  # this shard's statistics, every shard's merged as the splits of one vocabulary
+            partial = _alloc.empty((4, n_rows), dtype=dtype, device=input.device)
+            linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, partial, softcap=opts.softcap,
+                                         input_precision=opts.input_precision, class_offset=opts.class_offset,
+                                         partial=True, **kw)
+            shards = _distributed.all_gather(partial, opts.process_group).transpose(0, 1).contiguous()
+            linear_cross_entropy_combine(shards, target_k, rows, row_state, n_classes=opts.n_classes,
+                                         split_width=weight.shape[0], **kw)
         denominator = _denominator(target, opts, dtype) if opts.reduction == "mean" else None
         lead = tuple(input.shape[:-1])
         loss = _family.reduce(rows, opts.reduction, denominator, lead).to(opts.out_dtype)
@@ -283,14 +319,16 @@ def _recompute(ctx, inputs, state, grad_outputs):
     chunk = cfg["chunk"]
     n_chunks = -(-n_classes // chunk)
     kw = dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, softcap=opts.softcap,
-              shift=opts.shift, input_precision=opts.input_precision)
+              shift=opts.shift, input_precision=opts.input_precision, class_offset=opts.class_offset)
+    sharded = opts.process_group is not None
     dx = _alloc.empty((n_rows, n_hidden), dtype=x2d.dtype, device=device) if need_x else None
     dw = _alloc.empty(tuple(weight.shape), dtype=weight.dtype, device=device) if need_w else None
     db = _alloc.empty(n_classes, dtype=dtype, device=device) if need_b else None
     # dX accumulates over the vocabulary chunks in the compute dtype: in dx itself when that is its dtype,
-    # else in an fp32 buffer whose last chunk writes dx (see the kernels' docstring for the traffic).
+    # else in an fp32 buffer whose last chunk writes dx (see the kernels' docstring for the traffic). A shard's
+    # sum is summed over the ranks in the compute dtype before the scale and the cast.
     dx_acc = dx
-    if need_x and n_chunks > 1 and x2d.dtype != dtype:
+    if need_x and (n_chunks > 1 or sharded) and x2d.dtype != dtype:
         dx_acc = _alloc.empty((n_rows, n_hidden), dtype=dtype, device=device)
     # One workspace for every chunk: G, and the per-row-tile column sums of G for db.
     workspace = _alloc.empty(n_rows * min(chunk, n_classes), dtype=x2d.dtype, device=device)
@@ -309,9 +347,11 @@ def _recompute(ctx, inputs, state, grad_outputs):
             matmul(g.t(), x2d, dw[col_start:col_start + width], gemm_scale, None, gemm="gemm_dw",
                    input_precision=opts.input_precision)
         if need_x:  # the chunks' sums stay unscaled in dx_acc; the last one is scaled into dx
-            last = index == n_chunks - 1
+            last = index == n_chunks - 1 and not sharded
             matmul(g, weight[col_start:col_start + width], dx if last else dx_acc, gemm_scale if last else one,
                    None if index == 0 else dx_acc, gemm="gemm_dx", input_precision=opts.input_precision)
+    if need_x and sharded:
+        dx = _distributed.all_reduce_(dx_acc, opts.process_group).mul_(gemm_scale).to(x2d.dtype)
     grad_bias = (db * gemm_scale).to(bias.dtype) if need_b else None
     return (dx.view(input.shape) if need_x else None), dw, grad_bias, None
 

@@ -1,0 +1,86 @@
+"""Collectives for the losses that take a ``process_group``, each with the autograd its use needs.
+
+In a vocabulary-parallel loss every rank computes the same loss from statistics gathered from all ranks, and
+differentiates it only with respect to its own shard. So the gradient flowing into a rank's own contribution to a
+gathered tensor is the gradient of its copy of the loss alone: ``gather_shards``' backward takes the rank's slot
+and sends nothing. The replicated input of a vocabulary-parallel linear layer is the opposite case: each rank's
+loss depends on it only through the rank's shard, so its gradient is the sum over ranks (``copy_to_group``: the
+identity forward, an all-reduce backward), which is Megatron's pairing of these two functions.
+"""
+
+import torch
+
+
+def check_group(process_group):
+    """``process_group`` as given, after checking that it can be used (a ProcessGroup of an initialized
+    ``torch.distributed``); ValueError / TypeError naming it otherwise."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialized")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
+    return process_group
+
+
+def rank_and_size(process_group):
+    import torch.distributed as dist
+
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def all_gather(t, process_group):
+    """(world, *t.shape): every rank's ``t`` in rank order, one collective, not differentiable."""
+    import torch.distributed as dist
+
+    _, world = rank_and_size(process_group)
+    t = t.contiguous()
+    out = torch.empty((world * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t, group=process_group)  # concatenated along dim 0, as every backend takes it
+    return out.view((world,) + tuple(t.shape))
+
+
+def all_reduce_(t, process_group):
+    """``t`` summed over the ranks, in place."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=process_group)
+    return t
+
+
+class _GatherShards(torch.autograd.Function):
+    @staticmethod
+    def forward(t, process_group):
+        return all_gather(t, process_group)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.rank = rank_and_size(inputs[1])[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank], None
+
+
+def gather_shards(t, process_group):
+    """``all_gather`` whose backward keeps the gradient of this rank's own slot (module docstring)."""
+    return _GatherShards.apply(t, process_group)
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(t, process_group):
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.process_group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.clone(), ctx.process_group), None
+
+
+def copy_to_group(t, process_group):
+    """``t`` unchanged, with a backward that sums its gradient over the ranks (module docstring)."""
+    return _CopyToGroup.apply(t, process_group)
