@@ -27,8 +27,9 @@ def reference(x, target, *, weight=None, ignore_index=-100, reduction="mean", la
     if prob:
         rows = ce + z_loss * lse**2
         return {"none": rows, "sum": rows.sum(), "mean": rows.sum() / max(rows.numel(), 1)}[reduction]
+    target = target.long()  # a uint8 target compared with ignore_index=-100 must not wrap (torch compares in int64)
     valid = target != ignore_index
-    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    safe = torch.where(valid, target, torch.zeros_like(target))
     log_p_t = torch.log_softmax(x, dim=class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
     rows = ce
     if focal_gamma:
@@ -46,7 +47,7 @@ def reference(x, target, *, weight=None, ignore_index=-100, reduction="mean", la
         return rows
     if reduction == "sum":
         return rows.sum()
-    denom = valid.sum() if w is None else (w[safe] * valid).sum()
+    denom = valid.sum() if w is None else torch.where(valid, w[safe], 0.0).sum()
     return rows.sum() / denom
 
 
@@ -451,3 +452,154 @@ CONTRACT_CASES = [
     Case("cross_entropy-sum-uint8", fusedloss.cross_entropy,
          _ce_case((7, 20), reduction="sum", ignore=0.2, target_dtype=torch.uint8, ignore_index=255)),
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile inputs: what a drop-in must not get silently wrong
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_huge_logits_keep_log_s(tier, reduction):
+    """fp32 logits near 1e8: lse = m + log s rounds to m (the ulp there is 8), so lse - x_y would be 0 and the
+    gradient unnormalized; (m - x_y) + log s keeps torch's log 2 and the gradient (p - onehot)."""
+    x = torch.tensor([[1e8, 1e8], [1e8 + 8, 1e8 + 8]], dtype=torch.float32, device=tier.device, requires_grad=True)
+    target = torch.tensor([0, 1], device=tier.device)
+    out = fusedloss.cross_entropy(x, target, reduction=reduction)
+    ref = F.cross_entropy(x.detach().cpu().requires_grad_(), target.cpu(), reduction=reduction)
+    assert torch.allclose(out.cpu(), ref.detach(), rtol=1e-6), (out, ref)
+    assert torch.allclose(out.detach().cpu().reshape(-1)[0], torch.tensor(0.6931472), rtol=1e-6)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.allclose(g.cpu(), torch.tensor([[-0.5, 0.5], [0.5, -0.5]]) / (2 if reduction == "mean" else 1))
+
+
+@pytest.mark.parametrize("option", [{}, {"label_smoothing": 0.1}, {"focal_gamma": 2.0}, {"z_loss": 1e-3}])
+def test_minus_inf_logits_have_torchs_finite_gradient(tier, gen, option):
+    """Masked classes (-inf logits), including the target's: torch's gradient is finite (p = 0 there, and the
+    target row's gradient is -1 at the target); the loss is inf for that row as in torch."""
+    x, target = make_inputs(gen, (4, 9))
+    x[:, 5] = float("-inf")
+    x[1, target[1]] = float("-inf")
+    xt = x.to(tier.device).requires_grad_(True)
+    out = fusedloss.cross_entropy(xt, target.to(tier.device), reduction="none", **option)
+    (grad,) = torch.autograd.grad(out, xt, torch.ones_like(out))
+    x_ref = x.double().requires_grad_(True)
+    ref = reference(x_ref, target, reduction="none", **option)
+    (grad_ref,) = torch.autograd.grad(ref, x_ref, torch.ones_like(ref))
+    rows = [0, 2, 3]
+    assert rel_err(out[rows], ref[rows]) <= TOL[torch.float32]
+    assert torch.isinf(out[1]).item() == torch.isinf(ref[1]).item()
+    if option.get("label_smoothing") or option.get("z_loss"):
+        pytest.skip("smoothing over a -inf logit and z-loss of it are inf in torch as well; rows checked above")
+    assert torch.isfinite(grad[rows]).all().item() == torch.isfinite(grad_ref[rows]).all().item()
+    assert rel_err(grad[rows], grad_ref[rows]) <= TOL[torch.float32]
+
+
+def test_inf_weight_on_a_class_only_ignored_rows_have(tier, gen):
+    """torch's mean stays finite when the only rows of an inf-weight class are ignored: an ignored row
+    contributes 0 to the denominator, not 0 * inf."""
+    x, target = make_inputs(gen, (6, 11))
+    weight = torch.rand(11, generator=gen) + 0.5
+    target[target == 0] = 1
+    weight[0] = float("inf")
+    target[2] = -100
+    check(tier, x, target, torch.float32, weight=weight)
+
+
+def test_uint8_targets_compare_in_int64(tier, gen):
+    """A uint8 class 156 is not ignore_index=-100 (which wraps to 156 in uint8), and 255 is ignored only when
+    ignore_index is 255; 300 classes, so 156 and 255 are valid classes."""
+    x, _ = make_inputs(gen, (4, 300))
+    target = torch.tensor([156, 255, 3, 156], dtype=torch.uint8)
+    check(tier, x, target, torch.float32, ignore_index=-100)
+    check(tier, x, target, torch.float32, ignore_index=255)
+
+
+def test_strided_weight_alpha_and_target_read_in_place(tier, gen):
+    """A column of a label table, an expanded (stride-0) weight and a strided per-class alpha: the values the
+    caller sees, as torch reads them."""
+    x, _ = make_inputs(gen, (6, 40))
+    table = torch.randint(0, 40, (6, 3), generator=gen)
+    weight = (torch.rand(1, generator=gen) + 0.5).expand(40)
+    alpha = (torch.rand(80, generator=gen) + 0.5)[::2]
+    check(tier, x, table[:, 1], torch.float32, weight=weight, focal_alpha=alpha, focal_gamma=1.0,
+          label_smoothing=0.1)
+
+
+def test_transposed_probability_target_gradient(tier, gen):
+    x = randn(gen, 5, 9, scale=2.0)
+    target = torch.softmax(randn(gen, 9, 5, scale=2.0), dim=0).t()  # (5, 9), class stride 5
+    assert not target.is_contiguous()
+    check(tier, x, target, torch.float32, label_smoothing=0.1, reduction="sum")
+
+
+def test_autocast_returns_fp32_like_torch(tier, gen):
+    x, target = make_inputs(gen, (8, 50), dtype=torch.bfloat16)
+    x, target = x.to(tier.device).requires_grad_(True), target.to(tier.device)
+    with torch.autocast(tier.device.type, dtype=torch.bfloat16):
+        ours = fusedloss.cross_entropy(x, target, label_smoothing=0.1)
+        theirs = F.cross_entropy(x, target, label_smoothing=0.1)
+    assert ours.dtype == theirs.dtype == torch.float32
+    (g,) = torch.autograd.grad(ours, x)
+    assert g.dtype == torch.bfloat16
+    assert_close(ours, theirs, torch.bfloat16, "loss under autocast")
+
+
+@pytest.mark.parametrize("softcap", [float("inf"), float("nan"), -1.0])
+def test_softcap_must_be_a_finite_positive_number(tier, gen, softcap):
+    x, target = make_inputs(gen, (3, 5))
+    with pytest.raises(ValueError, match="softcap"):
+        fusedloss.cross_entropy(x.to(tier.device), target.to(tier.device), softcap=softcap)
+
+
+def test_number_arguments_in_every_form_torch_takes(tier, gen):
+    import numpy as np
+
+    x, target = make_inputs(gen, (4, 7), ignore_frac=0.3)
+    x, target = x.to(tier.device), target.to(tier.device)
+    expected = fusedloss.cross_entropy(x, target, ignore_index=-100, label_smoothing=0.25)
+    for ignore, eps in ((np.int64(-100), np.float32(0.25)), (torch.tensor(-100), torch.tensor(0.25))):
+        assert torch.equal(fusedloss.cross_entropy(x, target, ignore_index=ignore, label_smoothing=eps), expected)
+
+
+@pytest.mark.parametrize("shape,target_shape", [((0, 5), (0,)), ((3, 0), (3,)), ((0, 4, 2), (0, 2))])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_and_zero_width_inputs_give_torchs_answer(tier, shape, target_shape, reduction):
+    x = torch.zeros(shape, device=tier.device, requires_grad=True)
+    target = torch.full(target_shape, -100, dtype=torch.long, device=tier.device)
+    try:
+        expected = F.cross_entropy(x.detach().cpu(), target.cpu(), reduction=reduction)
+    except (IndexError, RuntimeError) as error:
+        with pytest.raises(type(error)):
+            fusedloss.cross_entropy(x, target, reduction=reduction)
+        return
+    out = fusedloss.cross_entropy(x, target, reduction=reduction)
+    assert out.shape == expected.shape and torch.equal(out.detach().cpu().isnan(), expected.isnan())
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property test: random shapes, options and layouts against the fp64 reference
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(
+    rows=st.integers(1, 6), classes=st.integers(1, 70), k_dim=st.booleans(), transposed=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]), smoothing=st.sampled_from([0.0, 0.05, 1.0]),
+    gamma=st.sampled_from([0.0, 0.5, 2.0]), z=st.sampled_from([0.0, 1e-2]), softcap=st.sampled_from([None, 3.0]),
+    weight=st.booleans(), ignore=st.sampled_from([0.0, 0.5, 1.0]), seed=st.integers(0, 2**16))
+def test_property_against_reference(tier, rows, classes, k_dim, transposed, reduction, smoothing, gamma, z, softcap,
+                                    weight, ignore, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (rows, classes, 3) if k_dim else (rows, classes)
+    x, target = make_inputs(gen, shape, ignore_frac=ignore)
+    if transposed:  # the same values, classes walked with a stride other than one
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    kw = dict(reduction=reduction, label_smoothing=smoothing, focal_gamma=gamma, z_loss=z, softcap=softcap)
+    if weight:
+        kw["weight"] = torch.rand(classes, generator=gen, dtype=torch.float64).float() + 0.1
+    check(tier, x, target, torch.float32, **kw)
