@@ -11,14 +11,37 @@ import os
 
 import torch
 
-try:
-    import triton  # noqa: F401  (the kernels need it; probing here keeps the error out of every call)
 
-    from . import kernels as _kernels
-except ImportError:  # triton is a Linux-only dependency; elsewhere only the torch backend exists
-    _kernels = None
+def _interpreter_requested():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-BACKENDS = ("triton", "triton-interpret", "torch")
+
+def _load_kernels():
+    """(the ``fusedloss.kernels`` package, None), or (None, why the Triton backends are unavailable). Only a
+    missing triton is a normal state (it is a Linux-only dependency): an interpreter requested without numpy, or
+    kernels missing from a source tree, is an error the caller should see."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        if getattr(error, "name", None) == "numpy" and _interpreter_requested():
+            raise ImportError("TRITON_INTERPRET=1 asks for Triton's interpreter, which needs numpy: "
+                              "pip install numpy (or fusedloss[test])") from error
+        return None, "triton is not installed (a Linux-only dependency of fusedloss)"
+    try:
+        from . import kernels
+    except ModuleNotFoundError as error:
+        if error.name == "fusedloss.kernels":
+            raise ImportError("fusedloss.kernels is missing: the kernels live in the repository's kernels/ folder "
+                              "and are installed as fusedloss.kernels; install the package (pip install -e .) "
+                              "instead of importing it from the source tree") from error
+        if error.name == "numpy" and _interpreter_requested():
+            raise ImportError("TRITON_INTERPRET=1 asks for Triton's interpreter, which needs numpy: "
+                              "pip install numpy (or fusedloss[test])") from error
+        raise
+    return kernels, None
+
+
+_kernels, _unavailable = _load_kernels()
 
 
 def backend(device):
@@ -32,7 +55,7 @@ def backend(device):
     if _kernels is None:
         if device.type == "cpu":
             return "torch"
-        raise RuntimeError(f"tensors on {device} need the Triton kernels, but triton is not installed")
+        raise RuntimeError(f"tensors on {device} need the Triton kernels, but {_unavailable}")
     if _kernels.INTERPRETED:
         return "triton-interpret"
     if device.type == "cuda":

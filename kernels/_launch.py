@@ -4,6 +4,8 @@ import functools
 
 import torch
 
+from . import INTERPRETED
+
 
 def custom_launcher(name, mutates_args):
     """Register a launcher as the custom op ``fusedloss::<name>`` (it writes into the caller's buffers named in
@@ -13,13 +15,12 @@ def custom_launcher(name, mutates_args):
     launcher's annotations are the op's schema."""
 
     def register(launcher):
-        op = torch.library.custom_op(f"fusedloss::{name}", mutates_args=mutates_args)(launcher)
+        body = _without_fp_warnings(launcher) if INTERPRETED else launcher
+        op = torch.library.custom_op(f"fusedloss::{name}", mutates_args=mutates_args)(body)
 
         @functools.wraps(launcher)
         def launch(*args, **kwargs):
-            if torch.compiler.is_compiling():
-                return op(*args, **kwargs)
-            return launcher(*args, **kwargs)
+            return (op if torch.compiler.is_compiling() else body)(*args, **kwargs)
 
         launch.op = op
         return launch
@@ -27,9 +28,18 @@ def custom_launcher(name, mutates_args):
     return register
 
 
-def strides_or_zero(t, count):
-    """``t``'s strides, or ``count`` zeros for an absent tensor (its pointer is never dereferenced)."""
-    return tuple(t.stride()) if t is not None else (0,) * count
+def _without_fp_warnings(launcher):
+    """``launcher`` with numpy's floating-point warnings off: Triton's interpreter evaluates the masked-out lanes of
+    a tile too (log(0), inf - inf, ...), which the kernels discard with ``tl.where``, and numpy would warn about
+    each of them."""
+    import numpy
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        with numpy.errstate(all="ignore"):
+            return launcher(*args, **kwargs)
+
+    return run
 
 
 @functools.lru_cache(maxsize=None)
