@@ -169,8 +169,8 @@ def contrastive_band_rows(n_cols, itemsize):
 # --- linear + cross-entropy (kernels.linear_cross_entropy) -----------------------------------------------------
 # The usual Ampere/Hopper GEMM tiles for each dtype, checked with bench/compile_report.py (HGMMA on sm_90 for 16-bit
 # inputs; no spills on sm_80/sm_90), not swept. Measured as they are on an H100 (bench/results/h100-2026-11-26.md):
-# N = 8192, H = 4096, V = 128256 bf16 forward + backward in 2.07x the bare matmuls' time. The byte budgets bound the workspace stated in
-# kernels/linear_cross_entropy.py's docstring.
+# N = 8192, H = 4096, V = 128256 bf16 forward + backward in 2.07x the bare matmuls' time. The byte budgets bound
+# the workspace stated in kernels/linear_cross_entropy.py's docstring.
 LCE_WORKSPACE_BYTES = 64 << 20  # backward: the G chunk (rows x chunk x itemsize) stays under this
 LCE_MAX_PARTIAL_BYTES = 16 << 20  # forward: the per-split partials (16 bytes x rows x splits, fp32)
 LCE_COMBINE_BLOCK_R = 64

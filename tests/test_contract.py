@@ -18,6 +18,7 @@ import importlib
 
 import pytest
 import torch
+
 from conftest import assert_close
 
 _FAMILIES = ("test_cross_entropy", "test_linear_cross_entropy", "test_binary", "test_pointwise", "test_triplet",

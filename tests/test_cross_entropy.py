@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
+
 from conftest import TOL, Case, assert_close, randn, rel_err
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ shipped configs on larger odd sizes, in bf16 as well (the interpreter computes b
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Case, assert_close, randn
 
 from fusedloss import _alloc
 from fusedloss.losses import linear_cross_entropy as host
 from fusedloss.losses.linear_cross_entropy import linear_cross_entropy
+
+from conftest import Case, assert_close, randn
 
 try:
     from fusedloss.kernels import configs

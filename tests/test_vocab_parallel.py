@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import DEVICE, assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))

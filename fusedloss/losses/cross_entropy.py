@@ -297,7 +297,8 @@ def _sharded_rows_and_lse(opts, input, target, weight, alpha):
         owned = (y != opts.ignore_index) & (local >= 0) & (local < n_cols)
         x_y = torch.where(owned, x.gather(-1, torch.where(owned, local, 0).unsqueeze(-1)).squeeze(-1), 0.0)
     stats = torch.stack([m, s, coef_sum, coef_dot, x_y], dim=-1).reshape(-1, 5)
-    m, s, coef_sum, coef_dot, x_y = merge_partial_stats(_distributed.gather_shards(stats, opts.process_group)).unbind(-1)
+    merged = merge_partial_stats(_distributed.gather_shards(stats, opts.process_group))
+    m, s, coef_sum, coef_dot, x_y = merged.unbind(-1)
     log_s = torch.log(s)
     lse = m + log_s
     smooth = coef_sum * log_s - coef_dot  # sum_c a_c (lse - x_c)
