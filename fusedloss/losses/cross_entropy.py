@@ -94,12 +94,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     opts, alpha = _options(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
                            focal_alpha, z_loss, softcap, inplace_backward, process_group)
-    if not target.is_floating_point() and target.device.type == "cpu":
+    on_torch = backend(input.device) == "torch"
+    # (on the torch backend F.cross_entropy raises IndexError itself, but not across the shards of a group)
+    if not target.is_floating_point() and target.device.type == "cpu" and not (on_torch and process_group is None):
         _checks.check_class_range(target, opts.n_classes, ignore_index)
     needs = _family.needs_grad(input, target, weight, alpha)
     # The torch backend is the definition itself; so are inputs the kernels do not cover: empty ones, and a
     # differentiable class weight (probability targets), whose gradient the kernels do not produce.
-    if backend(input.device) == "torch" or input.numel() == 0 or needs[2]:
+    if on_torch or input.numel() == 0 or needs[2]:
         return _definition(opts, input, target, weight, alpha)
     return _CrossEntropy.apply(opts, needs, input, target, weight, alpha)[0]
 
