@@ -1,6 +1,6 @@
 """Host-side argument checks: they read metadata only (shapes, dtypes, devices, argument values), run before
 any launch on every backend, and raise ``ValueError`` / ``TypeError`` naming the argument. Numbers are accepted
-in every form torch's own argument parser takes: Python and NumPy scalars, and 0-d tensors."""
+in every form torch's own argument parser takes: Python and NumPy scalars, and 0-d tensors (bools: Python's)."""
 
 import math
 import numbers
@@ -70,10 +70,10 @@ def check_int(name, value):
 
 
 def check_bool(name, value):
-    """A bool (Python's, or NumPy's, which is not a subclass of it), returned as bool."""
-    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+    """A Python bool, returned as is (torch's own parser refuses NumPy bools too)."""
+    if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
+    return value
 
 
 def legacy_reduction(size_average, reduce, reduction):

@@ -94,16 +94,19 @@ def needs_grad(*tensors):
     return tuple(bool(enabled and t is not None and t.requires_grad) for t in tensors)
 
 
-def save(ctx, opts, needs, inputs, *, state=(), fused=None, keep_inputs=True):
+def save(ctx, opts, needs, inputs, *, state=(), fused=None, keep_inputs=True, differentiable=1):
     """Record what every backward path needs.
 
     ``inputs``: the tensor inputs (None allowed), saved for the recompute and for higher-order gradients;
     ``keep_inputs=False`` when the forward overwrote one (``inplace_backward``): the only backward is then the
     fused one. ``state``: tensors the recompute reads (log-sum-exps, per-row coefficients). ``fused``: the
-    gradients the forward wrote, one per input (None where not written), or None when nothing was fused."""
+    gradients the forward wrote, one per input (None where not written), or None when nothing was fused.
+    ``differentiable``: how many of the forward's outputs, first in its tuple, carry a gradient (the rest are
+    state; under ``torch.compile`` their gradients arrive as zeros rather than None)."""
     ctx.set_materialize_grads(False)  # outputs without a gradient arrive as None, not as zeros
     ctx.save_for_backward(*(inputs if keep_inputs else (None,) * len(inputs)), *state)
     ctx.n_inputs = len(inputs)
+    ctx.n_differentiable = differentiable
     ctx.kept_inputs = keep_inputs
     ctx.opts, ctx.needs = opts, needs
     ctx.fused = fused
@@ -114,11 +117,12 @@ def backward(ctx, recompute, definition, grad_outputs):
     """The shared backward (module docstring). ``recompute(ctx, inputs, state, grad_outputs)`` returns one
     gradient per tensor input from the saved inputs and state; ``definition(opts, *inputs)`` returns the
     differentiable outputs in torch ops. Returns the gradients of ``forward``'s arguments (None for opts, needs)."""
+    grad_outputs = grad_outputs[:ctx.n_differentiable]
     if all(g is None for g in grad_outputs):
         return (None,) * (2 + ctx.n_inputs)
     if torch.is_grad_enabled():
         return (None, None, *_definition_grads(ctx, definition, grad_outputs))
-    only_loss = all(g is None for g in grad_outputs[1:])
+    only_loss = all(g is None for g in grad_outputs[1:ctx.n_differentiable])
     if ctx.fused is not None and only_loss:
         fused = ctx.fused
         if ctx.eager:

@@ -24,6 +24,9 @@ DEFAULT_NUM_SMS = 132
 # --- binary losses (kernels.binary._binary_kernel) -------------------------------------------------------------
 BINARY_BLOCK = 2048
 BINARY_NUM_WARPS = 8
+# fp64 math holds twice the registers per element: 16 warps (4 elements per thread) keep the fp64 focal loss and
+# strided variants of both elementwise kernels out of local memory (bench/compile_report.py, sm_80 / sm_90).
+BINARY_NUM_WARPS_FP64 = 16
 
 
 # --- cross-entropy family (kernels.cross_entropy) -------------------------------------------------------------
@@ -68,6 +71,7 @@ CE_LARGE_VOCAB = (4096, 8)
 # Streaming elementwise kernel, the same shape as BINARY_*: 8 warps x 2048 elements (8 per thread).
 POINTWISE_BLOCK = 2048
 POINTWISE_NUM_WARPS = 8
+POINTWISE_NUM_WARPS_FP64 = 16  # as BINARY_NUM_WARPS_FP64
 
 
 def _is_fp64(dtype):
@@ -113,7 +117,7 @@ def distillation_config(n_classes, dtype):
     return max(1, min(16, 1024 // block_v)), block_v, 4
 
 
-# --- contrastive losses: NT-Xent, CLIP, InfoNCE (kernels.contrastive) --------------------------------------------
+# --- contrastive losses: NT-Xent, CLIP, InfoNCE, SigLIP (kernels.contrastive) -----------------------------------
 # Chosen from tile arithmetic for sm_90 (H100) and checked with bench/compile_report.py for sm_80 / sm_90 (HGMMA in
 # every 16-bit variant on sm_90; no LDL/STL in the SASS), not swept. Measured as they are on an H100
 # (bench/results/h100-2026-11-26.md): CLIP N = 65536, d = 768, bf16 forward + backward at 27% of the bf16 matmul
@@ -123,18 +127,22 @@ def distillation_config(n_classes, dtype):
 CONTRASTIVE_FWD_PROGRAMS_PER_SM = 2  # symmetric CLIP: programs ~ 2 x SMs, each a band of consecutive row tiles
 CONTRASTIVE_BAND_BYTES = 1 << 29  # backward band buffer target: 512 MiB (4096 rows at N = 65536 in bf16)
 CONTRASTIVE_BAND_MIN_ROWS = 1024  # never fewer rows per band: the fp32 column-gradient update is 8 N d bytes per band
+# Tests only: the number of forward programs with column statistics (None: CONTRASTIVE_FWD_PROGRAMS_PER_SM per SM),
+# so that small problems in the interpreter run programs of several row tiles.
+CONTRASTIVE_FWD_PROGRAMS = None
 
 
-def contrastive_fwd_config(dim, itemsize, col_stats):
+def contrastive_fwd_config(dim, itemsize, heavy_epilogue):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the forward. For d <= 128 (SimCLR heads) BLOCK_D
     covers d and the row tile stays on chip for the whole column sweep. Otherwise d streams in 64-wide chunks and
     the row tile is re-read from L2 for every column tile: 128 x 128 tiles double the flops per byte of 128 x 64
-    ((128 + 128) d bytes for 2 * 128 * 128 d flops), but with the column statistics' state (COL_STATS) they spill
-    (255 registers and LDL/STL on sm_90), so that variant keeps BLOCK_N = 64."""
+    ((128 + 128) d bytes for 2 * 128 * 128 d flops), but with a heavy epilogue, the column statistics' state
+    (COL_STATS) or the sigmoid loss's terms (SIGMOID), they spill (255 registers and LDL/STL on sm_80 and sm_90),
+    so those variants keep BLOCK_N = 64."""
     if itemsize == 2:
         if dim <= 128:
             return 128, 64, max(16, triton.next_power_of_2(dim)), 8, 3
-        return 128, 64 if col_stats else 128, 64, 8, 3
+        return 128, 64 if heavy_epilogue else 128, 64, 8, 3
     if itemsize == 4:  # IEEE fp32 products run on the FMA pipes: smaller tiles, fewer registers
         return 64, 32, 16, 4, 2
     return 32, 32, 16, 4, 1
@@ -154,8 +162,8 @@ def contrastive_matmul_config(itemsize):
     tiles spill in the accumulating variant (the fp32 C tile it starts from), so 128 x 128."""
     if itemsize == 2:
         return 128, 128, 64, 8, 8, 3
-    if itemsize == 4:  # FMA pipes: BLOCK_K = 32 spills the accumulating variant on sm_80
-        return 64, 64, 16, 8, 4, 2
+    if itemsize == 4:  # FMA pipes: BLOCK_K = 32 spills the accumulating variant on sm_80, 2 stages the plain one on
+        return 64, 64, 16, 8, 4, 3  # sm_90 (compile report of kernels._gemm's matmul)
     return 32, 32, 16, 8, 4, 1
 
 
@@ -167,26 +175,56 @@ def contrastive_band_rows(n_cols, itemsize):
 
 
 # --- linear + cross-entropy (kernels.linear_cross_entropy) -----------------------------------------------------
-# The usual Ampere/Hopper GEMM tiles for each dtype, checked with bench/compile_report.py (HGMMA on sm_90 for 16-bit
-# inputs; no spills on sm_80/sm_90), not swept. Measured as they are on an H100 (bench/results/h100-2026-11-26.md):
-# N = 8192, H = 4096, V = 128256 bf16 forward + backward in 2.07x the bare matmuls' time. The byte budgets bound
-# the workspace stated in kernels/linear_cross_entropy.py's docstring.
-LCE_WORKSPACE_BYTES = 64 << 20  # backward: the G chunk (rows x chunk x itemsize) stays under this
+# "pointer" schedule (the default): the usual Ampere/Hopper GEMM tiles for each dtype, checked with
+# bench/compile_report.py (HGMMA on sm_90 for 16-bit inputs; no spills on sm_80/sm_90), not swept. Measured as
+# they are on an H100 (bench/results/h100-2026-11-26.md): N = 8192, H = 4096, V = 128256 bf16 forward + backward
+# in 2.07x the bare matmuls' time. "tma" schedule: opt-in until a GPU measures it (bench/NOTES.md holds the
+# predictions; bench/phases_linear_cross_entropy.py measures each phase). The byte budgets bound the workspace
+# stated in kernels/linear_cross_entropy.py's docstring.
+LCE_SCHEDULES = ("pointer", "tma")
+LCE_WORKSPACE_BYTES = 64 << 20  # pointer: the G chunk (rows x chunk x itemsize) stays under this
+# tma: 32 MiB of G chunk + the 2 N H bytes of the compensated dX sum's low half = 4.8% of the bf16 logits at
+# N = 8192, H = 4096, V = 128256 (the target is < 5%); the dX sum then moves 4 / w = 2e-3 bytes per GEMM FLOP.
+LCE_TMA_WORKSPACE_BYTES = 32 << 20
+# tma: persistent programs per SM. The 128 x 128 tile kernels hold 150-230 registers x 256 threads: one CTA per SM.
+LCE_TMA_PROGRAMS_PER_SM = 1
+# dW = G^T X on cuBLAS under "tma" (bf16, fp32, fp64, with the scale folded into G). cuBLAS reaches 85-92% of the
+# bf16 matmul rate on these shapes in the design study's model (84% measured on the CLIP band shapes, H100); it
+# runs over every token row, so ignored tokens' G rows are written as zeros. False: the Triton GEMM, which skips
+# them (bench/phases_linear_cross_entropy.py times both).
+LCE_DW_ON_CUBLAS = True
 LCE_MAX_PARTIAL_BYTES = 16 << 20  # forward: the per-split partials (16 bytes x rows x splits, fp32)
 LCE_COMBINE_BLOCK_R = 64
 LCE_COMBINE_NUM_WARPS = 4
+# accumulate_in_input_dtype=True (Liger-Kernel's schedule): the logits of this many bytes (a token chunk, the whole
+# vocabulary, in the input dtype) exist at once. 128 MiB = 512 tokens at V = 128256 in bf16 (6.2% of the logits):
+# each chunk also reads and writes the whole dW (2 V H s bytes, 1 GB at H = 4096), so fewer, larger chunks pay
+# less of that (16 chunks: 0.7 ms each on an H100 by bandwidth, against 0.7 ms of matmul).
+LCE_FAST_CHUNK_BYTES = 128 << 20
 # Tests only: a dict merged over the chosen config (e.g. 16-wide tiles, 3 splits, a 32-column chunk) so that
 # small problems in the interpreter cross several tiles, splits and chunks. None in normal use.
 LCE_OVERRIDE = None
 
 
+def lce_schedule():
+    """The linear cross-entropy kernels' schedule, from ``FUSEDLOSS_LCE_SCHEDULE`` (read here only): ``"pointer"``
+    (unset or empty: pointer loads, Triton GEMMs, fp32 dX sum) or ``"tma"`` (tensor-descriptor loads on a
+    persistent grid, dW on cuBLAS, compensated bf16 dX sum, ignored token tiles skipped; see
+    kernels/linear_cross_entropy.py). Read at every launch, so a process can switch between calls."""
+    schedule = os.environ.get("FUSEDLOSS_LCE_SCHEDULE", "") or "pointer"
+    if schedule not in LCE_SCHEDULES:
+        raise ValueError(f"FUSEDLOSS_LCE_SCHEDULE must be one of {', '.join(LCE_SCHEDULES)}, got {schedule!r}")
+    return schedule
+
+
 def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
     """Launch configuration of kernels.linear_cross_entropy for a (rows x hidden) @ (hidden x classes) problem:
-    ``fwd`` and ``dlogits`` (logit tiles BLOCK_N x BLOCK_V stepping BLOCK_H along H), ``gemm_dw`` and ``gemm_dx``
-    (the backward's two GEMMs), ``n_splits`` (the forward's vocabulary splits) and ``chunk`` (the backward's
-    vocabulary chunk).
+    ``schedule`` (``lce_schedule``), ``fwd`` and ``dlogits`` (logit tiles BLOCK_N x BLOCK_V stepping BLOCK_H along
+    H), ``gemm_dw`` and ``gemm_dx`` (the backward's two GEMMs), ``n_splits`` (the forward's vocabulary splits),
+    ``chunk`` (the backward's vocabulary chunk), ``programs`` (the persistent grid of the "tma" schedule) and
+    ``fast_rows`` (the token chunk of ``accumulate_in_input_dtype``).
 
-    16-bit inputs, on the tensor cores (wgmma on sm_90, mma.sync on sm_80):
+    16-bit inputs, on the tensor cores (wgmma on sm_90, mma.sync on sm_80), "pointer":
     - fwd: 128 x 128 logit tiles, 64 along H, 8 warps (two warpgroups of m64n128 wgmma), 3 stages (96 KB of
       shared memory); at 16 warps it spills;
     - dlogits: the same tile on 16 warps: its epilogue (p, the one-hot test, the cap's derivative, the cast and
@@ -195,14 +233,19 @@ def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
     - gemm_dw: 128 x 256 x 64, 8 warps, 3 stages (144 KB, within an A100's 164 KB);
     - gemm_dx: 128 x 128 x 64, 8 warps, 4 stages (128 KB): it starts from the loaded fp32 accumulator, which a
       128 x 256 tile cannot hold without spilling.
+    "tma": the same tiles; tensor descriptors take the 64-bit address tiles off the registers, so dlogits runs on
+    8 warps too (compile report: registers and no spills on sm_80 / sm_90, UTMALDG and HGMMA on sm_90).
     fp32 runs FMA (``ieee``) or tf32 on 64 x 64 x 16 tiles, fp64 on 32 x 32 x 16.
-    Splits: enough (token tile, split) programs for ~8 waves on ``num_sms`` SMs, so the last wave's tail costs
+    Splits: enough (token tile, split) items for ~8 waves on ``num_sms`` SMs, so the last wave's tail costs
     little, bounded by LCE_MAX_PARTIAL_BYTES. Chunk: the widest multiple of the tiles with rows x chunk x itemsize
-    within LCE_WORKSPACE_BYTES (at least one tile wide).
+    within the schedule's workspace budget (at least one tile wide). Skipping ignored token tiles needs
+    gemm_dx's BLOCK_M equal to dlogits' BLOCK_N and gemm_dw's BLOCK_K to divide it (one tile list serves all).
     """
+    schedule = lce_schedule()
+    tma = schedule == "tma"
     if itemsize == 2:
         tile = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3)
-        cfg = dict(fwd=tile, dlogits=dict(tile, num_warps=16),
+        cfg = dict(fwd=tile, dlogits=dict(tile, num_warps=8 if tma else 16),
                    gemm_dw=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
                    gemm_dx=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4))
     elif itemsize == 4:
@@ -213,14 +256,21 @@ def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
         tile = dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, GROUP_N=8, num_warps=4, num_stages=2)
         gemm = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
         cfg = dict(fwd=tile, dlogits=tile, gemm_dw=gemm, gemm_dx=gemm)
+    cfg.update(schedule=schedule, programs=LCE_TMA_PROGRAMS_PER_SM * num_sms if tma else 0)
     for key, value in (LCE_OVERRIDE or {}).items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+    tile_rows = cfg["dlogits"]["BLOCK_N"]
+    if tma and (cfg["gemm_dx"]["BLOCK_M"] != tile_rows or tile_rows % cfg["gemm_dw"]["BLOCK_K"]):
+        raise ValueError(f"skipping ignored token tiles needs gemm_dx BLOCK_M == dlogits BLOCK_N and gemm_dw BLOCK_K "
+                         f"dividing it, got {cfg['gemm_dx']['BLOCK_M']}, {tile_rows}, {cfg['gemm_dw']['BLOCK_K']}")
     rows = max(n_rows, 1)
     n_tiles = triton.cdiv(rows, cfg["fwd"]["BLOCK_N"])
     v_tiles = triton.cdiv(n_classes, cfg["fwd"]["BLOCK_V"])
     max_splits = max(1, LCE_MAX_PARTIAL_BYTES // (16 * rows))
     cfg.setdefault("n_splits", max(1, min(v_tiles, max_splits, triton.cdiv(8 * num_sms, n_tiles))))
     unit = max(cfg["dlogits"]["BLOCK_V"], cfg["gemm_dw"]["BLOCK_M"])
-    chunk = max(unit, LCE_WORKSPACE_BYTES // (rows * itemsize) // unit * unit)
+    budget = LCE_TMA_WORKSPACE_BYTES if tma else LCE_WORKSPACE_BYTES
+    chunk = max(unit, budget // (rows * itemsize) // unit * unit)
     cfg.setdefault("chunk", min(chunk, triton.cdiv(n_classes, unit) * unit))
+    cfg.setdefault("fast_rows", max(128, LCE_FAST_CHUNK_BYTES // (max(n_classes, 1) * itemsize) // 128 * 128))
     return cfg

@@ -1,5 +1,5 @@
 """mse_loss, l1_loss, huber_loss, smooth_l1_loss, kl_div and bradley_terry_loss against fp64 eager references
-(torch's own functions; for Bradley-Terry the seed's formula), in every tier."""
+(torch's own functions; for Bradley-Terry ``-logsigmoid(chosen - rejected - margin)``), in every tier."""
 
 import math
 import warnings
@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
-from conftest import assert_close, randn
 from fusedloss.losses.pointwise import bradley_terry_loss, huber_loss, kl_div, l1_loss, mse_loss, smooth_l1_loss
+
+from conftest import Case, assert_close, randn
 
 
 def bradley_terry_reference(chosen, rejected, margin=None, reduction="mean"):
-    """The seed's reward-model loss -log sigmoid(r_w - r_l), with TRL's margin subtracted from the gap."""
+    """The reward-model loss -log sigmoid(r_w - r_l), with TRL's margin subtracted from the gap."""
     loss = -F.logsigmoid(chosen - rejected - (0.0 if margin is None else margin))
     return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
 
@@ -63,7 +64,8 @@ REGRESSION_CASES = {
     "scalar": ((), ()),  # 0-d tensors, as torch allows
     "nd": ((2, 3, 4, 5), (2, 3, 4, 5)),
     "broadcast": ((5, 1, 7), (4, 1)),  # shapes differ: torch warns, the broadcast is materialized
-    "noncontiguous": ((40, 30), (40, 30)),  # transposed views: made contiguous on the host
+    "noncontiguous": ((40, 30), (40, 30)),  # transposed views: read through their strides
+    "expanded": ((6, 50), (50,)),  # the target expanded to the input's shape (stride 0): read in place
 }
 
 
@@ -76,6 +78,8 @@ def test_regression(tier, gen, name, case, reduction):
     t = randn(gen, max(math.prod(target_shape), 1)).reshape(target_shape)
     if case == "noncontiguous":
         x, t = x.t(), t.t()
+    if case == "expanded":
+        t = t.expand(input_shape)
     kw = {"delta": 0.7} if name == "huber" else {"beta": 0.7} if name == "smooth_l1" else {}
     check(tier, gen, name, [x, t], torch.float32, reduction=reduction, **kw)
 
@@ -116,6 +120,15 @@ def test_regression_thresholds(tier, gen, name, kw):
     check(tier, gen, name, [x, randn(gen, 7, 300)], torch.float32, reduction="mean", **kw)
 
 
+@pytest.mark.parametrize("name", ["mse", "l1"])
+def test_weighted_mean_with_zero_weights_is_torchs(tier, gen, name):
+    """'mean' divides by weight.sum() even when it is 0 (every element masked): torch's loss is 0 / 0 = NaN and so
+    are the gradients; no zero-gradient convention here."""
+    out = check(tier, gen, name, [randn(gen, 3, 5, scale=2.0), randn(gen, 3, 5)], torch.float32, reduction="mean",
+                weight=torch.zeros(3, 5))
+    assert torch.isnan(out).item()
+
+
 def test_l1_gradient_is_zero_at_equality(tier, gen):
     x = randn(gen, 5, 9)
     check(tier, gen, "l1", [x, x.clone()], torch.float32, reduction="sum")
@@ -123,11 +136,17 @@ def test_l1_gradient_is_zero_at_equality(tier, gen):
 
 @pytest.mark.parametrize("name", ["mse", "l1", "huber", "smooth_l1"])
 def test_regression_mixed_dtypes_and_integer_target(tier, gen, name):
-    """fp32 input with an fp64 target promotes (huber keeps the input's dtype, as torch); an integer target
-    promotes to the input's dtype and has no gradient."""
+    """fp32 input with an fp64 target promotes (huber keeps the input's dtype, as torch); an integer target of any
+    width and signedness (and bool, except for l1, which torch refuses) promotes to the input's dtype, read as its
+    value (an int8 -3 is -3, a uint8 200 is 200), and has no gradient."""
     x = randn(gen, 4, 33, scale=3.0)
     check(tier, gen, name, [x, randn(gen, 4, 33, dtype=torch.float64)], torch.float32, reduction="mean")
-    check(tier, gen, name, [x, torch.randint(-3, 4, (4, 33), generator=gen)], torch.float32, reduction="none")
+    for dtype, low, high in ((torch.int64, -3, 4), (torch.int8, -3, 4), (torch.uint8, 190, 210),
+                             (torch.int32, -3, 4), (torch.bool, 0, 2)):
+        if name == "l1" and dtype == torch.bool:
+            continue
+        target = torch.randint(low, high, (4, 33), generator=gen).to(dtype)
+        check(tier, gen, name, [x, target], torch.float32, reduction="none")
 
 
 def test_regression_broadcast_warns_like_torch(tier, gen):
@@ -174,13 +193,22 @@ def test_fused_gradient_is_final_when_grad_output_is_one(tier, gen, name):
     assert_close(x.grad, x64.grad, torch.float32, "d input")
 
 
-def test_empty(tier):
-    x = torch.zeros(0, 3, device=tier.device)
-    for fn in (mse_loss, l1_loss, huber_loss, smooth_l1_loss, bradley_terry_loss):
-        assert torch.isnan(fn(x, x)).item()
-        assert fn(x, x, reduction="sum").item() == 0.0
-        assert fn(x, x, reduction="none").shape == (0, 3)
-    assert torch.isnan(kl_div(x, x, reduction="batchmean")).item()  # 0 / input.size(0) = 0 / 0, as torch
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0), (0,)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "batchmean"])
+@pytest.mark.parametrize("name", list(OURS))
+def test_empty_and_zero_width_inputs_give_torchs_answer(tier, name, shape, reduction):
+    if reduction == "batchmean" and name != "kl_div":
+        pytest.skip("batchmean is kl_div's")
+    x = torch.zeros(shape, device=tier.device, requires_grad=True)
+    t = torch.zeros(shape, device=tier.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kl_div's 'mean' warning has its own test
+        out = OURS[name](x, t, reduction=reduction)
+        expected = REFERENCE[name](x.detach().cpu(), t.cpu(), reduction=reduction)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert_close(out, expected, torch.float64, "empty loss")  # NaN where torch's is NaN, equal elsewhere
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert grad.shape == x.shape
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,13 +293,13 @@ def test_bradley_terry(tier, gen, shape, margin, reduction):
         check(tier, gen, "bradley_terry", [chosen, rejected], torch.float32, reduction=reduction)
 
 
-def test_bradley_terry_is_the_seed_formula_at_large_gaps(tier):
+def test_bradley_terry_is_minus_log_sigmoid_at_large_gaps(tier):
     """-log sigmoid(u) for |u| up to 60: log1p keeps the loss of a confident right answer (~exp(-60)) instead of
     rounding it to 0, and a confident wrong answer costs |u|, without overflow."""
     chosen = torch.tensor([60.0, -60.0, 0.0, 20.0], dtype=torch.float64)
     rejected = torch.tensor([0.0, 0.0, 0.0, -20.0], dtype=torch.float64)
     out = bradley_terry_loss(chosen.to(tier.device), rejected.to(tier.device), reduction="none")
-    expected = -torch.log(torch.sigmoid(chosen - rejected))  # the seed's formula, exact in fp64 here
+    expected = -torch.log(torch.sigmoid(chosen - rejected))  # the definition, exact in fp64 here
     expected[0] = math.exp(-60.0)  # -log(sigmoid(60)) = log1p(exp(-60)), which sigmoid's rounding loses
     assert_close(out, expected, torch.float64)
     broadcast = bradley_terry_loss(torch.zeros(3, 1, device=tier.device), torch.zeros(4, device=tier.device),
@@ -329,3 +357,195 @@ def test_exports_and_modules(tier, gen):
                        kl_div(x, t, reduction="batchmean", log_target=True))
     assert torch.equal(fusedloss.nn.BradleyTerryLoss(margin=0.5)(x, t), bradley_terry_loss(x, t, margin=0.5))
     assert "weight" in fusedloss.nn.MSELoss(weight=w).state_dict()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NaN and infinite inputs: torch's values and gradients, element by element
+
+SPECIAL = (math.nan, math.inf, -math.inf)
+
+SPECIAL_CASES = {
+    "mse": {}, "l1": {}, "huber": {"delta": 0.7}, "huber-inf_delta": {"delta": math.inf},
+    "smooth_l1": {"beta": 0.7}, "smooth_l1-inf_beta": {"beta": math.inf}, "smooth_l1-zero_beta": {"beta": 0.0},
+    "kl_div": {}, "kl_div-log_target": {"log_target": True}, "bradley_terry": {"margin": 0.5},
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("case", list(SPECIAL_CASES))
+def test_nan_and_inf_like_torch(tier, case, reduction):
+    """torch's gradient at a NaN difference is NaN for huber and smooth_l1 (a clamp would give the finite bound),
+    0 for l1 (sign(NaN) = 0), inf - inf = NaN for the others; kl_div's target gradient is NaN at t = inf; every
+    loss and gradient of the kernel follows torch's, element by element."""
+    from test_binary import compare_special, special_grid
+
+    name = case.split("-")[0]
+    if name == "kl_div":
+        x, t = special_grid(SPECIAL + (0.0, -1.5), SPECIAL + (0.0, 0.3, -0.2))
+    else:
+        x, t = special_grid(SPECIAL + (0.0, 1.5, -40.0), SPECIAL + (0.0, 1.0, 0.3))
+    compare_special(tier, OURS[name], REFERENCE[name], x, t, reduction, **SPECIAL_CASES[case])
+
+
+def test_weight_nan_and_inf_like_torch(tier):
+    from test_binary import compare_special, special_grid
+
+    x, t = special_grid(SPECIAL + (0.0, 1.5), SPECIAL + (0.0, 0.3))
+    w = torch.tensor([1.0, math.inf, math.nan, 0.0, 0.5], dtype=torch.float64).repeat(x.numel() // 5)
+    for name in ("mse", "l1", "huber"):
+        compare_special(tier, OURS[name], REFERENCE[name], x, t, "none", weight=w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Higher order, autocast, number forms
+
+
+@pytest.mark.parametrize("name,kw", [("mse", {}), ("mse", {"reduction": "sum", "weight": True}),
+                                     ("huber", {"delta": 0.5}), ("bradley_terry", {})])
+def test_hessian_vector_product(tier, gen, name, kw):
+    """``torch.autograd.functional.hvp`` differentiates the gradient (create_graph=True): the definition's second
+    derivative, e.g. 2 v / numel for mse_loss, never zeros."""
+    x = randn(gen, 4, 6, dtype=torch.float64, device=tier.device)
+    t = randn(gen, 4, 6, dtype=torch.float64, device=tier.device)
+    v = randn(gen, 4, 6, dtype=torch.float64, device=tier.device)
+    if kw.get("weight"):
+        kw = dict(kw, weight=(torch.rand(4, 6, generator=gen, dtype=torch.float64) + 0.5).to(tier.device))
+    _, hvp = torch.autograd.functional.hvp(lambda a: OURS[name](a, t, **kw), x, v)
+    _, expected = torch.autograd.functional.hvp(lambda a: REFERENCE[name](a.cpu(), t.cpu(), **kw), x.cpu(), v.cpu())
+    assert_close(hvp, expected, torch.float64, "hvp")
+    assert hvp.abs().sum() > 0
+    if name == "mse" and not kw:
+        assert_close(hvp, 2 * v / x.numel(), torch.float64, "2 v / numel")
+
+
+@pytest.mark.parametrize("name", ["mse", "l1", "huber", "smooth_l1", "kl_div", "bradley_terry", "mse-weight"])
+def test_autocast_follows_torch(tier, gen, name):
+    """Under autocast the losses torch runs in fp32 return fp32 for bf16 inputs; Bradley-Terry keeps the inputs'
+    dtype, as torch's logsigmoid does. With a weight, mse_loss returns fp32 too (the fp32 policy of the function
+    replaced), where torch's own weighted composite is fp32 on CUDA (its pow is on the fp32 list) and bf16 on CPU."""
+    name, weighted = name.split("-")[0], name.endswith("weight")
+    x = randn(gen, 8, 40, dtype=torch.bfloat16, device=tier.device, requires_grad=True)
+    t = randn(gen, 8, 40, dtype=torch.bfloat16, device=tier.device)
+    kw = {"reduction": "batchmean"} if name == "kl_div" else {}
+    if weighted:
+        kw["weight"] = (torch.rand(8, 40, generator=gen) + 0.5).to(torch.bfloat16).to(tier.device)
+    with torch.autocast(tier.device.type, dtype=torch.bfloat16):
+        ours = OURS[name](x, t, **kw)
+        theirs = REFERENCE[name](x, t, **kw)
+    expected_dtype = torch.float32 if weighted else theirs.dtype
+    assert ours.dtype == expected_dtype == (torch.bfloat16 if name == "bradley_terry" else torch.float32)
+    reference = REFERENCE[name](x.detach().double(), t.double(), **{k: v.double() if isinstance(v, torch.Tensor)
+                                                                  else v for k, v in kw.items()})
+    assert_close(ours, reference, torch.bfloat16, "loss under autocast")
+    (g,) = torch.autograd.grad(ours, x)
+    assert g.dtype == torch.bfloat16
+
+
+def test_number_arguments_in_every_form(tier, gen):
+    import numpy as np
+
+    x, t = randn(gen, 4, 9, device=tier.device), randn(gen, 4, 9, device=tier.device)
+    for fn, name, value in ((huber_loss, "delta", 0.5), (smooth_l1_loss, "beta", 0.5),
+                            (bradley_terry_loss, "margin", 0.5)):
+        expected = fn(x, t, **{name: value})
+        for form in (np.float32(value), np.float64(value), torch.tensor(value, dtype=torch.float64)):
+            assert_close(fn(x, t, **{name: form}), expected, torch.float32, f"{name}={form!r}")
+    with pytest.raises(TypeError, match="log_target"):  # torch's kl_div refuses a NumPy bool too
+        kl_div(x, t, reduction="batchmean", log_target=np.bool_(True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The autograd / compile / layout contract (tests/test_contract.py)
+
+
+def _case(name, shapes, *rest, positive_target=False, weight=None, margin=None):
+    """``[input, target, *rest]`` of ``shapes`` (rest: the remaining positional arguments, in the function's
+    order); ``weight`` / ``margin`` (a shape) replace the argument at that position of ``rest`` (``(index, shape)``)."""
+    def make(gen, dtype):
+        x = randn(gen, *shapes[0], dtype=dtype, scale=2.0)
+        t = randn(gen, *shapes[1], dtype=dtype)
+        if name == "kl_div":
+            x = torch.log_softmax(x, -1)
+            t = torch.softmax(t, -1) if positive_target else torch.log_softmax(t, -1)
+        args = [x, t, *rest]
+        for extra in (weight, margin):
+            if extra is not None:
+                index, shape = extra
+                args[index] = (torch.rand(shape, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+        return args, {}
+
+    return make
+
+
+def _expand_arg(index):
+    def stride0(args, kw):
+        args = list(args)
+        args[index] = args[index].reshape(-1)[:1].expand(args[index].shape)
+        return args, kw
+
+    return stride0
+
+
+def _without_size_warning(fn):
+    """``fn`` without torch's (and our) warning about a target size that differs from the input's: the broadcast is
+    the point of the case."""
+    def call(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using a target size")
+            return fn(*args, **kwargs)
+
+    return call
+
+
+CONTRACT_CASES = [
+    Case("mse-mean-weight", mse_loss, _case("mse", ((5, 7), (5, 7)), None, None, "mean", None, weight=(5, (5, 7))),
+         grad_args=(0, 1, 5), compile=True, stride0=_expand_arg(1)),
+    Case("l1-none-broadcast_target", _without_size_warning(l1_loss), _case("l1", ((4, 6), (6,)), None, None, "none"),
+         grad_args=(0, 1)),
+    Case("huber-sum-weight", huber_loss, _case("huber", ((3, 8), (3, 8)), "sum", 0.5, None, weight=(4, (3, 8))),
+         grad_args=(0, 1, 4), stride0=_expand_arg(4)),
+    Case("smooth_l1-mean", smooth_l1_loss, _case("smooth_l1", ((6, 5), (6, 5)), None, None, "mean", 0.7),
+         grad_args=(0, 1)),
+    Case("kl_div-batchmean", kl_div, _case("kl_div", ((4, 9), (4, 9)), None, None, "batchmean", False,
+                                           positive_target=True), grad_args=(0, 1)),
+    Case("kl_div-none-log_target-broadcast", kl_div, _case("kl_div", ((3, 6), (6,)), None, None, "none", True),
+         grad_args=(0, 1), stride0=_expand_arg(1)),
+    Case("bradley_terry-margin_tensor", bradley_terry_loss,
+         _case("bradley_terry", ((9,), (9,)), None, "mean", margin=(2, (9,))), grad_args=(0, 1, 2), compile=True,
+         stride0=_expand_arg(2)),
+    Case("bradley_terry-none-broadcast", bradley_terry_loss,
+         _case("bradley_terry", ((5, 1), (5,)), 0.3, "none"), grad_args=(0, 1)),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property test: random shapes, broadcasts, layouts and options against torch in fp64
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(
+    name=st.sampled_from(["mse", "l1", "huber", "smooth_l1", "kl_div", "bradley_terry"]),
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=3), broadcast=st.lists(st.booleans(), min_size=3,
+                                                                                  max_size=3),
+    reduction=st.sampled_from(["mean", "sum", "none"]), weight=st.booleans(), transposed=st.booleans(),
+    seed=st.integers(0, 2**16))
+def test_property_against_torch(tier, name, shape, broadcast, reduction, weight, transposed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(shape)
+    target_shape = tuple(1 if b else n for n, b in zip(shape, broadcast))  # size-1 dimensions broadcast
+    x = randn(gen, *shape, dtype=torch.float64, scale=2.0)
+    t = randn(gen, *target_shape, dtype=torch.float64)
+    if transposed:  # the same values, read through the strides of a transposed copy
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    kw = {"reduction": reduction}
+    if name == "kl_div":
+        x, t = torch.log_softmax(x, -1), torch.softmax(t, -1)
+    if weight and name in ("mse", "l1", "huber"):
+        kw["weight"] = torch.rand(shape, generator=gen, dtype=torch.float64) + 0.25
+    if name in ("huber", "smooth_l1"):
+        kw["delta" if name == "huber" else "beta"] = 0.6
+    check(tier, gen, name, [x, t], torch.float64, **kw)
