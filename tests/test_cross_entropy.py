@@ -604,3 +604,17 @@ def test_property_against_reference(tier, rows, classes, k_dim, transposed, redu
     if weight:
         kw["weight"] = torch.rand(classes, generator=gen, dtype=torch.float64).float() + 0.1
     check(tier, x, target, torch.float32, **kw)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_single_read_schedule_through_the_public_function(tier, gen, monkeypatch, reduction):
+    """The opt-in single-read schedule (FUSEDLOSS_CE_SCHEDULE=single_read) behind cross_entropy: every extra,
+    ignored rows, a vocabulary of several chunks (small chunks in the interpreter)."""
+    if tier.name == "torch":
+        pytest.skip("a Triton schedule")
+    monkeypatch.setenv("FUSEDLOSS_CE_SCHEDULE", "single_read")
+    if tier.name == "interpret":
+        monkeypatch.setenv("FUSEDLOSS_CE_SINGLE_READ_CONFIG", "1024,4")
+    kw, ignore = build_options(gen, 5000, OPTIONS["everything"])
+    x, target = make_inputs(gen, (5, 5000), ignore_frac=ignore)
+    check(tier, x, target, torch.float32, reduction=reduction, **kw)

@@ -353,6 +353,14 @@ def _layouts(input, target):
     return input, (target if walkable is not None else target.contiguous())
 
 
+def _single_read(logits, target):
+    """Whether the fused forward takes the single-read schedule (``kernels.cross_entropy_single_read``): opt-in
+    with ``FUSEDLOSS_CE_SCHEDULE=single_read`` until a GPU run has measured it, for the layouts it covers."""
+    from ..kernels.cross_entropy_single_read import single_read_applies, single_read_enabled
+
+    return single_read_enabled() and single_read_applies(logits, target)
+
+
 def _inplace(opts):
     return opts.inplace_backward and not torch.compiler.is_compiling()
 
@@ -367,6 +375,7 @@ class _CrossEntropy(_family.LossFunction):
             cross_entropy_finish,
             cross_entropy_forward,
         )
+        from ..kernels.cross_entropy_single_read import cross_entropy_single_read
 
         logits, target = _layouts(input, target)
         dtype = _family.compute_dtype(input, target)
@@ -383,7 +392,11 @@ class _CrossEntropy(_family.LossFunction):
             grad_scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, input.device)
         kw = dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, focal_gamma=opts.focal_gamma,
                   focal_alpha=opts.focal_alpha, z_loss=opts.z_loss)
-        if opts.process_group is None:
+        if opts.process_group is None and grad is not None and _single_read(logits, target):
+            # opt-in (FUSEDLOSS_CE_SCHEDULE=single_read): each row read once, the gradient written from registers
+            cross_entropy_single_read(logits, target, weight, alpha, grad_scale, rows, row_state, grad,
+                                      softcap=opts.softcap, **kw)
+        elif opts.process_group is None:
             cross_entropy_forward(logits, target, weight, alpha, grad_scale, rows, row_state, grad,
                                   softcap=opts.softcap, **kw)
         else:  # this rank's statistics, everyone's merged, then the loss; the gradient needs a second read
