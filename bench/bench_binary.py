@@ -5,6 +5,8 @@ Work, per tensor of M elements of s bytes (targets in the input's dtype):
     forward + backward bytes = 3 M s (input and target read once, input gradient written once)
 The fused kernel moves exactly that: the gradient is written by the forward launch and a plain backward() of a
 mean/sum moves nothing.
+
+Sizes: ``--quick`` (CPU, fp32): M = 2^20. GPU (bf16): M = 2^28 (1 GiB of input + target).
 """
 
 import pytest
@@ -12,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
-from benchutil import provider_fn, skip_if_oom
+
+from benchutil import provider_fn, row, skip_if_oom
 
 
 def eager_sigmoid_focal(x, t, alpha=0.25, gamma=2.0):
@@ -24,8 +27,9 @@ def eager_sigmoid_focal(x, t, alpha=0.25, gamma=2.0):
     return ((alpha * t + (1 - alpha) * (1 - t)) * loss).mean()
 
 
+# loss -> (fusedloss, eager)
 LOSSES = {
-    "bce": (lambda x, t: fusedloss.binary_cross_entropy_with_logits(x, t), F.binary_cross_entropy_with_logits),
+    "bce": (fusedloss.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits),
     "sigmoid_focal": (lambda x, t: fusedloss.sigmoid_focal_loss(x, t, reduction="mean"), eager_sigmoid_focal),
 }
 
@@ -34,27 +38,12 @@ LOSSES = {
 @pytest.mark.parametrize("provider", ["fusedloss", "eager", "torch.compile"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_binary(run_bench, device, quick, loss, provider, mode):
-    if provider == "torch.compile" and device.type == "cpu":
-        pytest.skip("torch.compile is benchmarked on GPU only")
     fn = provider_fn(provider, *LOSSES[loss], key=loss)
-    numel = (1 << 20) if quick else (1 << 28)  # 268M elements: 1.6 GB of bf16 input + target
+    numel = (1 << 20) if quick else (1 << 28)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
     x = skip_if_oom(lambda: torch.randn(numel, device=device, dtype=dtype, generator=gen))
-    t = (torch.rand(numel, device=device, generator=gen) > 0.9).to(dtype)
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(x, t)
-        bytes_moved = 2 * numel * x.element_size()
-    else:
-        x.requires_grad_(True)
-
-        def step():
-            x.grad = None
-            fn(x, t).backward()
-        bytes_moved = 3 * numel * x.element_size()
-    skip_if_oom(step)
-    run_bench(step, bytes=bytes_moved, rounds=10 if device.type == "cuda" else 5, warmup_rounds=2,
-              family=loss, provider=provider, config="mean", mode=mode, shape=f"{numel}",
-              dtype=str(dtype).replace("torch.", ""), backend=fusedloss.backend(device))
+    t = skip_if_oom(lambda: (torch.rand(numel, device=device, generator=gen) > 0.9).to(dtype))
+    run_bench(fn, [x, t], differentiable=[x] if mode == "fwd_bwd" else [], reference=LOSSES[loss][1],
+              bytes=(2 if mode == "fwd" else 3) * numel * x.element_size(),
+              **row(loss, provider, mode, f"{numel}", "mean", dtype))

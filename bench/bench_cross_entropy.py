@@ -1,13 +1,16 @@
-"""Cross-entropy family: fused kernel vs eager PyTorch, torch.compile and Liger-Kernel.
+"""Cross-entropy family: fusedloss vs eager PyTorch, torch.compile and Liger-Kernel.
 
 Work, per (N rows, V classes) problem with element size s bytes (the minimum any implementation must move):
     forward            bytes = N V s (logits read once) + 8 N (int64 targets) + 4 N (fp32 per-row losses)
     forward + backward bytes = 2 N V s (logits read once, gradient written once) + 8 N + 4 N
-The fused kernel reads each row twice (pass 2 re-reads it, in reverse block order, mostly from L2), so its
-fraction of the copy bandwidth by this count is its efficiency against the one-read ideal.
+The fused kernel reads each row twice (its gradient pass re-reads the row, from HBM at LLM vocabularies:
+bench/NOTES.md), so its fraction of the copy bandwidth by this count is its efficiency against the one-read ideal.
 
-Configurations: ``plain`` (F.cross_entropy), ``ls+z`` (label smoothing 0.1, z-loss 1e-4: the most Liger
-supports) and ``ls+focal+z`` (plus focal gamma 2: the issue's target configuration).
+Configurations: ``plain`` (F.cross_entropy), ``ls+z`` (label smoothing 0.1, z-loss 1e-4: the most Liger-Kernel
+supports) and ``ls+focal+z`` (plus focal gamma 2: the configuration of the performance target).
+
+Sizes: ``--quick`` (CPU, fp32): N x V = 512 x 1000 and 256 x 32000. GPU (bf16): N = 16384 rows at V = 32000, 128256
+(Llama 3) and 256000 (Gemma).
 """
 
 import pytest
@@ -15,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
-from benchutil import skip_if_oom
+
+from benchutil import at_least_fp32, compiled, row, skip_if_oom
 
 CONFIGS = {
     "plain": {},
@@ -28,7 +32,7 @@ def eager_loss(x, y, label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
     """What a user writes in eager PyTorch for the same loss (fp32 math, as the fused kernel does)."""
     if not (z_loss or focal_gamma):
         return F.cross_entropy(x, y, label_smoothing=label_smoothing)
-    xf = x.float()
+    xf = at_least_fp32(x)
     ce = F.cross_entropy(xf, y, label_smoothing=label_smoothing, reduction="none")
     lse = torch.logsumexp(xf, dim=-1)
     if focal_gamma:
@@ -37,47 +41,33 @@ def eager_loss(x, y, label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
     return (ce + z_loss * lse * lse).mean()
 
 
-_compiled = {}
+def liger(label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
+    """``LigerCrossEntropyLoss``, defaults otherwise (it writes the gradient over the logits, in place)."""
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+
+    if focal_gamma:
+        pytest.skip("Liger-Kernel's cross-entropy has no focal term")
+    return LigerCrossEntropyLoss(label_smoothing=label_smoothing, lse_square_scale=z_loss)
 
 
-def compiled_loss(x, y, **kw):
-    key = tuple(sorted(kw.items()))
-    if key not in _compiled:
-        _compiled[key] = torch.compile(lambda a, b: eager_loss(a, b, **kw), dynamic=False)
-    return _compiled[key](x, y)
-
-
-def liger_loss():
-    try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-    except ImportError:
-        return None
-
-    cache = {}
-
-    def loss(x, y, label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
-        if focal_gamma:
-            pytest.skip("Liger-Kernel's cross-entropy has no focal term")
-        key = (label_smoothing, z_loss)
-        if key not in cache:
-            cache[key] = LigerCrossEntropyLoss(label_smoothing=label_smoothing, lse_square_scale=z_loss)
-        return cache[key](x, y)
-
-    return loss
-
-
+# provider -> (the loss for a configuration's keyword arguments, how it is called)
 PROVIDERS = {
-    "fusedloss": lambda x, y, **kw: fusedloss.cross_entropy(x, y, **kw),
-    "eager": eager_loss,
-    "torch.compile": compiled_loss,
-    "liger": liger_loss(),
+    "fusedloss": (lambda **kw: lambda x, y: fusedloss.cross_entropy(x, y, **kw),
+                  "fusedloss.cross_entropy(x, y, **config)"),
+    "eager": (lambda **kw: lambda x, y: eager_loss(x, y, **kw),
+              "F.cross_entropy; with z-loss or focal, fp32 log-sum-exp and per-row terms"),
+    "torch.compile": (lambda **kw: compiled(lambda x, y: eager_loss(x, y, **kw), ("ce", *sorted(kw.items()))),
+                      "torch.compile(eager, dynamic=False)"),
+    "liger": (liger, "LigerCrossEntropyLoss(label_smoothing=..., lse_square_scale=z_loss)"),
 }
+GPU_ONLY = {"torch.compile": "torch", "liger": "liger_kernel"}  # provider -> module it needs
+COMPILE_AT = ("medium", "ls+focal+z", "fwd_bwd")  # torch.compile runs here only (compile time)
 
 
 def shapes(quick):
     if quick:
-        return [(512, 1000), (512, 32000)]
-    return [(16384, 32000), (16384, 128256), (16384, 256000)]
+        return {"small": (512, 1000), "medium": (256, 32000)}
+    return {"small": (16384, 32000), "medium": (16384, 128256), "large": (16384, 256000)}
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -85,40 +75,25 @@ def shapes(quick):
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("size", ["small", "medium", "large"])
 def test_cross_entropy(run_bench, device, quick, provider, config, mode, size):
-    sizes = dict(zip(["small", "medium", "large"], shapes(quick)))
+    sizes = shapes(quick)
     if size not in sizes:
         pytest.skip("no such size in --quick mode")
-    n, v = sizes[size]
-    fn = PROVIDERS[provider]
-    if fn is None:
-        pytest.skip(f"{provider} is not importable")
-    if device.type == "cpu" and provider in ("torch.compile", "liger"):
+    if device.type == "cpu" and provider in GPU_ONLY:
         pytest.skip(f"{provider} is benchmarked on GPU only")
-    if provider == "torch.compile" and (config != "ls+focal+z" or mode != "fwd_bwd"):
-        pytest.skip("torch.compile is timed on the target configuration's forward+backward only (compile time)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if provider in GPU_ONLY:
+        pytest.importorskip(GPU_ONLY[provider], reason=f"{provider} is not installed")
+    if provider == "torch.compile" and (size, config, mode) != COMPILE_AT:
+        pytest.skip("torch.compile is timed on one problem only (compile time): V = 128256, ls+focal+z, "
+                    "forward+backward")
+    n, v = sizes[size]
+    make, settings = PROVIDERS[provider]
     kw = CONFIGS[config]
+    fn = make(**kw)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     x = skip_if_oom(lambda: torch.randn(n, v, device=device, dtype=dtype, generator=gen))
     y = torch.randint(0, v, (n,), device=device, generator=gen)
-
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(x, y, **kw)
-        bytes_moved = n * v * x.element_size() + 12 * n
-    else:
-        x.requires_grad_(True)
-
-        def step():
-            x.grad = None
-            fn(x, y, **kw).backward()
-        bytes_moved = 2 * n * v * x.element_size() + 12 * n
-    skip_if_oom(step)
-    skip_if_oom(lambda: _run(run_bench, step, bytes_moved, provider, config, mode, n, v, dtype, device))
-
-
-def _run(run_bench, step, bytes_moved, provider, config, mode, n, v, dtype, device):
-    run_bench(step, bytes=bytes_moved, rounds=10 if device.type == "cuda" else 5, warmup_rounds=2,
-              family="cross_entropy", provider=provider, config=config, mode=mode, shape=f"{n}x{v}",
-              dtype=str(dtype).replace("torch.", ""), backend=fusedloss.backend(device))
+    passes = 1 if mode == "fwd" else 2  # logits read; + gradient written
+    run_bench(fn, [x, y], differentiable=[x] if mode == "fwd_bwd" else [],
+              reference=lambda a, b: eager_loss(a, b, **kw), bytes=passes * n * v * x.element_size() + 12 * n,
+              **row("cross_entropy", provider, mode, f"{n}x{v}", config, dtype, settings))

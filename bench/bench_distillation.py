@@ -3,19 +3,21 @@
 Work, per (N rows, V classes) with s-byte student and teacher logits (the teacher frozen, the usual case):
     forward            bytes = 2 N V s (student and teacher read once) + 4 N (fp32 per-row losses)
     forward + backward bytes = 3 N V s (both read once, the student's gradient written once) + 4 N
-The fused kernel reads each row of both twice (the gradient pass re-reads them in reverse block order; at LLM
-vocabularies most of a row is no longer in L2 by then), so its fraction of the copy bandwidth by this count is its
-efficiency against the one-read ideal. Eager materializes log_softmax of both (two N x V tensors), the pointwise
-KL (a third) and the backward's temporaries.
+The fused kernel reads each row of both twice (the gradient pass re-reads them; at LLM vocabularies most of a row
+is no longer in L2 by then), so its fraction of the copy bandwidth by this count is its efficiency against the
+one-read ideal. Eager materializes log_softmax of both (two N x V tensors), the pointwise KL (a third) and the
+backward's temporaries.
+
+Sizes: ``--quick`` (CPU, fp32): 256 x 32000. GPU (bf16): 8192 x 32000, 8192 x 128256, 4096 x 256000.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fusedloss
-from benchutil import provider_fn, skip_if_oom, timed_step
-from fusedloss.losses.distillation import kl_div_with_logits
+from fusedloss import kl_div_with_logits
+
+from benchutil import provider_fn, row, skip_if_oom
 
 TEMPERATURE = 2.0
 
@@ -40,19 +42,13 @@ def test_distillation(run_bench, device, quick, provider, size, mode):
     sizes = shapes(quick)
     if size not in sizes:
         pytest.skip("no such size in --quick mode")
-    if provider == "torch.compile" and device.type == "cpu":
-        pytest.skip("torch.compile is benchmarked on GPU only")
     n, v = sizes[size]
     fn = provider_fn(provider, lambda s, t: kl_div_with_logits(s, t, TEMPERATURE), eager_distillation,
                      key="distillation")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
-    student = skip_if_oom(lambda: torch.randn(n, v, device=device, dtype=dtype, generator=gen))
-    teacher = skip_if_oom(lambda: torch.randn(n, v, device=device, dtype=dtype, generator=gen))
-    step = timed_step(fn, [student, teacher], mode, differentiable=[student])
-    skip_if_oom(step)
-    bytes_moved = (2 if mode == "fwd" else 3) * n * v * student.element_size() + 4 * n
-    skip_if_oom(lambda: run_bench(step, bytes=bytes_moved, rounds=10 if device.type == "cuda" else 3,
-                                  warmup_rounds=2, family="distillation_kl", provider=provider,
-                                  config=f"T={TEMPERATURE}", mode=mode, shape=f"{n}x{v}",
-                                  dtype=str(dtype).replace("torch.", ""), backend=fusedloss.backend(device)))
+    student, teacher = skip_if_oom(lambda: [torch.randn(n, v, device=device, dtype=dtype, generator=gen)
+                                            for _ in range(2)])
+    run_bench(fn, [student, teacher], differentiable=[student] if mode == "fwd_bwd" else [],
+              reference=eager_distillation, bytes=(2 if mode == "fwd" else 3) * n * v * student.element_size() + 4 * n,
+              **row("distillation_kl", provider, mode, f"{n}x{v}", f"T={TEMPERATURE}", dtype))

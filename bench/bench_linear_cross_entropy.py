@@ -4,42 +4,42 @@ the bare matmuls.
 Work, per problem (N tokens, H hidden, V vocabulary), counted as the matmuls the loss needs, whoever computes it:
     forward            flops = 2 N H V   (the logits, x @ W^T)
     forward + backward flops = 6 N H V   (plus dX = G @ W and dW = G^T @ x, 2 N H V each)
-fusedloss's Triton backends do more, ``hw_flops`` = 2 N H V forward and 8 N H V forward + backward: the backward
-recomputes the logits instead of keeping them (the floor for exact gradients without the logits is 4/3 of the
-bare matmuls). Its torch backend (CPU) keeps a chunk of tokens' logits for the whole vocabulary, so it forms the
-gradient in the forward pass: 6 N H V.
-``frac_matmul`` compares the counted work with the bf16 matmul rate measured in the same session (an 8192^3
-matmul, bench/conftest.py); ``x_bare_matmul`` divides each median by that of the ``matmul`` provider, which times
-just the bare matmuls at this shape (x @ W^T; then G @ W and G^T @ x with a random G): the issue's target is
-<= 1.15 for fusedloss at N=8192, H=4096, V=128256, bf16, forward + backward.
+fusedloss's Triton backend does more, ``hw_flops`` = 8 N H V forward + backward: the backward recomputes the
+logits instead of keeping them (so the floor for exact gradients without the logits is 4/3 of the bare matmuls).
+Its torch backend (CPU) keeps a chunk of tokens' logits for the whole vocabulary and forms the gradient in the
+forward pass: 6 N H V. The ``matmul`` provider times just the bare matmuls at this shape (x @ W^T; then G @ W and
+G^T @ x with a random G of the logits' shape), the practical ceiling for any implementation; the report divides
+each time by it (target for fusedloss at N = 8192, H = 4096, V = 128256, bf16, forward + backward: <= 1.15x).
 
-Memory: ``peak_mem_mb`` (GPU) is the peak allocated during one step beyond what was allocated before it (the
-gradients included, bench/conftest.py); ``peak_beyond_grads_frac_logits`` subtracts the gradients of x and W and
-divides by the size of the logits in the input dtype (the issue's target: < 0.05).
+Memory: the report gives ``peak_mem_mb`` (beyond inputs, weight and their gradients: bench/conftest.py) as a
+fraction of the logits, ``logits_mb`` = N V s in the input dtype (target: < 5%).
 
 Providers:
 - ``fusedloss``: ``fusedloss.linear_cross_entropy`` (exact gradients);
 - ``eager``: ``F.cross_entropy(F.linear(x, W).float(), y)``, as Hugging Face causal LMs write it (logits
   materialized, upcast to fp32);
-- ``torch.compile``: that function compiled (forward + backward only: compile time);
-- ``liger``: ``LigerFusedLinearCrossEntropyLoss`` (token-chunked, the logits of a chunk materialized);
+- ``torch.compile``: that function compiled (plain forward + backward only: compile time);
+- ``liger``: ``LigerFusedLinearCrossEntropyLoss`` with its defaults (token-chunked, the logits of a chunk
+  materialized; dW accumulated in the input dtype); ``liger_fp32``: ``accum_dtype=torch.float32`` (dW accumulated
+  in fp32, its recommendation when training is unstable);
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy`` with its defaults (``filter_eps="auto"``: gradient entries
-  below bf16 resolution are skipped, so its gradient is approximate); ``cce_exact``: ``filter_eps=None``;
-- ``matmul``: the bare matmuls, the ceiling.
+  below the dtype's resolution are skipped, so its gradient is approximate: see the error column);
+  ``cce_exact``: ``filter_eps=None``, exact;
+- ``matmul``: the bare matmuls.
 
-Sizes: ``--quick`` (CPU, fp32, the torch backend): N = 1024, H = 256, V = 8192. GPU (bf16): the target
-N = 8192, H = 4096, V = 128256 (Llama 3's vocabulary), alone so that the file fits gpu_check.sh's per-file time.
+Sizes: ``--quick`` (CPU, fp32, the torch backend): N = 512, H = 256, V = 8192. GPU (bf16): the target N = 8192,
+H = 4096, V = 128256 (Llama 3's vocabulary).
 """
 
-import time
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import skip_if_oom, sync
 
 import fusedloss
-from fusedloss.losses.linear_cross_entropy import linear_cross_entropy
+
+from benchutil import at_least_fp32, compiled, row, skip_if_oom
 
 CONFIGS = {
     "plain": {},
@@ -48,7 +48,7 @@ CONFIGS = {
 
 
 def eager_loss(x, w, y, label_smoothing=0.0, z_loss=0.0, softcap=None):
-    logits = F.linear(x, w).float()
+    logits = at_least_fp32(F.linear(x, w))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     if not z_loss:
@@ -57,154 +57,101 @@ def eager_loss(x, w, y, label_smoothing=0.0, z_loss=0.0, softcap=None):
     return (ce + z_loss * torch.logsumexp(logits, dim=-1) ** 2).mean()
 
 
-_compiled = {}
-
-
-def compiled_loss(x, w, y, **kw):
-    key = tuple(sorted(kw.items()))
-    if key not in _compiled:
-        _compiled[key] = torch.compile(lambda a, b, c: eager_loss(a, b, c, **kw), dynamic=False)
-    return _compiled[key](x, w, y)
-
-
-def liger_loss():
-    try:
+def liger(accum_dtype):
+    def make(label_smoothing=0.0, z_loss=0.0, softcap=None):
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        return None
-    cache = {}
 
-    def loss(x, w, y, label_smoothing=0.0, z_loss=0.0, softcap=None):
-        key = (label_smoothing, z_loss, softcap)
-        if key not in cache:
-            cache[key] = LigerFusedLinearCrossEntropyLoss(label_smoothing=label_smoothing, lse_square_scale=z_loss,
-                                                          softcap=softcap)
-        return cache[key](w, x, y)
+        options = {"label_smoothing": label_smoothing, "lse_square_scale": z_loss, "softcap": softcap}
+        if accum_dtype is not None:
+            if "accum_dtype" not in inspect.signature(LigerFusedLinearCrossEntropyLoss).parameters:
+                pytest.skip("this Liger-Kernel version has no accum_dtype (added in 0.6.2)")
+            options["accum_dtype"] = accum_dtype
+        module = LigerFusedLinearCrossEntropyLoss(**options)
+        return lambda x, w, y: module(w, x, y)
 
-    return loss
+    return make
 
 
-def cce_loss(filter_eps):
-    try:
-        from cut_cross_entropy import linear_cross_entropy as cce
-    except ImportError:
-        return None
+def cce(filter_eps):
+    def make(label_smoothing=0.0, z_loss=0.0, softcap=None):
+        from cut_cross_entropy import linear_cross_entropy
 
-    def loss(x, w, y, label_smoothing=0.0, z_loss=0.0, softcap=None):
         if label_smoothing or z_loss:
             pytest.skip("Cut Cross-Entropy has no label smoothing or z-loss")
-        return cce(x, w, y, softcap=softcap, filter_eps=filter_eps)
+        return lambda x, w, y: linear_cross_entropy(x, w, y, softcap=softcap, filter_eps=filter_eps)
 
-    return loss
+    return make
 
 
+def bare_matmuls(x, w, g):
+    """x @ W^T, and with G (the logits' shape) the two gradient products G @ W and G^T @ x."""
+    x @ w.t()
+    if g is not None:
+        g @ w
+        g.t() @ x
+
+
+# provider -> (the loss for a configuration's keyword arguments, how it is called, module it needs)
 PROVIDERS = {
-    "fusedloss": linear_cross_entropy,
-    "eager": eager_loss,
-    "torch.compile": compiled_loss,
-    "liger": liger_loss(),
-    "cce": cce_loss("auto"),
-    "cce_exact": cce_loss(None),
-    "matmul": "bare",
+    "fusedloss": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, **kw),
+                  "fusedloss.linear_cross_entropy(x, W, y, **config)", None),
+    "eager": (lambda **kw: lambda x, w, y: eager_loss(x, w, y, **kw),
+              "F.cross_entropy(F.linear(x, W).float(), y), soft-cap and z-loss in fp32", None),
+    "torch.compile": (lambda **kw: compiled(lambda x, w, y: eager_loss(x, w, y, **kw), ("lce", *sorted(kw.items()))),
+                      "torch.compile(eager, dynamic=False)", "torch"),
+    "liger": (liger(None), "LigerFusedLinearCrossEntropyLoss(label_smoothing, lse_square_scale=z_loss, softcap), "
+                           "defaults otherwise (accum_dtype=None: dW accumulated in the input dtype)", "liger_kernel"),
+    "liger_fp32": (liger(torch.float32), "LigerFusedLinearCrossEntropyLoss(..., accum_dtype=torch.float32)",
+                   "liger_kernel"),
+    "cce": (cce("auto"), "cut_cross_entropy.linear_cross_entropy(x, W, y, softcap), defaults (filter_eps='auto': "
+                         "gradient filtering)", "cut_cross_entropy"),
+    "cce_exact": (cce(None), "cut_cross_entropy.linear_cross_entropy(x, W, y, softcap, filter_eps=None): exact",
+                  "cut_cross_entropy"),
+    "matmul": (None, "x @ W.T; G @ W and G.T @ x (forward + backward)", None),
 }
-GPU_ONLY = ("torch.compile", "liger", "cce", "cce_exact")
+GPU_ONLY = ("torch.compile", "liger", "liger_fp32", "cce", "cce_exact")
+PLAIN_ONLY = ("torch.compile", "matmul", "cce_exact")  # compile time; the matmuls have no options; one CCE suffices
 
 
 def shapes(quick):
     if quick:
-        return {"quick": (1024, 256, 8192)}
+        return {"quick": (512, 256, 8192)}
     return {"target": (8192, 4096, 128256)}
-
-
-def _bare_step(x, w, mode):
-    """The matmuls any implementation must do: x @ W^T; then G @ W and G^T @ x (G random, of the logits' shape and
-    dtype, made once)."""
-    if mode == "fwd":
-        return lambda: x @ w.t()
-    g = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
-
-    def step():
-        x @ w.t()
-        g @ w
-        g.t() @ x
-
-    return step
-
-
-_bare_ms = {}
-
-
-def bare_matmul_ms(x, w, mode, device):
-    """Median ms of the bare matmuls at this shape, measured once per session (the ``x_bare_matmul`` ratio)."""
-    key = (tuple(x.shape), tuple(w.shape), x.dtype, mode)
-    if key not in _bare_ms:
-        step = skip_if_oom(lambda: _bare_step(x, w, mode))
-        step()
-        sync(device)
-        times = []
-        for _ in range(5 if device.type == "cpu" else 10):
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        _bare_ms[key] = sorted(times)[len(times) // 2] * 1e3
-        del step
-    return _bare_ms[key]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("size", ["quick", "target"])
-def test_linear_cross_entropy(run_bench, benchmark, device, quick, provider, config, mode, size):
+def test_linear_cross_entropy(run_bench, device, quick, provider, config, mode, size):
     sizes = shapes(quick)
     if size not in sizes:
         pytest.skip(f"size {size} is not run {'with' if quick else 'without'} --quick")
-    n, hidden, vocab = sizes[size]
-    fn = PROVIDERS[provider]
-    if fn is None:
-        pytest.skip(f"{provider} is not importable")
+    make, settings, module = PROVIDERS[provider]
     if device.type == "cpu" and provider in GPU_ONLY:
         pytest.skip(f"{provider} is benchmarked on GPU only")
-    if provider == "torch.compile" and (config != "plain" or mode != "fwd_bwd"):
-        pytest.skip("torch.compile is timed on the plain forward+backward only (compile time)")
-    if provider in ("matmul", "cce_exact") and config != "plain":
+    if module is not None:
+        pytest.importorskip(module, reason=f"{provider} is not installed")
+    if provider in PLAIN_ONLY and config != "plain":
         pytest.skip(f"{provider} runs the plain configuration only")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if provider == "torch.compile" and mode != "fwd_bwd":
+        pytest.skip("torch.compile is timed on the forward+backward only (compile time)")
+    n, hidden, vocab = sizes[size]
     kw = CONFIGS[config]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     x = skip_if_oom(lambda: torch.randn(n, hidden, device=device, dtype=dtype, generator=gen))
-    w = skip_if_oom(lambda: torch.randn(vocab, hidden, device=device, dtype=dtype, generator=gen) / hidden ** 0.5)
+    w = skip_if_oom(lambda: torch.randn(vocab, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5)
     y = torch.randint(0, vocab, (n,), device=device, generator=gen)
-    bare = bare_matmul_ms(x, w, mode, device)
-
-    if provider == "matmul":
-        step = _bare_step(x, w, mode)
-    elif mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(x, w, y, **kw)
-    else:
-        x.requires_grad_(True)
-        w.requires_grad_(True)
-
-        def step():
-            x.grad = w.grad = None
-            fn(x, w, y, **kw).backward()
-
-    skip_if_oom(step)
     matmuls = 2 if mode == "fwd" else 6
     recompute = provider == "fusedloss" and mode == "fwd_bwd" and fusedloss.backend(device) != "torch"
-    hw = 8 if recompute else matmuls
-    median = skip_if_oom(lambda: run_bench(
-        step, flops=matmuls * n * hidden * vocab, rounds=10 if device.type == "cuda" else 3, warmup_rounds=2,
-        hw_flops=hw * n * hidden * vocab, family="linear_cross_entropy", provider=provider, config=config,
-        mode=mode, shape=f"{n}x{hidden}x{vocab}", dtype=str(dtype).replace("torch.", ""),
-        backend=fusedloss.backend(device), bare_matmul_ms=bare))
-    extra = benchmark.extra_info  # the same benchmark run_bench filled
-    extra["x_bare_matmul"] = median * 1e3 / bare
-    logits_bytes = n * vocab * x.element_size()
-    extra["logits_mb"] = logits_bytes / 2**20
-    if extra.get("peak_mem_mb") is not None:
-        grads = (n + vocab) * hidden * x.element_size() if mode == "fwd_bwd" else 0
-        extra["peak_beyond_grads_frac_logits"] = (extra["peak_mem_mb"] * 2**20 - grads) / logits_bytes
+    common = dict(flops=matmuls * n * hidden * vocab, hw_flops=(8 if recompute else matmuls) * n * hidden * vocab,
+                  logits_mb=n * vocab * x.element_size() / 2**20,
+                  **row("linear_cross_entropy", provider, mode, f"{n}x{hidden}x{vocab}", config, dtype, settings))
+    if provider == "matmul":
+        g = None if mode == "fwd" else skip_if_oom(
+            lambda: torch.randn(n, vocab, device=device, dtype=dtype, generator=gen))
+        run_bench(bare_matmuls, [x, w, g], **common)
+    else:
+        run_bench(make(**kw), [x, w, y], differentiable=[x, w] if mode == "fwd_bwd" else [],
+                  reference=lambda a, b, c: eager_loss(a, b, c, **kw), **common)

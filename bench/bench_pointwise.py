@@ -6,15 +6,17 @@ Work, per tensor of M elements of s bytes (input and target of one shape and dty
 The fused kernel moves exactly that: the gradient is written by the forward launch and a plain backward() of a
 mean/sum moves nothing. Eager's forward + backward reads input and target twice (forward, then backward) and
 writes the gradient: 5 M s, plus the elementwise temporaries of the composite losses (kl_div, Bradley-Terry).
+
+Sizes: ``--quick`` (CPU, fp32): M = 2^20. GPU (bf16): M = 2^28 (1 GiB of input + target).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fusedloss
-from benchutil import provider_fn, skip_if_oom, timed_step
-from fusedloss.losses.pointwise import bradley_terry_loss, huber_loss, kl_div, mse_loss
+from fusedloss import bradley_terry_loss, huber_loss, kl_div, mse_loss
+
+from benchutil import provider_fn, row, skip_if_oom
 
 
 def eager_bradley_terry(chosen, rejected):
@@ -22,8 +24,9 @@ def eager_bradley_terry(chosen, rejected):
     return -F.logsigmoid(chosen - rejected).mean()
 
 
+# loss -> (fusedloss, eager)
 LOSSES = {
-    "mse": (lambda x, t: mse_loss(x, t), F.mse_loss),
+    "mse": (mse_loss, F.mse_loss),
     "huber": (lambda x, t: huber_loss(x, t, delta=0.5), lambda x, t: F.huber_loss(x, t, delta=0.5)),
     "kl_div": (lambda x, t: kl_div(x, t, reduction="batchmean", log_target=True),
                lambda x, t: F.kl_div(x, t, reduction="batchmean", log_target=True)),
@@ -35,17 +38,11 @@ LOSSES = {
 @pytest.mark.parametrize("provider", ["fusedloss", "eager", "torch.compile"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_pointwise(run_bench, device, quick, loss, provider, mode):
-    if provider == "torch.compile" and device.type == "cpu":
-        pytest.skip("torch.compile is benchmarked on GPU only")
     fn = provider_fn(provider, *LOSSES[loss], key=loss)
-    numel = (1 << 20) if quick else (1 << 28)  # 268M elements: 1 GiB of bf16 input + target
+    numel = (1 << 20) if quick else (1 << 28)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
-    x = skip_if_oom(lambda: torch.randn(numel, device=device, dtype=dtype, generator=gen))
-    t = skip_if_oom(lambda: torch.randn(numel, device=device, dtype=dtype, generator=gen))
-    step = timed_step(fn, [x, t], mode, differentiable=[x])
-    skip_if_oom(step)
-    bytes_moved = (2 if mode == "fwd" else 3) * numel * x.element_size()
-    run_bench(step, bytes=bytes_moved, rounds=10 if device.type == "cuda" else 5, warmup_rounds=2,
-              family=loss, provider=provider, config="mean", mode=mode, shape=f"{numel}",
-              dtype=str(dtype).replace("torch.", ""), backend=fusedloss.backend(device))
+    x, t = skip_if_oom(lambda: [torch.randn(numel, device=device, dtype=dtype, generator=gen) for _ in range(2)])
+    run_bench(fn, [x, t], differentiable=[x] if mode == "fwd_bwd" else [], reference=LOSSES[loss][1],
+              bytes=(2 if mode == "fwd" else 3) * numel * x.element_size(),
+              **row(loss, provider, mode, f"{numel}", "mean", dtype))

@@ -3,12 +3,15 @@
 triplet_margin_loss, per (N rows, D features) triplet of s-byte tensors:
     forward            bytes = 3 N D s (anchor, positive, negative read once) + 4 N (fp32 per-row losses)
     forward + backward bytes = 6 N D s (the three inputs read once, their three gradients written once) + 4 N
-The fused kernel reads the inputs twice (the gradient pass re-reads them in reverse block order, mostly from
-L2), so its fraction of the copy bandwidth by this count is its efficiency against the one-read ideal.
+The fused kernel reads the inputs twice (the gradient pass re-reads them in reverse block order, partly from L2),
+so its fraction of the copy bandwidth by this count is its efficiency against the one-read ideal.
 
-batch_hard_triplet_loss, per (B rows, d features): mining is a Gram product, FLOPs = 2 B^2 d (recorded with the
-bf16 matmul rate as the ceiling); the loss and its gradient then move O(B d) bytes. Eager builds the B x B
-distance matrix (torch.cdist) and masks it: memory O(B^2), which the peak-memory column shows.
+batch_hard_triplet_loss, per (B rows, d features): mining is a Gram product, FLOPs = 2 B^2 d (the bf16 matmul rate
+is its ceiling); the loss and its gradient then move O(B d) bytes. Eager builds the B x B distance matrix
+(torch.cdist) and masks it: memory O(B^2), which the peak-memory column shows.
+
+Sizes: ``--quick`` (CPU, fp32): triplets 4096 x 128; batch-hard B x d = 512 x 128 and 2048 x 128. GPU (bf16):
+triplets 2^20 x 256 (1.5 GiB read); batch-hard 8192 x 512 and 65536 x 256.
 """
 
 import math
@@ -17,55 +20,49 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusedloss
-from benchutil import provider_fn, skip_if_oom, timed_step
-from fusedloss.losses.triplet import batch_hard_triplet_loss, triplet_margin_loss
+from fusedloss import batch_hard_triplet_loss, triplet_margin_loss
 
-def eager_batch_hard(x, labels, margin=0.3):
-    """Batch-hard mining as usually written: the full distance matrix, masked max / min per row."""
-    d = torch.cdist(x.float(), x.float())
+from benchutil import at_least_fp32, provider_fn, row, skip_if_oom
+
+
+def eager_batch_hard(x, labels, margin=1.0):
+    """Batch-hard mining as usually written: the full distance matrix, masked max / min per row; the mean over the
+    anchors that have both a positive and a negative (as fusedloss defines it)."""
+    xf = at_least_fp32(x)
+    d = torch.cdist(xf, xf)
     same = labels[:, None] == labels[None, :]
     positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=x.device)
     d_pos = d.masked_fill(~positive, -math.inf).amax(1)
     d_neg = d.masked_fill(same, math.inf).amin(1)
-    return torch.clamp_min(margin + d_pos - d_neg, 0.0).mean()
+    valid = positive.any(1) & ~same.all(1)
+    return torch.clamp_min(margin + d_pos - d_neg, 0.0)[valid].mean()
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("provider", ["fusedloss", "eager", "torch.compile"])
 @pytest.mark.parametrize("swap", [False, True])
 def test_triplet_margin_loss(run_bench, device, quick, provider, swap, mode):
-    if provider == "torch.compile" and device.type == "cpu":
-        pytest.skip("torch.compile is benchmarked on GPU only")
-    fn = provider_fn(provider, lambda a, p, n: triplet_margin_loss(a, p, n, swap=swap),
-                     lambda a, p, n: F.triplet_margin_loss(a, p, n, swap=swap), key=("triplet", swap))
-    n, d = (4096, 128) if quick else (1 << 20, 256)  # 1M triplets of 256 bf16 features: 1.5 GiB read
+    eager = lambda a, p, n: F.triplet_margin_loss(a, p, n, swap=swap)
+    fn = provider_fn(provider, lambda a, p, n: triplet_margin_loss(a, p, n, swap=swap), eager, key=("triplet", swap))
+    n, d = (4096, 128) if quick else (1 << 20, 256)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
-    inputs = [skip_if_oom(lambda: torch.randn(n, d, device=device, dtype=dtype, generator=gen)) for _ in range(3)]
-    step = timed_step(fn, inputs, mode, differentiable=inputs)
-    skip_if_oom(step)
-    bytes_moved = (3 if mode == "fwd" else 6) * n * d * inputs[0].element_size() + 4 * n
-    run_bench(step, bytes=bytes_moved, rounds=10 if device.type == "cuda" else 5, warmup_rounds=2,
-              family="triplet_margin", provider=provider, config="swap" if swap else "p=2", mode=mode,
-              shape=f"{n}x{d}", dtype=str(dtype).replace("torch.", ""), backend=fusedloss.backend(device))
+    inputs = skip_if_oom(lambda: [torch.randn(n, d, device=device, dtype=dtype, generator=gen) for _ in range(3)])
+    run_bench(fn, inputs, differentiable=inputs if mode == "fwd_bwd" else [], reference=eager,
+              bytes=(3 if mode == "fwd" else 6) * n * d * inputs[0].element_size() + 4 * n,
+              **row("triplet_margin", provider, mode, f"{n}x{d}", "swap" if swap else "p=2", dtype))
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("provider", ["fusedloss", "eager", "torch.compile"])
 @pytest.mark.parametrize("size", ["small", "large"])
 def test_batch_hard(run_bench, device, quick, provider, size, mode):
-    if provider == "torch.compile" and device.type == "cpu":
-        pytest.skip("torch.compile is benchmarked on GPU only")
-    sizes = {"small": (512, 128), "large": (2048, 128)} if quick else {"small": (8192, 512), "large": (65536, 256)}
-    b, d = sizes[size]
     fn = provider_fn(provider, batch_hard_triplet_loss, eager_batch_hard, key="batch_hard")
+    b, d = ({"small": (512, 128), "large": (2048, 128)} if quick else
+            {"small": (8192, 512), "large": (65536, 256)})[size]
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     gen = torch.Generator(device=device).manual_seed(0)
     x = skip_if_oom(lambda: torch.randn(b, d, device=device, dtype=dtype, generator=gen))
     labels = torch.randint(0, max(b // 4, 2), (b,), device=device, generator=gen)  # P x K batches, K ~ 4
-    step = timed_step(fn, [x, labels], mode, differentiable=[x])
-    skip_if_oom(step)
-    run_bench(step, flops=2 * b * b * d, rounds=10 if device.type == "cuda" else 3, warmup_rounds=1,
-              family="batch_hard_triplet", provider=provider, config="hinge", mode=mode, shape=f"{b}x{d}",
-              dtype=str(dtype).replace("torch.", ""), backend=fusedloss.backend(device))
+    run_bench(fn, [x, labels], differentiable=[x] if mode == "fwd_bwd" else [], reference=eager_batch_hard,
+              flops=2 * b * b * d, **row("batch_hard_triplet", provider, mode, f"{b}x{d}", "hinge", dtype))

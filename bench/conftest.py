@@ -1,24 +1,67 @@
-"""pytest-benchmark fixtures shared by every ``bench/bench_*.py``.
+"""The harness every ``bench/bench_*.py`` runs through: one way to time, one memory metric, one error metric, for
+every provider (fusedloss, the peers, torch.compile, eager) in the same process.
 
-Each benchmark states its work (bytes moved, or FLOPs) and records in ``extra_info`` the achieved GB/s or
-TFLOP/s, the fraction of the ceiling measured in the same session (device copy bandwidth, bf16 matmul rate),
-peak memory, dtype, shape, provider and device. ``bench/report.py`` renders the JSON.
+``run_bench(fn, inputs, differentiable=..., reference=..., bytes=... or flops=..., **info)`` measures the step
+``fn(*inputs)`` (forward under ``no_grad`` when ``differentiable`` is empty; otherwise forward + ``backward()``
+from cleared gradients of ``differentiable``):
 
-Sizes: ``--quick`` (the default without a GPU) uses small CPU shapes so the suite runs anywhere; on a GPU the
-full sizes of each issue's performance target run.
+- time, GPU: CUDA events around each call with the L2 flushed before it (``benchutil.event_times_ms``), their
+  median the primary number; next to it the wall clock of call + synchronize (pytest-benchmark's own rounds, each
+  after a flush), which adds launch and sync latency. CPU: the wall clock only, the fastest round (``STATISTIC``),
+  on ``FUSEDLOSS_BENCH_THREADS`` threads (default 1: with more threads than idle cores, every parallel op waits
+  for a descheduled thread and the same run varies by 10x), recording the share of the rounds' time that this
+  thread spent waiting for a CPU taken by other processes (``runqueue_wait_frac``). Rounds: after two warm-up
+  calls, as many as fill ~0.05 s per timer on GPU (3 to 50: the whole GPU suite must fit in a few minutes) and
+  ~0.3 s on CPU (7 to 60).
+  Every configuration runs twice, in two passes over the whole file (``rep1``, ``rep2``), so the two repeats are
+  minutes apart; the report gives their spread.
+- ``peak_mem_mb``: peak memory allocated during one step beyond the inputs, parameters and the gradients the step
+  produces (``benchutil.peak_extra_bytes`` states how: GPU allocator counters, CPU profiler allocation events);
+  what a loss costs on top of what any implementation must hold. Measured in ``rep1``.
+- ``max_rel_error``: the largest relative norm error of the loss and each gradient against ``reference`` (eager
+  PyTorch) on fp64 copies of the inputs (``benchutil.max_rel_error``). Forward + backward rows, ``rep1``.
 
-GPU timing: the timed callable ends with ``torch.cuda.synchronize()``, so each round is the wall time of the
-device work (launch overhead included, which is why the sizes are large enough for it not to matter).
+Work (``bytes`` with its formula, or ``flops``) is stated in each bench file; the report divides it by the time and
+compares it with the ceilings measured in the same session on a GPU (``benchutil.measure_ceilings``). The JSON's
+``machine_info`` records the device, torch / triton / CUDA versions, the threads and the installed peers'
+versions; each row records the ceilings of its session and ``settings``, how its provider was called; ``skipped``
+lists what did not run and why (a peer not installed, a baseline out of memory).
+
+Sizes: ``--quick`` (the default without a GPU) runs small CPU shapes; on a GPU the full sizes of the performance
+targets run.
 """
 
 import os
-import time
+import statistics
 
 import pytest
 import torch
-from benchutil import sync
+
+import fusedloss
+
+from benchutil import (
+    PEERS,
+    event_times_ms,
+    iqr,
+    l2_flush,
+    max_rel_error,
+    measure_ceilings,
+    peak_extra_bytes,
+    peer_version,
+    runqueue_wait_s,
+    sync,
+    warm_up,
+)
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# (seconds per timer, min rounds, max rounds) per repeat
+ROUNDS = {"cuda": (0.05, 3, 50), "cpu": (0.3, 7, 60)}
+# The time of a configuration: the median of the CUDA-event rounds; on a CPU shared with other processes, which only
+# ever add time (a 2-core machine running anything else slows a round by 2-10x at random), the fastest round.
+STATISTIC = {"cuda": statistics.median, "cpu": min}
+_session = {"skipped": {}, "oom": {}}
 
 
 def pytest_addoption(parser):
@@ -27,104 +70,165 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu_only: skipped on CPU (e.g. torch.compile and GPU-only peers)")
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("FUSEDLOSS_BENCH_THREADS", "1")))
+
+
+def pytest_generate_tests(metafunc):
+    """Every benchmark that uses ``run_bench`` runs twice (``rep1``, ``rep2``)."""
+    if "repeat" in metafunc.fixturenames:
+        metafunc.parametrize("repeat", [1, 2], ids=["rep1", "rep2"])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """All ``rep1`` items before all ``rep2`` items (a stable sort keeps each file's order within a pass)."""
+    def repeat_of(item):
+        callspec = getattr(item, "callspec", None)
+        return callspec.params.get("repeat", 1) if callspec else 1
+
+    items.sort(key=repeat_of)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and report.when in ("setup", "call"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _session["skipped"][_name(report.nodeid)] = reason.removeprefix("Skipped: ")
+
+
+def _name(nodeid):
+    """The test's name without its file and repeat: one entry per configuration."""
+    return nodeid.split("::")[-1].replace("[rep1-", "[").replace("[rep2-", "[")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_sessionfinish(session):
+    """Before pytest-benchmark writes its JSON: drop a benchmark cut short by an interrupt (bench/run.py's time
+    limit), whose rounds are incomplete and which would stop the JSON from being written at all."""
+    bench_session = session.config._benchmarksession
+    bench_session.benchmarks[:] = [b for b in bench_session.benchmarks if "ms" in b.extra_info]
+    yield
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    machine_info.update({
+        "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else
+        f"{machine_info.get('cpu', {}).get('brand_raw', 'CPU')} ({os.cpu_count()} CPUs)",
+        "device_type": DEVICE.type,
+        "fusedloss_backend": fusedloss.backend(DEVICE),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+        "timer": "cuda-events, L2 flushed" if DEVICE.type == "cuda" else "wall-clock",
+        "peers": {dist: peer_version(dist) for dist in PEERS},
+    })
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["skipped"] = [{"name": name, "reason": reason, **_session["oom"].get(name, {})}
+                              for name, reason in _session["skipped"].items()]
 
 
 @pytest.fixture(scope="session")
 def quick(request):
-    return request.config.getoption("--quick") or not torch.cuda.is_available()
+    return request.config.getoption("--quick") or DEVICE.type != "cuda"
 
 
 @pytest.fixture(scope="session")
 def device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _median_seconds(fn, device, repeat):
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-def _copy_fn(n_bytes, device):
-    src = torch.randn(n_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
-
-
-def _matmul_fn(n, dtype, device):
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return lambda: a @ b
+    return DEVICE
 
 
 @pytest.fixture(scope="session")
-def ceilings(device, quick):
-    """The two ceilings, measured once per session on this device.
+def ceilings():
+    """The GPU ceilings (copy bandwidth, bf16 matmul rate), measured once per session (so once per file with
+    bench/run.py) and recorded in every row; None on CPU."""
+    return measure_ceilings(DEVICE)
 
-    - copy bandwidth: a device-to-device copy of 2 GiB (64 MiB on CPU), counting bytes read + bytes written;
-    - matmul rate: an 8192^3 bf16 matmul on GPU (1024^3 fp32 on CPU), 2 * n^3 FLOPs, random data (zeros run
-      faster and would flatter the ceiling).
-    """
-    n_bytes = (64 << 20) if device.type == "cpu" else (2 << 30)
-    copy_s = _median_seconds(_copy_fn(n_bytes, device), device, 10)
-    n = 1024 if device.type == "cpu" else 8192
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    mm_s = _median_seconds(_matmul_fn(n, dtype, device), device, 10)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {
-        "copy_gbps": 2 * n_bytes / copy_s / 1e9,
-        "matmul_tflops": 2 * n**3 / mm_s / 1e12,
-        "matmul_dtype": str(dtype).replace("torch.", ""),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-    }
+
+@pytest.fixture(scope="session")
+def flush():
+    return l2_flush(DEVICE)
+
+
+def timed_step(fn, inputs, differentiable):
+    """The timed callable: ``fn(*inputs)`` under no_grad when nothing is differentiable, else its backward from
+    cleared gradients of ``differentiable``."""
+    if not differentiable:
+        def step():
+            with torch.no_grad():
+                fn(*inputs)
+        return step
+    for t in differentiable:
+        t.requires_grad_(True)
+
+    def step():
+        for t in differentiable:
+            t.grad = None
+        fn(*inputs).backward()
+    return step
 
 
 @pytest.fixture
-def run_bench(benchmark, device, ceilings):
-    """``run_bench(fn, *, bytes=None, flops=None, rounds=..., **info)``: time ``fn`` with pytest-benchmark,
-    measure its peak device memory in a separate call, and fill ``extra_info``.
-
-    ``peak_mem_mb`` is the peak allocated during one call beyond what was allocated before it: the inputs and,
-    for a forward+backward step that frees and reallocates ``x.grad``, the gradient too. So it is the memory a
-    loss needs on top of its inputs and outputs (eager's fp32 intermediates, a fused kernel's workspace)."""
-
-    def run(fn, *, bytes=None, flops=None, rounds=20, warmup_rounds=3, **info):
-        def timed():
-            fn()
-            sync(device)
-
-        peak = None
-        if device.type == "cuda":
-            sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            timed()
-            peak = torch.cuda.max_memory_allocated(device) - base
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-        median = benchmark.stats.stats.median
-        extra = benchmark.extra_info
-        extra.update(info)
-        extra["device"] = ceilings["device_name"]
-        extra["median_ms"] = median * 1e3
-        extra["peak_mem_mb"] = None if peak is None else peak / 2**20
-        extra["copy_gbps_ceiling"] = ceilings["copy_gbps"]
-        extra["matmul_tflops_ceiling"] = ceilings["matmul_tflops"]
-        if bytes is not None:
-            extra["bytes"] = bytes
-            extra["gbps"] = bytes / median / 1e9
-            extra["frac_copy_bw"] = extra["gbps"] / ceilings["copy_gbps"]
-        if flops is not None:
-            extra["flops"] = flops
-            extra["tflops"] = flops / median / 1e12
-            extra["frac_matmul"] = extra["tflops"] / ceilings["matmul_tflops"]
-        return median
+def run_bench(request, benchmark, device, ceilings, flush, repeat):
+    def run(fn, inputs, *, differentiable=(), reference=None, bytes=None, flops=None, **info):
+        try:
+            if ceilings:
+                info.update(copy_gbps_ceiling=ceilings["copy_gbps"], matmul_tflops_ceiling=ceilings["matmul_tflops"])
+            return _measure(benchmark, device, flush, repeat, fn, inputs, differentiable, reference,
+                            dict(info, bytes=bytes, flops=flops))
+        except torch.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            benchmark.extra_info.pop("ms", None)  # not a result: pytest_sessionfinish drops it
+            _session["oom"][_name(request.node.nodeid)] = info  # so the report can place it next to its problem
+            pytest.skip(f"out of memory: {str(exc).splitlines()[0]}")
 
     return run
+
+
+def _measure(benchmark, device, flush, repeat, fn, inputs, differentiable, reference, info):
+    step = timed_step(fn, inputs, differentiable)
+    rounds = warm_up(step, device, *ROUNDS[device.type])
+    extra = benchmark.extra_info
+    extra.update(info, repeat=repeat, rounds=rounds)
+    if info.get("provider") == "fusedloss":
+        extra["backend"] = fusedloss.backend(device)
+    if device.type == "cuda":
+        times = event_times_ms(step, rounds, flush)
+        extra["timer"] = "cuda-events"
+
+        def setup():
+            flush()
+            sync(device)
+
+        def wall():
+            step()
+            sync(device)
+
+        benchmark.pedantic(wall, setup=setup, rounds=rounds, warmup_rounds=0, iterations=1)
+    else:
+        waited = runqueue_wait_s()
+        benchmark.pedantic(step, rounds=rounds, warmup_rounds=0, iterations=1)
+        times = [t * 1e3 for t in benchmark.stats.stats.data]
+        extra["timer"] = "wall-clock"
+        if waited is not None:  # how much of the timed rounds other processes took: the run's reproducibility
+            extra["runqueue_wait_frac"] = (runqueue_wait_s() - waited) * 1e3 / sum(times)
+    statistic = STATISTIC[device.type]
+    extra.update(ms=statistic(times), statistic=statistic.__name__, median_ms=statistics.median(times),
+                 iqr_ms=iqr(times), times_ms=times)
+    extra.update(wall_ms=benchmark.stats.stats.median * 1e3, wall_iqr_ms=benchmark.stats.stats.iqr * 1e3)
+    if repeat == 1:
+        extra["peak_mem_mb"] = peak_extra_bytes(step, device, differentiable, inputs) / 2**20
+        if reference is not None and differentiable:
+            try:
+                extra["max_rel_error"] = max_rel_error(fn, reference, inputs, differentiable)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                extra["error_note"] = "fp64 reference out of memory"
+    return extra["ms"]

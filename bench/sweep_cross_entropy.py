@@ -4,19 +4,22 @@
     python bench/sweep_cross_entropy.py [--out FILE.json]
 
 For each (BLOCK_C, num_warps, CHUNK) and each problem, forward+backward of ``fusedloss.cross_entropy`` on bf16
-logits, timed with ``triton.testing.do_bench`` (CUDA events, median). Bytes counted as in
-``bench/bench_cross_entropy.py``: logits read once + gradient written once + targets + losses; the fraction
-is against a device-to-device copy measured in the same run.
+logits, timed as the benchmarks time (``bench/benchutil.py``: CUDA events, L2 flushed before each call, median of
+20 after two warm-up calls). Bytes counted as in ``bench/bench_cross_entropy.py``: logits read once + gradient
+written once + targets + losses; the fraction is against the device copy ceiling measured in the same run
+(``benchutil.measure_ceilings``).
 """
 
 import argparse
 import json
 import os
+import statistics
 
 import torch
-import triton
 
 import fusedloss
+
+from benchutil import event_times_ms, l2_flush, measure_ceilings
 
 # The H100 sweep of 2026-11-26 measured the first seven (bench/results/); the larger blocks after them (Liger's
 # shape is 32K elements x 32 warps) are the next candidates.
@@ -27,19 +30,16 @@ PROBLEMS = [(16384, 32000), (16384, 128256), (16384, 256000)]
 OPTIONS = {"plain": {}, "ls+focal+z": {"label_smoothing": 0.1, "focal_gamma": 2.0, "z_loss": 1e-4}}
 
 
-def measure_copy_gbps(n_bytes=2 << 30):
-    """Device-to-device copy bandwidth, bytes read + written, CUDA-event median."""
-    src = torch.randn(n_bytes // 4, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * n_bytes / (ms * 1e-3) / 1e9
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out")
     args = parser.parse_args()
-    copy_gbps = measure_copy_gbps()
+    if not torch.cuda.is_available():
+        print("the sweep measures the Triton kernels: it needs a CUDA device")
+        return
+    device = torch.device("cuda")
+    copy_gbps = measure_ceilings(device)["copy_gbps"]
+    flush = l2_flush(device)
     rows = []
     for n, v in PROBLEMS:
         x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -53,12 +53,18 @@ def main():
                     x.grad = None
                     fusedloss.cross_entropy(x, y, **kw).backward()
 
-                ms = triton.testing.do_bench(step, warmup=5, rep=40, return_mode="median")
+                step()  # compile
+                step()
+                ms = statistics.median(event_times_ms(step, 20, flush))
                 frac = bytes_moved / (ms * 1e-3) / 1e9 / copy_gbps
                 rows.append({"shape": f"{n}x{v}", "options": name, "block_c": config[0], "num_warps": config[1],
                              "chunk": config[2], "ms": ms, "frac_copy_bw": frac})
                 print(f"{n}x{v:<7} {name:<11} BLOCK_C={config[0]:<5} warps={config[1]:<2} CHUNK={config[2]:<6} "
                       f"{ms:8.3f} ms  {100 * frac:5.1f}% of copy BW", flush=True)
+                if args.out:  # after every row, so a time limit keeps what was measured
+                    with open(args.out, "w") as f:
+                        json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps, "rows": rows}, f,
+                                  indent=1)
         del x
         torch.cuda.empty_cache()
     os.environ.pop("FUSEDLOSS_CE_CONFIG")
@@ -71,9 +77,6 @@ def main():
     for (shape, name), r in best.items():
         print(f"  {shape:<13} {name:<11} BLOCK_C={r['block_c']} warps={r['num_warps']} CHUNK={r['chunk']}: "
               f"{r['ms']:.3f} ms, {100 * r['frac_copy_bw']:.1f}% of copy BW")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
