@@ -263,13 +263,16 @@ class _Capture:
             dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device_type, enabled=False):
+        # ForCausalLMLoss upcasts the logits, so its loss is fp32 for a 16-bit model too. Autocast at the inputs'
+        # own 16-bit dtype casts nothing and makes linear_cross_entropy return its fp32 value, as torch's autocast
+        # policy for cross-entropy does, instead of rounding it to 16 bits.
+        low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(device_type, dtype=hidden.dtype if low_precision else None, enabled=low_precision):
             loss = linear_cross_entropy(
                 hidden, weight, target, bias, ignore_index=ignore_index,
                 reduction="mean" if num_items_in_batch is None else "sum", softcap=self.softcap,
                 shift=shift_labels is None, **self.loss_options)
-        # fp32 as ForCausalLMLoss (it upcasts the logits); for 16-bit models the value is the rounded 16-bit loss.
-        loss = loss.float()
+        loss = loss.float()  # an fp32 model's loss is fp32 already: a no-op there
         if num_items_in_batch is not None:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
