@@ -136,14 +136,20 @@ def _store_row_state(state_ptr, rows, row_mask, m, log_s, k1, kf, ky, k3):
 
 @triton.jit
 def _load_row_state(state_ptr, rows, row_mask, scale, DTYPE: tl.constexpr):
-    """(m, log s, K1, Kf, Ky, K3) of ``rows``, the coefficients times the per-row ``scale``."""
+    """(m, log s, K1, Kf, Ky, K3) of ``rows``, the coefficients times the per-row ``scale``. A zero coefficient
+    stays zero whatever the scale: an ignored row's gradient is 0 even under a NaN or inf ``grad_output``, as
+    torch's (it never multiplies that row's zeros)."""
     offs = rows.to(tl.int64) * 6
     m = tl.load(state_ptr + offs + 0, mask=row_mask, other=0.0).to(DTYPE)
     log_s = tl.load(state_ptr + offs + 1, mask=row_mask, other=0.0).to(DTYPE)
-    k1 = tl.load(state_ptr + offs + 2, mask=row_mask, other=0.0).to(DTYPE) * scale
-    kf = tl.load(state_ptr + offs + 3, mask=row_mask, other=0.0).to(DTYPE) * scale
-    ky = tl.load(state_ptr + offs + 4, mask=row_mask, other=0.0).to(DTYPE) * scale
-    k3 = tl.load(state_ptr + offs + 5, mask=row_mask, other=0.0).to(DTYPE) * scale
+    k1 = tl.load(state_ptr + offs + 2, mask=row_mask, other=0.0).to(DTYPE)
+    kf = tl.load(state_ptr + offs + 3, mask=row_mask, other=0.0).to(DTYPE)
+    ky = tl.load(state_ptr + offs + 4, mask=row_mask, other=0.0).to(DTYPE)
+    k3 = tl.load(state_ptr + offs + 5, mask=row_mask, other=0.0).to(DTYPE)
+    k1 = tl.where(k1 == 0.0, 0.0, k1 * scale)
+    kf = tl.where(kf == 0.0, 0.0, kf * scale)
+    ky = tl.where(ky == 0.0, 0.0, ky * scale)
+    k3 = tl.where(k3 == 0.0, 0.0, k3 * scale)
     return m, log_s, k1, kf, ky, k3
 
 

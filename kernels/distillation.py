@@ -8,7 +8,9 @@ With temperature ``T``, ``s = student / T``, ``t = teacher / T``, ``q = softmax(
 
 ``W`` is carried through the vocabulary blocks like ``Z_t``: rescaled by ``exp(m_old - m_new)`` when the running
 teacher max moves, so a row needs no logits buffer at any vocabulary size. Terms with ``p_c = 0`` are 0 (the
-``0 log 0`` convention); a student ``-inf`` where the teacher has mass makes the row's loss ``inf``.
+``0 log 0`` convention, also where the student's logit is ``-inf``); a student ``-inf`` where the teacher has mass
+makes the row's loss ``inf``; a NaN or ``+inf`` logit makes the row NaN (a NaN ``p_c`` counts as mass, and
+``exp(inf - inf)`` is NaN), as torch's ``log_softmax`` composition gives it.
 
 Gradients (``dq_k/ds_c = q_k ([k = c] - q_c)``, ``ds/dstudent = 1 / T``)::
 
@@ -17,13 +19,18 @@ Gradients (``dq_k/ds_c = q_k ([k = c] - q_c)``, ``ds/dstudent = 1 / T``)::
 
 Bytes per row in the fused mode: read both rows twice (the second read mostly from L2 for the last blocks),
 write the student gradient (and the teacher's when it requires grad); no per-row temporaries beyond three
-scalars. Rows whose ``target`` equals ``ignore_index`` have loss 0 and zero gradient.
+scalars. Rows whose ``target`` (any integer dtype, compared in int64) equals ``ignore_index`` are not read:
+loss 0 and zero gradient.
 """
 
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
 from ._common import join_f64, online_logsumexp_update, split_f64, to_element_type
+from ._launch import custom_launcher
 from .configs import distillation_config
 
 
@@ -31,7 +38,7 @@ from .configs import distillation_config
 def _valid_rows(target_ptr, rows, row_mask, stride_target, ignore_index, HAS_TARGET: tl.constexpr):
     if HAS_TARGET:
         target = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=ignore_index)
-        return row_mask & (target != ignore_index)
+        return row_mask & (target.to(tl.int64) != ignore_index)
     return row_mask
 
 
@@ -64,7 +71,7 @@ def _distillation_grad_pass(
             tl.store(grad_student_ptr + grad_student_base[:, None] + cols[None, :],
                      to_element_type(g, grad_student_ptr), mask=mask)
         if COMPUTE_TEACHER_GRAD:
-            mass = p > 0.0  # as in pass 1: 0 where p_c = 0, without forming -inf - -inf
+            mass = p != 0.0  # as in pass 1: 0 where p_c = 0, without forming -inf - -inf; NaN counts
             log_ratio = tl.where(mass, log_p, 0.0) - tl.where(mass, log_q, 0.0)
             g = coef[:, None] * tl.where(mass, p * (log_ratio - kl[:, None]), 0.0)
             tl.store(grad_teacher_ptr + grad_teacher_base[:, None] + cols[None, :],
@@ -111,8 +118,9 @@ def _distillation_fwd_kernel(
         t_masked = tl.where(mask, t, float("-inf"))
         m_teacher, z_teacher, shift = online_logsumexp_update(m_teacher, z_teacher, t_masked, 1)
         e = tl.exp(t_masked - shift[:, None])
-        # Where the teacher has no mass (padding, or a -inf logit) the term is 0, without forming -inf - -inf.
-        mass = e > 0.0
+        # Where the teacher has no mass (padding, or a -inf logit) the term is 0, without forming -inf - -inf; a NaN
+        # counts as mass, so that it reaches the loss.
+        mass = e != 0.0
         cross = cross * tl.exp(m_old - shift) + tl.sum(e * (tl.where(mass, t, 0.0) - tl.where(mass, s, 0.0)), axis=1)
     # Ignored rows read nothing (their masks are all false): give them finite stats, loss 0.
     lse_student = tl.where(valid, m_student + tl.log(tl.where(valid, z_student, 1.0)), 0.0)
@@ -187,10 +195,16 @@ def _common_args(student, teacher, target, grad_student, grad_teacher):
     return grid, args, flags, num_warps
 
 
-def distillation_forward(student, teacher, target, grad_scale, loss, stats, grad_student, grad_teacher, *,
-                         temperature, ignore_index):
-    """Launch ``_distillation_fwd_kernel``: per-row ``loss`` (rows,), optional ``stats`` (rows, 3) in the compute
-    dtype, and the gradients (contiguous (rows, V), or None) times the 0-d ``grad_scale``."""
+@custom_launcher("distillation_forward", mutates_args=("loss", "stats", "grad_student", "grad_teacher"))
+def distillation_forward(
+    student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor], grad_scale: Optional[torch.Tensor],
+    loss: torch.Tensor, stats: Optional[torch.Tensor], grad_student: Optional[torch.Tensor],
+    grad_teacher: Optional[torch.Tensor], *, temperature: float, ignore_index: int,
+) -> None:
+    """Launch ``_distillation_fwd_kernel`` on (rows, V) logits with class stride 1 (any row stride, 0 included)
+    and a (rows,) target of any integer dtype and stride, or None: per-row ``loss`` (rows,), optional ``stats``
+    (rows, 3) in the compute dtype, and the gradients (contiguous (rows, V), or None) times the 0-d
+    ``grad_scale``."""
     grid, args, flags, num_warps = _common_args(student, teacher, target, grad_student, grad_teacher)
     _distillation_fwd_kernel[grid](
         student, teacher, target, grad_scale,
@@ -201,9 +215,13 @@ def distillation_forward(student, teacher, target, grad_scale, loss, stats, grad
     )
 
 
-def distillation_backward(student, teacher, target, stats, grad_scale, grad_student, grad_teacher, *,
-                          temperature, ignore_index):
-    """Launch ``_distillation_bwd_kernel``: the gradients times the per-row ``grad_scale`` (rows,)."""
+@custom_launcher("distillation_backward", mutates_args=("grad_student", "grad_teacher"))
+def distillation_backward(
+    student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor], stats: torch.Tensor,
+    grad_scale: torch.Tensor, grad_student: Optional[torch.Tensor], grad_teacher: Optional[torch.Tensor], *,
+    temperature: float, ignore_index: int,
+) -> None:
+    """Launch ``_distillation_bwd_kernel``: the gradients times the contiguous per-row ``grad_scale`` (rows,)."""
     grid, args, flags, num_warps = _common_args(student, teacher, target, grad_student, grad_teacher)
     _distillation_bwd_kernel[grid](
         student, teacher, target, stats, grad_scale,
@@ -216,8 +234,9 @@ def distillation_backward(student, teacher, target, stats, grad_scale, grad_stud
 
 def compile_variants():
     """Call the launchers once per constexpr combination the host produces, on small CPU tensors (for
-    ``bench/compile_report.py``, which records the launches instead of running them)."""
-    import torch
+    ``bench/compile_report.py``, which records the launches instead of running them): the loss alone (no
+    gradient wanted), the fused forward (gradients and the row stats for a later recompute), the forward of
+    ``'none'`` (stats only) and the backward from the stats."""
 
     def launch(dtype, n_classes, *, target=True, mode="fused", grads=(True, False), teacher_dtype=None):
         student = torch.zeros(4, n_classes, dtype=dtype)
@@ -225,11 +244,11 @@ def compile_variants():
         acc = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
         labels = torch.zeros(4, dtype=torch.long) if target else None
         rows = torch.zeros(4, dtype=acc)
-        stats = torch.zeros(4, 3, dtype=acc) if mode == "stats" else None
+        stats = torch.zeros(4, 3, dtype=acc) if mode != "loss" else None
         grad_student = torch.zeros_like(student) if grads[0] else None
         grad_teacher = torch.zeros_like(teacher) if grads[1] else None
         fused = mode == "fused"
-        distillation_forward(student, teacher, labels, torch.ones((), dtype=acc), rows, stats,
+        distillation_forward(student, teacher, labels, torch.ones((), dtype=acc) if fused else None, rows, stats,
                              grad_student if fused else None, grad_teacher if fused else None,
                              temperature=2.0, ignore_index=-100)
         if mode == "stats":
@@ -237,12 +256,13 @@ def compile_variants():
                                   temperature=2.0, ignore_index=-100)
 
     for target in (False, True):
-        for mode in ("fused", "stats", "none"):
+        for mode in ("fused", "stats", "loss"):
             for grads in ((True, False), (True, True), (False, True)):
-                if mode == "none" and grads != (True, False):
+                if mode == "loss" and grads != (True, False):
                     continue
                 launch(torch.bfloat16, 262144, target=target, mode=mode, grads=grads)
     launch(torch.bfloat16, 262144, teacher_dtype=torch.float32)
     for dtype in (torch.float16, torch.float32, torch.float64):
         launch(dtype, 262144)
     launch(torch.bfloat16, 10)
+    launch(torch.bfloat16, 10, mode="stats")

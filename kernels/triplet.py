@@ -19,6 +19,12 @@ Gradient of ``||v||_p`` (torch's ``norm_backward``, including its conventions at
 as torch's autograd does. A row reads anchor, positive and negative once for the distances and once more (in
 reverse block order, so the blocks read last are still in L2) to write the three gradients.
 
+Non-finite inputs give torch's answers, value and gradient, element by element: the factors above are formed
+as torch's ``norm_backward`` forms them (``0 * inf`` and ``0 * NaN`` are NaN there too), a NaN entry makes the
++-inf norms NaN (torch's ``amax`` / ``amin`` propagate it, and the NaN entries alone then share the gradient),
+``min`` and ``clamp_min`` propagate NaN, and a NaN ``min`` passes the whole gradient to both of its sides
+(neither compares smaller).
+
 Batch-hard mining, per anchor ``i`` of a batch ``x`` (B, d) with labels ``y``::
 
     pos(i) = argmax_{j != i, y_j = y_i} ||x_i - x_j||,   neg(i) = argmin_{y_j != y_i} ||x_i - x_j||
@@ -26,8 +32,16 @@ Batch-hard mining, per anchor ``i`` of a batch ``x`` (B, d) with labels ``y``::
 ``_batch_hard_mine_kernel`` walks the columns in ``BLOCK_N`` tiles; each tile's Gram block ``x_i . x_j`` is a
 ``tl.dot`` over ``BLOCK_K`` slices of d, and only the per-row running max / argmax and min / argmin survive a
 tile: memory O(B d), time O(B^2 d) on tensor cores. The score is ``||x_j||^2 - 2 x_i . x_j``, which is
-``||x_i - x_j||^2`` minus ``||x_i||^2``, a constant per row that does not change its argmax / argmin, so it is
-never computed (and there is no ``sqrt`` or clamp at 0 to get wrong: the Gram form only ranks candidates).
+``||x_i - x_j||^2`` minus ``||x_i||^2``, a constant per row that does not change its argmax / argmin (and there
+is no ``sqrt`` or clamp at 0 to get wrong: the Gram form only ranks candidates).
+
+Non-finite embeddings are ranked as the definition's ``amax`` / ``amin`` over exact distances would see them, so
+that the loss is the definition's: for a finite anchor, a candidate holding a NaN (``||x_j||^2`` NaN) is at a
+NaN distance, which wins both the max and the min (NaN propagates), and one holding an infinity
+(``||x_j||^2 = inf``) is at distance inf, the largest; the Gram score of either is meaningless (``0 * inf``), so
+it is replaced by that rank. A non-finite anchor is at distance inf or NaN from every row, so its loss is NaN
+whichever candidates it gets: it is mined as the zero vector (its scores are the candidates' squared norms).
+(Finite rows whose squared norm overflows the compute dtype, ``|x| > 1.8e19`` in fp32, rank as infinite.)
 
 ``_batch_hard_loss_kernel`` then recomputes the two selected distances exactly from differences, O(B d): the
 Gram form loses ``||x||^2 * ulp`` to cancellation, which matters exactly where the gradient ``(x_i - x_j) / d``
@@ -37,17 +51,22 @@ is largest. With ``z = d(i, pos) - d(i, neg)``, ``loss = max(margin + z, 0)`` (`
     dloss/dx_i   = c (x_i - x_pos) / d_pos - c (x_i - x_neg) / d_neg,    c = dloss/dz
     dloss/dx_pos = -c (x_i - x_pos) / d_pos,      dloss/dx_neg = c (x_i - x_neg) / d_neg
 
-(a term is 0 where its distance is 0: the subgradient of ``||v||`` at ``v = 0``, as torch's ``norm_backward``).
-Several anchors may select the same row, so the three terms are accumulated with atomic adds into an fp32
-(fp64) buffer: the gradient is O(B d) but its summation order, and so its last bits, vary between runs.
+(a term is 0 where its distance is 0: the subgradient of ``||v||`` at ``v = 0``; NaN and inf distances
+propagate as torch's ``norm_backward`` propagates them). Several anchors may select the same row, so the three
+terms are accumulated with atomic adds into an fp32 (fp64) buffer: the gradient is O(B d) but its summation
+order, and so its last bits, vary between runs.
 An anchor without a positive or without a negative gets index -1, loss 0 and no gradient. Ties (identical
 rows) go to the lowest index, so the whole gradient follows one of them.
 """
 
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
 from ._common import join_f64, log1p, split_f64, to_element_type
+from ._launch import custom_launcher
 from .configs import batch_hard_loss_config, batch_hard_mine_config, triplet_config
 
 
@@ -60,39 +79,43 @@ def norm_kind(p):
 
 @triton.jit
 def _pow(base, exponent):
-    """base ** exponent for base >= 0 (0 and inf included) and exponent != 0, elementwise."""
+    """base ** exponent for base >= 0 (0 and inf included, NaN gives NaN) and exponent != 0, elementwise."""
     positive = base > 0.0
     power = tl.exp2(exponent * tl.log2(tl.where(positive, base, 1.0)))
-    return tl.where(positive, power, tl.where(exponent > 0.0, 0.0, float("inf")))
+    at_zero = tl.where(exponent > 0.0, 0.0, float("inf"))
+    return tl.where(positive, power, tl.where(base == 0.0, at_zero, base))
 
 
 @triton.jit
 def _norm_init(BLOCK_R: tl.constexpr, NORM: tl.constexpr, DTYPE: tl.constexpr):
-    """Running per-row (accumulator, count of extremal entries) before the first tile."""
+    """Running per-row (accumulator, count of extremal entries, count of NaN entries) before the first tile."""
     if NORM == "max":
         acc = tl.full([BLOCK_R], -1.0, DTYPE)  # below any |v|
     elif NORM == "min":
         acc = tl.full([BLOCK_R], float("inf"), DTYPE)
     else:
         acc = tl.zeros([BLOCK_R], DTYPE)
-    return acc, tl.zeros([BLOCK_R], DTYPE)
+    return acc, tl.zeros([BLOCK_R], DTYPE), tl.zeros([BLOCK_R], DTYPE)
 
 
 @triton.jit
-def _norm_update(acc, count, v, mask, p, NORM: tl.constexpr):
-    """Merge a [BLOCK_R, BLOCK_D] tile of differences into the running (accumulator, count) of each row: the
-    sum of |v|^p (sum of v^2, of |v|, of [v != 0]), or the max / min of |v| and how many entries attain it."""
+def _norm_update(acc, count, nans, v, mask, p, NORM: tl.constexpr):
+    """Merge a [BLOCK_R, BLOCK_D] tile of differences into the running (accumulator, count, NaN count) of each
+    row: the sum of |v|^p (sum of v^2, of |v|, of [v != 0]; NaN propagates through the sum), or the max / min of
+    the non-NaN |v|, how many entries attain it and how many are NaN (the norm is then NaN: ``_norm_finish``)."""
     a = tl.abs(v)
     if NORM == "max" or NORM == "min":
+        keep = mask & (v == v)
+        nans += tl.sum(tl.where(mask & (v != v), 1.0, 0.0), axis=1)
         if NORM == "max":
-            a = tl.where(mask, a, -1.0)
+            a = tl.where(keep, a, -1.0)
             tile = tl.max(a, axis=1)
             replaces = tile > acc
         else:
-            a = tl.where(mask, a, float("inf"))
+            a = tl.where(keep, a, float("inf"))
             tile = tl.min(a, axis=1)
             replaces = tile < acc
-        tile_count = tl.sum(tl.where(mask & (a == tile[:, None]), 1.0, 0.0), axis=1)
+        tile_count = tl.sum(tl.where(keep & (a == tile[:, None]), 1.0, 0.0), axis=1)
         count = tl.where(replaces, tile_count, tl.where(tile == acc, count + tile_count, count))
         acc = tl.where(replaces, tile, acc)
     elif NORM == "two":
@@ -102,32 +125,38 @@ def _norm_update(acc, count, v, mask, p, NORM: tl.constexpr):
     elif NORM == "zero":
         acc += tl.sum(tl.where(mask & (v != 0.0), 1.0, 0.0), axis=1)
     else:  # padded lanes: base 1 (no inf for p < 0 to discard), then weight 0
-        acc += tl.sum(_pow(tl.where(mask, a, 1.0), p) * mask.to(a.dtype), axis=1)
-    return acc, count
+        acc += tl.sum(tl.where(mask, _pow(tl.where(mask, a, 1.0), p), 0.0), axis=1)
+    return acc, count, nans
 
 
 @triton.jit
-def _norm_finish(acc, row_mask, p, NORM: tl.constexpr):
-    """The norm of each row from its accumulator; 0 on padded rows, so that nothing downstream subtracts
+def _norm_finish(acc, nans, row_mask, p, NORM: tl.constexpr):
+    """The norm of each row from its accumulators; 0 on padded rows, so that nothing downstream subtracts
     infinities there (p < 0 and p = -inf give inf on an all-padding row)."""
     if NORM == "two":
         norm = tl.sqrt(acc)
     elif NORM == "general":
         norm = _pow(acc, 1.0 / p)
+    elif NORM == "max" or NORM == "min":
+        norm = tl.where(nans > 0.0, float("nan"), acc)
     else:
         norm = acc
     return tl.where(row_mask, norm, 0.0)
 
 
 @triton.jit
-def _norm_grad_factor(norm, count, p, NORM: tl.constexpr):
-    """Per-row factor f with d||v||/dv = f * _norm_grad_direction(v) (module docstring)."""
+def _norm_grad_factor(norm, count, nans, p, NORM: tl.constexpr):
+    """Per-row factor f with d||v||/dv = f * _norm_grad_direction(v) (module docstring), NaN and inf where
+    torch's ``norm_backward`` forms them: ``1 / norm`` (p = 2) and ``norm^(1 - p)`` are NaN for a NaN norm and 0
+    for an infinite one (p > 1); only an exact 0 is masked."""
     if NORM == "two":
-        return tl.where(norm > 0.0, 1.0 / tl.where(norm > 0.0, norm, 1.0), 0.0)
+        return tl.where(norm == 0.0, 0.0, 1.0 / norm)
     elif NORM == "max" or NORM == "min":
-        return 1.0 / tl.maximum(count, 1.0)  # count >= 1 on real rows; padded rows have 0
+        # the entries at the extremum share the gradient; with NaN entries, they do (torch's mask is
+        # |v| == norm or isnan(v)). At least 1 on real rows; padded rows have 0.
+        return 1.0 / tl.maximum(tl.where(nans > 0.0, nans, count), 1.0)
     elif NORM == "general":
-        return tl.where(norm > 0.0, _pow(norm, 1.0 - p), 0.0)
+        return tl.where(norm == 0.0, 0.0, _pow(norm, 1.0 - p))
     else:
         return tl.zeros(norm.shape, norm.dtype) + 1.0
 
@@ -144,7 +173,8 @@ def _norm_grad_direction(v, norm, p, NORM: tl.constexpr):
     elif NORM == "max" or NORM == "min":
         return tl.where(tl.abs(v) == norm[:, None], _sign(v), 0.0)
     elif NORM == "general":
-        return _sign(v) * _pow(tl.abs(v), p - 1.0)  # sign(0) = 0 also covers torch's mask at v = 0 for p < 1
+        # torch masks v = 0 (where |v|^(p - 1) is inf for p < 1); sign(NaN) is 0 there too, times NaN
+        return tl.where(v == 0.0, 0.0, _sign(v) * _pow(tl.abs(v), p - 1.0))
     else:
         return _sign(v)
 
@@ -192,31 +222,34 @@ def _triplet_kernel(
     positive_base = rows * stride_positive_row
     negative_base = rows * stride_negative_row
 
-    acc_ap, count_ap = _norm_init(BLOCK_R, NORM, DTYPE)
-    acc_an, count_an = _norm_init(BLOCK_R, NORM, DTYPE)
-    acc_pn, count_pn = _norm_init(BLOCK_R, NORM, DTYPE)
+    acc_ap, count_ap, nans_ap = _norm_init(BLOCK_R, NORM, DTYPE)
+    acc_an, count_an, nans_an = _norm_init(BLOCK_R, NORM, DTYPE)
+    acc_pn, count_pn, nans_pn = _norm_init(BLOCK_R, NORM, DTYPE)
     for start in range(0, dim, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols < dim)[None, :]
         a, pos, neg = _load_triplet_tile(anchor_ptr, positive_ptr, negative_ptr, anchor_base, positive_base,
                                          negative_base, cols, mask, stride_anchor_col, stride_positive_col,
                                          stride_negative_col, DTYPE)
-        acc_ap, count_ap = _norm_update(acc_ap, count_ap, a - pos + eps, mask, p, NORM)
-        acc_an, count_an = _norm_update(acc_an, count_an, a - neg + eps, mask, p, NORM)
+        acc_ap, count_ap, nans_ap = _norm_update(acc_ap, count_ap, nans_ap, a - pos + eps, mask, p, NORM)
+        acc_an, count_an, nans_an = _norm_update(acc_an, count_an, nans_an, a - neg + eps, mask, p, NORM)
         if SWAP:
-            acc_pn, count_pn = _norm_update(acc_pn, count_pn, pos - neg + eps, mask, p, NORM)
-    d_ap = _norm_finish(acc_ap, row_mask, p, NORM)
-    d_an = _norm_finish(acc_an, row_mask, p, NORM)
+            acc_pn, count_pn, nans_pn = _norm_update(acc_pn, count_pn, nans_pn, pos - neg + eps, mask, p, NORM)
+    d_ap = _norm_finish(acc_ap, nans_ap, row_mask, p, NORM)
+    d_an = _norm_finish(acc_an, nans_an, row_mask, p, NORM)
     if SWAP:
-        d_pn = _norm_finish(acc_pn, row_mask, p, NORM)
-        d_neg = tl.minimum(d_an, d_pn)
-        share_an = tl.where(d_an < d_pn, 1.0, tl.where(d_an == d_pn, 0.5, 0.0))
+        d_pn = _norm_finish(acc_pn, nans_pn, row_mask, p, NORM)
+        # torch's minimum: NaN propagates; its backward halves the gradient on a tie and passes all of it to
+        # each side that does not compare larger (both, when either is NaN)
+        d_neg = tl.where((d_an < d_pn) | (d_an != d_an), d_an, d_pn)
+        share_an = tl.where(d_an > d_pn, 0.0, tl.where(d_an == d_pn, 0.5, 1.0))
+        share_pn = tl.where(d_an < d_pn, 0.0, tl.where(d_an == d_pn, 0.5, 1.0))
     else:
         d_neg = d_an
         share_an = tl.zeros([BLOCK_R], DTYPE) + 1.0
     hinge = margin + d_ap - d_neg
-    if WRITE_LOSS:
-        tl.store(loss_ptr + rows, tl.maximum(hinge, 0.0).to(loss_ptr.dtype.element_ty), mask=row_mask)
+    if WRITE_LOSS:  # clamp_min(hinge, 0), NaN kept (tl.maximum drops it on GPUs)
+        tl.store(loss_ptr + rows, tl.where(hinge < 0.0, 0.0, hinge).to(loss_ptr.dtype.element_ty), mask=row_mask)
 
     if COMPUTE_GRAD:
         if SCALE_PER_ROW:
@@ -225,10 +258,10 @@ def _triplet_kernel(
             scale = tl.load(grad_scale_ptr).to(DTYPE)
         active = tl.where(hinge >= 0.0, scale, 0.0)
         # dloss/dv for each difference v, as (per-row coefficient) * (direction of the tile).
-        coef_ap = active * _norm_grad_factor(d_ap, count_ap, p, NORM)
-        coef_an = -active * share_an * _norm_grad_factor(d_an, count_an, p, NORM)
+        coef_ap = active * _norm_grad_factor(d_ap, count_ap, nans_ap, p, NORM)
+        coef_an = -active * share_an * _norm_grad_factor(d_an, count_an, nans_an, p, NORM)
         if SWAP:
-            coef_pn = -active * (1.0 - share_an) * _norm_grad_factor(d_pn, count_pn, p, NORM)
+            coef_pn = -active * share_pn * _norm_grad_factor(d_pn, count_pn, nans_pn, p, NORM)
         grad_base = rows * dim
         num_blocks = tl.cdiv(dim, BLOCK_D)
         for i in range(0, num_blocks):
@@ -267,11 +300,25 @@ def _batch_hard_mine_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """For BLOCK_M anchors: the index of the farthest positive and of the nearest negative (-1 when none),
-    over column tiles of BLOCK_N candidates (module docstring)."""
+    over column tiles of BLOCK_N candidates (module docstring). Labels of any integer dtype, compared in int64."""
+    if ACC_DTYPE == tl.float64:
+        big = 1.7976931348623157e308
+    else:
+        big = 3.4028234663852886e38
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     row_offs = rows.to(tl.int64) * stride_row
-    row_labels = tl.load(labels_ptr + rows.to(tl.int64) * stride_label, mask=row_mask)
+    row_labels = tl.load(labels_ptr + rows.to(tl.int64) * stride_label, mask=row_mask).to(tl.int64)
+    # ||x_i||^2 only tells finite anchors from the rest (one more read of the anchor tile, d / BLOCK_N of the dots)
+    row_sq = tl.zeros([BLOCK_M], ACC_DTYPE)
+    for k_start in range(0, dim, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        a = tl.load(embeddings_ptr + row_offs[:, None] + ks.to(tl.int64)[None, :] * stride_col,
+                    mask=row_mask[:, None] & (ks < dim)[None, :], other=0.0).to(ACC_DTYPE)
+        row_sq += tl.sum(a * a, axis=1)
+    # A non-finite anchor reads zeros instead (its loss is NaN whichever candidates it gets): its scores are then
+    # the candidates' squared norms, finite and ranked like any other row's.
+    anchor_mask = row_mask & (tl.abs(row_sq) < float("inf"))  # false for NaN too
     best_pos = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     best_neg = tl.full([BLOCK_M], float("inf"), ACC_DTYPE)
     best_pos_idx = tl.full([BLOCK_M], -1, tl.int32)
@@ -287,24 +334,31 @@ def _batch_hard_mine_kernel(
             k_offs = ks.to(tl.int64) * stride_col
             k_mask = ks < dim
             a = tl.load(embeddings_ptr + row_offs[:, None] + k_offs[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                        mask=anchor_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(embeddings_ptr + col_offs[:, None] + k_offs[None, :],
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             gram = tl.dot(a, tl.trans(b), gram, input_precision="ieee")
             b_acc = b.to(ACC_DTYPE)
             col_sq += tl.sum(b_acc * b_acc, axis=1)
-        score = col_sq[None, :] - 2.0 * gram  # ||x_i - x_j||^2 - ||x_i||^2
-        col_labels = tl.load(labels_ptr + cols.to(tl.int64) * stride_label, mask=col_mask)
+        # ||x_i - x_j||^2 - ||x_i||^2, clamped so that an overflow stays apart from the no-candidate sentinels
+        score = tl.minimum(tl.maximum(col_sq[None, :] - 2.0 * gram, -big), big)
+        # Non-finite candidates (module docstring): a NaN one wins both extremes, an infinite one ranks at big (the
+        # largest distance).
+        nan_col = (col_sq != col_sq)[None, :]
+        score = tl.where((col_sq == float("inf"))[None, :], big, score)
+        key_pos = tl.where(nan_col, float("inf"), score)
+        key_neg = tl.where(nan_col, float("-inf"), score)
+        col_labels = tl.load(labels_ptr + cols.to(tl.int64) * stride_label, mask=col_mask).to(tl.int64)
         same = row_labels[:, None] == col_labels[None, :]
         is_pos = same & col_mask[None, :] & (rows[:, None] != cols[None, :])
         is_neg = (row_labels[:, None] != col_labels[None, :]) & col_mask[None, :]
-        # Per tile: the extreme score and its first column (a row without candidates here gets -inf / +inf, which
+        # Per tile: the extreme key and its first column (a row without candidates here gets -inf / +inf, which
         # never wins); a later tile replaces the running choice only when strictly better.
-        tile_max, tile_argmax = tl.max(tl.where(is_pos, score, float("-inf")), axis=1, return_indices=True)
+        tile_max, tile_argmax = tl.max(tl.where(is_pos, key_pos, float("-inf")), axis=1, return_indices=True)
         better = tile_max > best_pos
         best_pos = tl.where(better, tile_max, best_pos)
         best_pos_idx = tl.where(better, col_start + tile_argmax, best_pos_idx)
-        tile_min, tile_argmin = tl.min(tl.where(is_neg, score, float("inf")), axis=1, return_indices=True)
+        tile_min, tile_argmin = tl.min(tl.where(is_neg, key_neg, float("inf")), axis=1, return_indices=True)
         better = tile_min < best_neg
         best_neg = tl.where(better, tile_min, best_neg)
         best_neg_idx = tl.where(better, col_start + tile_argmin, best_neg_idx)
@@ -327,7 +381,8 @@ def _batch_hard_loss_kernel(
     SCALE_PER_ROW: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DTYPE: tl.constexpr,
 ):
     """Per-anchor loss from the mined indices (``WRITE_LOSS``), and its gradient times ``grad_scale`` (scalar,
-    or per row with ``SCALE_PER_ROW``) atomically added into the zeroed (rows, dim) ``grad`` (compute dtype)."""
+    or per row with ``SCALE_PER_ROW``) atomically added into the zeroed (rows, dim) ``grad`` (compute dtype).
+    NaN and inf propagate as in torch's ``clamp_min`` / ``softplus`` and ``norm_backward``."""
     margin = join_f64(margin_hi, margin_lo, DTYPE)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
@@ -353,13 +408,14 @@ def _batch_hard_loss_kernel(
     d_pos = tl.sqrt(sq_pos)
     d_neg = tl.sqrt(sq_neg)
     z = d_pos - d_neg
-    if SOFT_MARGIN:  # softplus(z), and its derivative sigmoid(z), without overflow
+    if SOFT_MARGIN:  # softplus(z), and its derivative sigmoid(z), without overflow (a NaN z reaches both via e)
         e = tl.exp(-tl.abs(z))
         loss = tl.maximum(z, 0.0) + log1p(e)
         dloss_dz = tl.where(z >= 0.0, 1.0, e) / (1.0 + e)
-    else:  # clamp_min passes the gradient at 0, as torch's does
-        loss = tl.maximum(margin + z, 0.0)
-        dloss_dz = tl.where(margin + z >= 0.0, 1.0, 0.0)
+    else:  # clamp_min keeps NaN and passes the gradient at 0, as torch's does
+        hinge = margin + z
+        loss = tl.where(hinge < 0.0, 0.0, hinge)
+        dloss_dz = tl.where(hinge >= 0.0, 1.0, 0.0)
     if WRITE_LOSS:
         tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0).to(loss_ptr.dtype.element_ty), mask=row_mask)
 
@@ -369,8 +425,10 @@ def _batch_hard_loss_kernel(
         else:
             scale = tl.load(grad_scale_ptr).to(DTYPE)
         coef = tl.where(valid, scale * dloss_dz, 0.0)
-        coef_pos = tl.where(d_pos > 0.0, coef / tl.where(d_pos > 0.0, d_pos, 1.0), 0.0)
-        coef_neg = tl.where(d_neg > 0.0, coef / tl.where(d_neg > 0.0, d_neg, 1.0), 0.0)
+        # torch's norm_backward: 0 at d = 0 only; coef / NaN is NaN and coef / inf is 0 (times an infinite
+        # difference, NaN), as there
+        coef_pos = tl.where(d_pos == 0.0, 0.0, coef / tl.where(d_pos == 0.0, 1.0, d_pos))
+        coef_neg = tl.where(d_neg == 0.0, 0.0, coef / tl.where(d_neg == 0.0, 1.0, d_neg))
         num_blocks = tl.cdiv(dim, BLOCK_D)
         for i in range(0, num_blocks):
             cols = (num_blocks - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -395,11 +453,15 @@ def _dtype_of(*tensors):
     return tl.float64 if any(t.dtype.itemsize == 8 for t in tensors) else tl.float32
 
 
-def triplet_forward(anchor, positive, negative, grad_scale, loss, grad_anchor, grad_positive, grad_negative, *,
-                    margin, p, eps, swap):
+@custom_launcher("triplet_forward", mutates_args=("loss", "grad_anchor", "grad_positive", "grad_negative"))
+def triplet_forward(
+    anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, grad_scale: Optional[torch.Tensor],
+    loss: Optional[torch.Tensor], grad_anchor: Optional[torch.Tensor], grad_positive: Optional[torch.Tensor],
+    grad_negative: Optional[torch.Tensor], *, margin: float, p: float, eps: float, swap: bool,
+) -> None:
     """Launch ``_triplet_kernel`` on (rows, dim) views (any strides; stride 0 for a broadcast row). ``loss``
     (rows,) in the compute dtype may be None; each gradient buffer, contiguous (rows, dim), may be None;
-    ``grad_scale`` is 0-d or (rows,)."""
+    ``grad_scale`` is 0-d or contiguous (rows,)."""
     n_rows, dim = anchor.shape
     wide = max((anchor, positive, negative), key=lambda t: t.dtype.itemsize)
     block_r, block_d, num_warps = triplet_config(dim, wide.dtype)
@@ -417,9 +479,12 @@ def triplet_forward(anchor, positive, negative, grad_scale, loss, grad_anchor, g
     )
 
 
-def batch_hard_mine(embeddings, labels, hardest_positive, hardest_negative):
-    """Launch ``_batch_hard_mine_kernel``: (B, d) embeddings (any strides), (B,) integer labels, into the (B,)
-    int32 index buffers."""
+@custom_launcher("batch_hard_mine", mutates_args=("hardest_positive", "hardest_negative"))
+def batch_hard_mine(
+    embeddings: torch.Tensor, labels: torch.Tensor, hardest_positive: torch.Tensor, hardest_negative: torch.Tensor,
+) -> None:
+    """Launch ``_batch_hard_mine_kernel``: (B, d) embeddings (any strides), (B,) labels of any integer dtype (any
+    stride), into the (B,) int32 index buffers."""
     n_rows, dim = embeddings.shape
     block_m, block_n, block_k, num_warps, num_stages = batch_hard_mine_config(embeddings.dtype)
     _batch_hard_mine_kernel[(triton.cdiv(n_rows, block_m),)](
@@ -431,11 +496,15 @@ def batch_hard_mine(embeddings, labels, hardest_positive, hardest_negative):
     )
 
 
-def batch_hard_loss(embeddings, hardest_positive, hardest_negative, grad_scale, loss, grad, *, margin,
-                    soft_margin):
+@custom_launcher("batch_hard_loss", mutates_args=("loss", "grad"))
+def batch_hard_loss(
+    embeddings: torch.Tensor, hardest_positive: torch.Tensor, hardest_negative: torch.Tensor,
+    grad_scale: Optional[torch.Tensor], loss: Optional[torch.Tensor], grad: Optional[torch.Tensor], *,
+    margin: float, soft_margin: bool,
+) -> None:
     """Launch ``_batch_hard_loss_kernel``: per-anchor ``loss`` (B,) in the compute dtype (may be None) and the
     gradient added into the zeroed contiguous (B, d) ``grad`` of the compute dtype (may be None), times
-    ``grad_scale`` (0-d or (B,))."""
+    ``grad_scale`` (0-d or contiguous (B,))."""
     n_rows, dim = embeddings.shape
     block_r, block_d, num_warps = batch_hard_loss_config(dim, embeddings.dtype)
     _batch_hard_loss_kernel[(triton.cdiv(n_rows, block_r),)](
@@ -454,12 +523,11 @@ def batch_hard_loss(embeddings, hardest_positive, hardest_negative, grad_scale, 
 def compile_variants():
     """Call the launchers once per constexpr combination the host produces, on small CPU tensors (for
     ``bench/compile_report.py``, which records the launches instead of running them)."""
-    import torch
 
     def triplet(dtype, p=2.0, swap=False, mode="fused", grads=(True, True, True), dim=128):
         x = torch.zeros(8, dim, dtype=dtype)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        scale = torch.ones(8 if mode == "backward" else (), dtype=acc)
+        scale = None if mode == "none" else torch.ones(8 if mode == "backward" else (), dtype=acc)
         loss = torch.zeros(8, dtype=acc) if mode != "backward" else None
         buffers = [torch.zeros_like(x) if g and mode != "none" else None for g in grads]
         triplet_forward(x, x, x, scale, loss, *buffers, margin=1.0, p=p, eps=1e-6, swap=swap)
@@ -479,12 +547,13 @@ def compile_variants():
         x = torch.zeros(64, 128, dtype=dtype)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         index = torch.zeros(64, dtype=torch.int32)
-        batch_hard_mine(x, torch.zeros(64, dtype=torch.long), index, index)
+        for labels_dtype in (torch.int64, torch.int32, torch.uint8) if dtype == torch.bfloat16 else (torch.int64,):
+            batch_hard_mine(x, torch.zeros(64, dtype=labels_dtype), index, index)
         for soft_margin in (False, True):
             for mode in ("fused", "none", "backward"):
                 if dtype != torch.bfloat16 and (soft_margin or mode != "fused"):
                     continue
-                scale = torch.ones(64 if mode == "backward" else (), dtype=acc)
+                scale = None if mode == "none" else torch.ones(64 if mode == "backward" else (), dtype=acc)
                 loss = torch.zeros(64, dtype=acc) if mode != "backward" else None
                 grad = torch.zeros(64, 128, dtype=acc) if mode != "none" else None
                 batch_hard_loss(x, index, index, scale, loss, grad, margin=1.0, soft_margin=soft_margin)

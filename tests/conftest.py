@@ -92,6 +92,22 @@ def assert_close(actual, expected, dtype, what="value", factor=1.0):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype})"
 
 
+def peak_allocated_bytes(fn):
+    """Peak of live bytes allocated by torch's CPU allocator while ``fn`` runs, over the live bytes at its start:
+    the profiler records every allocation and free (``profile_memory=True``, the ``[memory]`` events, with signed
+    sizes); their running sum in time order is the live total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
     """Normal(0, scale) drawn on the CPU from ``gen`` (so every tier sees the same numbers), then moved."""
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)

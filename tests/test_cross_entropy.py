@@ -618,3 +618,15 @@ def test_single_read_schedule_through_the_public_function(tier, gen, monkeypatch
     kw, ignore = build_options(gen, 5000, OPTIONS["everything"])
     x, target = make_inputs(gen, (5, 5000), ignore_frac=ignore)
     check(tier, x, target, torch.float32, reduction=reduction, **kw)
+
+
+def test_ignored_rows_have_a_zero_gradient_under_any_grad_output(tier, gen):
+    """reduction='none': torch's gradient of an ignored row is 0 even where grad_output is NaN or inf."""
+    x, target = make_inputs(gen, (4, 9))
+    target[1] = target[3] = -100
+    xt = x.to(tier.device).requires_grad_(True)
+    out = fusedloss.cross_entropy(xt, target.to(tier.device), reduction="none", label_smoothing=0.1)
+    go = torch.tensor([1.0, float("nan"), 2.0, float("inf")], device=tier.device)
+    (grad,) = torch.autograd.grad(out, xt, go)
+    assert torch.equal(grad[[1, 3]].cpu(), torch.zeros(2, 9))
+    assert torch.isfinite(grad[[0, 2]]).all()

@@ -9,6 +9,11 @@ classes of 16, H = 24 in steps of 16), with tiles, vocabulary splits and backwar
 ``configs.LCE_OVERRIDE`` (and ``TORCH_CHUNK_BYTES`` for the torch backend) so that every boundary is crossed:
 3 row tiles, 7 vocabulary tiles in 3 splits, 4 backward chunks with a 4-wide last one. The CUDA tier runs the
 shipped configs on larger odd sizes, in bf16 as well (the interpreter computes bf16 ``tl.dot`` wrongly).
+
+The Triton tiers run both kernel schedules (``FUSEDLOSS_LCE_SCHEDULE``): "pointer" and "tma" (tensor-descriptor
+loads, a persistent grid of 2 programs on the CPU tiers so that every program walks several items, cuBLAS / torch
+dW, the compensated dX sum, ignored token tiles skipped). ``accumulate_in_input_dtype`` (Liger-Kernel's schedule)
+runs its GEMMs in torch, so it is tested in bf16 in the interpreter too.
 """
 
 import pytest
@@ -19,7 +24,7 @@ from fusedloss import _alloc
 from fusedloss.losses import linear_cross_entropy as host
 from fusedloss.losses.linear_cross_entropy import linear_cross_entropy
 
-from conftest import Case, assert_close, randn
+from conftest import TOL, Case, assert_close, peak_allocated_bytes, randn, rel_err
 
 try:
     from fusedloss.kernels import configs
@@ -29,16 +34,28 @@ except ImportError:  # no triton: only the torch tier runs
 
 _TILE = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16)
 _GEMM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-SMALL = dict(fwd=_TILE, dlogits=_TILE, gemm_dw=_GEMM, gemm_dx=_GEMM, n_splits=3, chunk=32)
+SMALL = dict(fwd=_TILE, dlogits=_TILE, gemm_dw=_GEMM, gemm_dx=_GEMM, n_splits=3, chunk=32, fast_rows=16)
+SCHEDULES = ("pointer", "tma")
 
 
-@pytest.fixture
-def small(tier, monkeypatch):
-    """Small tiles / chunks on the CPU tiers (see the module docstring); the CUDA tier keeps the shipped configs."""
+def use_schedule(monkeypatch, tier, schedule):
+    """Run the Triton kernels under ``schedule``; on the CPU tiers with the small configs (a persistent grid of 2
+    programs under "tma")."""
+    monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", schedule)
+    if tier.name != "cuda" and configs is not None:
+        monkeypatch.setattr(configs, "LCE_OVERRIDE", dict(SMALL, programs=2) if schedule == "tma" else SMALL)
+
+
+@pytest.fixture(params=SCHEDULES)
+def small(tier, request, monkeypatch):
+    """Small tiles / chunks on the CPU tiers (see the module docstring), under each schedule on the Triton tiers;
+    the CUDA tier keeps the shipped configs."""
+    if tier.name == "torch" and request.param != "pointer":
+        pytest.skip("the torch backend has no kernel schedule")
+    use_schedule(monkeypatch, tier, request.param)
     if tier.name != "cuda":
-        if configs is not None:
-            monkeypatch.setattr(configs, "LCE_OVERRIDE", SMALL)
         monkeypatch.setattr(host, "TORCH_CHUNK_BYTES", 16 * 100 * 4)  # 16 rows of 100 fp32 logits: 3 chunks
+    tier.schedule = request.param
     return tier
 
 
@@ -88,7 +105,7 @@ def check(tier, gen, x, w, b, t, dtype, factor=1.0, **kw):
     """Value and the gradients of input, weight, bias (random grad_output, and a random gradient into the returned
     lse when asked for) against the reference."""
     out = linear_cross_entropy(x, w, t, b, **kw)
-    ref_kw = {k: v for k, v in kw.items() if k not in ("return_lse", "input_precision")}
+    ref_kw = {k: v for k, v in kw.items() if k not in ("return_lse", "input_precision", "accumulate_in_input_dtype")}
     leaves = [a for a in (x, w, b) if a is not None and a.requires_grad]
     ref_leaves = [a.detach().double().cpu().requires_grad_() for a in leaves]  # the reference runs on the CPU
     ref_args = {id(a): r for a, r in zip(leaves, ref_leaves)}
@@ -257,12 +274,31 @@ def test_empty(tier):
     assert gx.shape == x.shape and torch.all(gw == 0)
 
 
-def test_no_logits_allocated(tier, gen, monkeypatch):
+def workspace_bound(cfg, n, hidden, vocab, itemsize):
+    """The workspace bound of fusedloss.kernels.linear_cross_entropy's docstring (bytes beyond inputs, outputs
+    and gradients, a bias that needs its gradient included), for config ``cfg``."""
+    splits, _ = kernels.num_splits(cfg, vocab)
+    chunk = min(cfg["chunk"], vocab)
+    pitch = -(-chunk // 8) * 8
+    n_tiles = -(-n // cfg["dlogits"]["BLOCK_N"])
+    tma = cfg["schedule"] == "tma"
+    dx_sum = 0 if itemsize == 4 or vocab <= chunk else 2 * n * hidden if tma and itemsize == 2 else 4 * n * hidden
+    return (16 * n * splits + 6 * 4 * n  # forward partials, loss, lse, coefficients
+            + n * pitch * itemsize + dx_sum  # G chunk, the dX sum
+            + 4 * n_tiles * chunk + 4 * vocab  # bias partials and sum
+            + (8 * n_tiles if tma else 0))  # the live-tile list
+
+
+@pytest.mark.parametrize("schedule,dtype", [("pointer", torch.float16), ("tma", torch.float16),
+                                            ("tma", torch.bfloat16)], ids=str)
+def test_no_logits_allocated(tier, gen, monkeypatch, schedule, dtype):
     """Triton backends: every buffer the loss allocates, summed (so at least its peak), stays within the
     workspace bound of fusedloss.kernels.linear_cross_entropy (no rows x vocab buffer), with a vocabulary 10
-    chunks wide (5 on CUDA)."""
+    chunks wide (5 on CUDA). bf16 in the interpreter: only the allocations are checked (its tl.dot values are
+    wrong there), which is where the compensated dX sum's bf16 low half shows."""
     if tier.name == "torch":
         pytest.skip("the torch backend's bound is measured by test_torch_backend_peak_memory")
+    use_schedule(monkeypatch, tier, schedule)
     monkeypatch.setattr(configs, "LCE_OVERRIDE", dict(SMALL, chunk=64) if tier.name == "interpret" else None)
     sizes_seen = []
     empty = _alloc.empty
@@ -274,17 +310,225 @@ def test_no_logits_allocated(tier, gen, monkeypatch):
 
     monkeypatch.setattr(_alloc, "empty", recording)
     n, hidden, vocab = (40, 24, 640) if tier.name == "interpret" else (4096, 256, 40_000)
-    x, w, b, t = make_inputs(gen, tier, (n,), hidden, vocab, torch.float16, bias=True)
+    x, w, b, t = make_inputs(gen, tier, (n,), hidden, vocab, dtype, bias=True)
     linear_cross_entropy(x, w, t, b).backward()
-    cfg = kernels.config_for(x, w)
-    splits, _ = kernels.num_splits(cfg, vocab)
-    chunk = min(cfg["chunk"], vocab)
-    bound = (16 * n * splits + 6 * 4 * n  # forward partials, loss, lse, coefficients
-             + n * chunk * 2 + 4 * n * hidden  # G chunk, fp32 dX accumulator
-             + 4 * -(-n // cfg["dlogits"]["BLOCK_N"]) * chunk + 4 * vocab  # bias partials and sum
-             + 2 * (n * hidden + vocab * hidden + vocab))  # the gradients themselves
-    assert sum(sizes_seen) <= bound
+    gradients = 2 * (n * hidden + vocab * hidden + vocab)
+    assert sum(sizes_seen) <= workspace_bound(kernels.config_for(x, w), n, hidden, vocab, 2) + gradients
     assert max(sizes_seen) < n * vocab * 2, "a rows x vocab buffer was allocated"
+
+
+def test_tma_workspace_under_5_percent(monkeypatch):
+    """The "tma" schedule's workspace bound at N = 8192, H = 4096, V = 128256, bf16 (the configs an H100 / H200
+    gets, 132 SMs assumed off-GPU) stays under 5% of the bf16 logits; the "pointer" schedule's does not (9.6%)."""
+    if configs is None:
+        pytest.skip("needs triton")
+    n, hidden, vocab = 8192, 4096, 128256
+    x = torch.empty(n, hidden, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(vocab, hidden, dtype=torch.bfloat16, device="meta")
+    fractions = {}
+    for schedule in SCHEDULES:
+        monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", schedule)
+        fractions[schedule] = workspace_bound(kernels.config_for(x, w), n, hidden, vocab, 2) / (n * vocab * 2)
+    print(f"\nworkspace / bf16 logits: {fractions}")
+    assert fractions["tma"] < 0.05 < fractions["pointer"]
+
+
+def test_schedule_is_checked(tier, monkeypatch):
+    if tier.name == "torch":
+        pytest.skip("the torch backend has no kernel schedule")
+    monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", "fastest")
+    x, w = torch.randn(4, 8, device=tier.device), torch.randn(10, 8, device=tier.device)
+    with pytest.raises(ValueError, match="FUSEDLOSS_LCE_SCHEDULE"):
+        linear_cross_entropy(x, w, torch.tensor([1, 2, 3, 4], device=tier.device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Skipped token tiles ("tma"), the compensated dX sum, the precision rule
+
+
+def _dead_tiles(gen, tier, n, tile_rows, t):
+    """``t`` with whole token tiles ignored (the first, the third, the last partial one) and a few more rows;
+    returns it and the mask of the rows in dead tiles."""
+    t = t.clone()
+    dead = torch.zeros(n, dtype=torch.bool)
+    for tile in (0, 2, -(-n // tile_rows) - 1):
+        dead[tile * tile_rows:(tile + 1) * tile_rows] = True
+    t[dead.to(t.device)] = -100
+    t[torch.rand(n, generator=gen).to(t.device) < 0.2] = -100
+    return t, dead
+
+
+@pytest.mark.parametrize("dw_on_cublas", [True, False], ids=["dw_cublas", "dw_triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_skipped_tiles(tier, gen, monkeypatch, reduction, dw_on_cublas):
+    """"tma": token tiles whose every row is ignored are not computed: with the Triton dW they are not read either.
+    Their hidden states are NaN there: were they multiplied into anything (the logits, G, dW = G^T X), NaN would
+    reach the loss or a gradient. (Eager torch's dW would be NaN: 0 * NaN.) cuBLAS's dW runs over every row, the
+    skipped ones as zero rows of G, so their hidden states stay finite in that case. Everything else matches the
+    reference computed without those rows; their input gradient is exactly 0."""
+    if tier.name == "torch":
+        pytest.skip("skipping is a property of the Triton kernels")
+    use_schedule(monkeypatch, tier, "tma")
+    monkeypatch.setattr(configs, "LCE_DW_ON_CUBLAS", dw_on_cublas)
+    n, hidden, vocab = (70, 24, 100) if tier.name != "cuda" else (1000, 200, 3001)
+    dtype = torch.float32
+    x, w, b, t = make_inputs(gen, tier, (n,), hidden, vocab, dtype, bias=True)
+    tile_rows = kernels.config_for(x, w)["dlogits"]["BLOCK_N"]
+    t, dead = _dead_tiles(gen, tier, n, tile_rows, t)
+    if not dw_on_cublas:
+        x = x.detach().clone()
+        x[dead.to(x.device)] = float("nan")
+        x.requires_grad_(True)
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
+    out = linear_cross_entropy(x, w, t, b, **kw)
+    go = (randn(gen, max(out.numel(), 1), dtype=torch.float64).reshape(out.shape) + 1.5).to(tier.device)
+    gx, gw, gb = torch.autograd.grad((out * go.to(out.dtype)).sum(), (x, w, b))
+    assert torch.all(gx[dead.to(gx.device)] == 0)
+    leaves = [a.detach().double().cpu().requires_grad_() for a in (x[~dead.to(x.device)], w, b)]
+    expected, _ = reference(leaves[0], leaves[1], t[~dead.to(t.device)].cpu(), leaves[2], **kw)
+    if reduction == "none":
+        assert torch.all(out[dead.to(out.device)] == 0)
+        out, go = out[~dead.to(out.device)], go[~dead.to(go.device)]
+    assert_close(out, expected, dtype, "loss")
+    refs = torch.autograd.grad((expected * go.cpu()).sum(), leaves)
+    for name, g, r in zip("xwb", (gx[~dead.to(gx.device)], gw, gb), refs):
+        assert_close(g, r, dtype, f"grad {name}")
+
+
+def test_skipped_tiles_keep_the_lse(tier, gen, monkeypatch):
+    """"tma" with ``return_lse``: the forward computes every row (the lse of ignored rows is returned), and a
+    gradient into the lse reaches the rows of ignored tiles too (no tile is skipped in that backward)."""
+    if tier.name == "torch":
+        pytest.skip("skipping is a property of the Triton kernels")
+    use_schedule(monkeypatch, tier, "tma")
+    n, hidden, vocab = (70, 24, 100) if tier.name != "cuda" else (1000, 200, 3001)
+    x, w, b, t = make_inputs(gen, tier, (n,), hidden, vocab, torch.float32, bias=True)
+    t, _ = _dead_tiles(gen, tier, n, kernels.config_for(x, w)["dlogits"]["BLOCK_N"], t)
+    check(tier, gen, x, w, b, t, torch.float32, return_lse=True, label_smoothing=0.1)
+
+
+def _chunked_sum(gen, tier, operands, accumulator, chunks=32, m=64, n=48, k=16):
+    """Sum ``chunks`` products A_i @ B_i (fp16 operands: exact in the interpreter's tl.dot) with
+    ``kernels._gemm.matmul`` the way the backward sums dX, in ``accumulator``: "fp32" (a buffer), "bf16x2" (the
+    compensated pair), "bf16" (plain bf16, Liger's dW); returns (the sum in fp64, the exact sum)."""
+    from fusedloss.kernels._gemm import matmul
+
+    a = randn(gen, chunks, m, k, dtype=operands, device=tier.device)
+    b = randn(gen, chunks, k, n, dtype=operands, device=tier.device)
+    exact = torch.einsum("imk,ikn->mn", a.double().cpu(), b.double().cpu())
+    tile = [16, 16, 16, 8, 4, 2] if tier.name != "cuda" else [64, 64, 16, 8, 4, 3]
+    out = torch.empty(m, n, dtype=torch.float32 if accumulator == "fp32" else torch.bfloat16, device=tier.device)
+    lo = torch.empty(m, n, dtype=torch.bfloat16, device=tier.device) if accumulator == "bf16x2" else None
+    for i in range(chunks):
+        matmul(a[i], b[i], out, acc=None if i == 0 else out, lo_in=None if i == 0 else lo, lo_out=lo, tile=tile)
+    total = out.double() + (0 if lo is None else lo.double())
+    return total.cpu(), exact
+
+
+def test_compensated_dx_sum(tier, gen, capsys):
+    """The "tma" schedule's dX sum for bf16 inputs: a bf16 high half (the dX output itself) and a bf16 low half,
+    added in fp32 in the GEMM epilogue and split back, over 32 chunks, against fp64. Each step loses at most
+    2^-18 of the sum with round-to-nearest conversions (the GPU's), 2^-16 with the interpreter's, which truncate:
+    its error stays far below the final rounding of dX to bf16 (2^-9 per element, paid by the exact mode anyway)
+    and plain bf16 accumulation. Measured: interpreter 1.4e-4 (fp32 1.2e-7, plain bf16 5.2e-2, final rounding
+    1.7e-3)."""
+    if tier.name == "torch":
+        pytest.skip("a Triton GEMM epilogue")
+    operands = torch.float16 if tier.name != "cuda" else torch.bfloat16
+    errors = {acc: rel_err(*_chunked_sum(gen, tier, operands, acc)) for acc in ("fp32", "bf16x2", "bf16")}
+    _, exact = _chunked_sum(gen, tier, operands, "fp32")
+    errors["final bf16 rounding"] = rel_err(exact.to(torch.bfloat16), exact)
+    with capsys.disabled():
+        print("\nrelative error of a 32-chunk sum vs fp64: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    assert errors["bf16x2"] <= 32 * 2.0 ** (-18 if tier.name == "cuda" else -16)
+    assert errors["bf16x2"] < errors["final bf16 rounding"] / 10 < errors["bf16"] / 10
+
+
+def test_precision_follows_torch(tier, gen, monkeypatch):
+    """One precision rule (kernels._gemm.dot_precision): fp32 operands follow torch's fp32 matmul policy unless
+    ``input_precision`` overrides it; 16-bit and fp64 operands have no choice. The launches resolve it there."""
+    if tier.name == "torch":
+        pytest.skip("the torch backend is F.linear itself")
+    from fusedloss.kernels import _gemm
+
+    saved = torch.get_float32_matmul_precision()
+    try:
+        assert _gemm.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert _gemm.dot_precision(torch.float32) == "tf32"
+        assert _gemm.dot_precision(torch.float32, "ieee") == "ieee"
+        assert _gemm.dot_precision(torch.bfloat16) == _gemm.dot_precision(torch.float64) == "ieee"
+        resolved = []
+        monkeypatch.setattr(kernels, "dot_precision", lambda *a: resolved.append(_gemm.dot_precision(*a)) or
+                            resolved[-1])
+        x, w, b, t = make_inputs(gen, tier, (8,), 16, 40, torch.float32, bias=True)
+        linear_cross_entropy(x, w, t, b).backward()
+        assert resolved and set(resolved) == {"tf32"}
+        resolved.clear()
+        linear_cross_entropy(x, w, t, b, input_precision="ieee").backward()
+        assert set(resolved) == {"ieee"}
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# accumulate_in_input_dtype=True: Liger-Kernel's schedule
+
+FAST_CASES = {
+    "plain": dict(),
+    "everything": dict(bias=True, ignore_frac=0.2, label_smoothing=0.2, z_loss=0.01, softcap=2.0, focal_gamma=1.5,
+                       return_lse=True),
+    "sum": dict(reduction="sum", ignore_frac=0.2, bias=True),
+    "none": dict(reduction="none", ignore_frac=0.2),  # the exact path: per-row grad_output is known in backward
+}
+# Relative error against fp64 the fast mode is held to, beyond the dtype's tolerance: the loss of logits rounded to
+# the input dtype and dW summed over token chunks in it. Measured in the interpreter (5 chunks of 16 tokens, the
+# plain, everything and sum cases): bf16 <= 7.4e-3 (dW and db the worst), fp16 <= 5.8e-4, fp32 <= 2.1e-7.
+FAST_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 5e-5}
+
+
+@pytest.mark.parametrize("case", FAST_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_accumulate_in_input_dtype(small, gen, case, dtype):
+    """Values and every gradient against fp64 within FAST_TOL, several token chunks crossed. On the torch tier
+    the flag changes nothing (it computes in fp32)."""
+    if dtype == torch.bfloat16 and small.name == "torch":
+        pytest.skip("the torch tier's bf16 is the exact path, tested above")
+    kw = dict(FAST_CASES[case])
+    if dtype == torch.bfloat16 and small.name == "interpret" and (kw.get("reduction") == "none" or
+                                                                  kw.get("return_lse")):
+        pytest.skip("'none' and a gradient into the lse take the exact kernels, whose bf16 tl.dot the interpreter "
+                    "computes wrongly")
+    bias, ignore_frac = kw.pop("bias", False), kw.pop("ignore_frac", 0.0)
+    lead, hidden, vocab = ((5, 15), 24, 100) if small.name != "cuda" else ((4, 1000), 256, 32000)
+    x, w, b, t = make_inputs(gen, small, lead, hidden, vocab, dtype, bias=bias, ignore_frac=ignore_frac)
+    check(small, gen, x, w, b, t, dtype, factor=FAST_TOL[dtype] / TOL[dtype], accumulate_in_input_dtype=True,
+          shift=True, **kw)
+
+
+def test_accumulate_in_input_dtype_accuracy(tier, gen, capsys, monkeypatch):
+    """The trade, measured: relative error against fp64 of the loss, dX and dW for bf16 inputs, exact mode and
+    accumulate_in_input_dtype=True on the same inputs, printed side by side (bench/NOTES.md quotes them). On the
+    CPU tiers the exact mode's bf16 runs on the torch backend (fp32 math, as the kernels'), since the
+    interpreter's bf16 tl.dot is wrong."""
+    if tier.name == "torch":
+        pytest.skip("compares the Triton fast path")
+    n, hidden, vocab = (256, 64, 2000) if tier.name != "cuda" else (8192, 1024, 32000)
+    x, w, _, t = make_inputs(gen, tier, (n,), hidden, vocab, torch.bfloat16)
+    leaves = [a.detach().double().cpu().requires_grad_() for a in (x, w)]
+    expected, _ = reference(*leaves, t.cpu())
+    ref = (expected.detach(), *torch.autograd.grad(expected, leaves))
+    errors = {}
+    for mode, fast in (("exact", False), ("accumulate_in_input_dtype", True)):
+        monkeypatch.setenv("FUSEDLOSS_BACKEND", "torch" if tier.name != "cuda" and not fast else "auto")
+        loss = linear_cross_entropy(x, w, t, accumulate_in_input_dtype=fast)
+        got = (loss, *torch.autograd.grad(loss, (x, w)))
+        errors[mode] = [rel_err(g, r) for g, r in zip(got, ref)]
+    with capsys.disabled():
+        print(f"\nbf16 {n}x{hidden}x{vocab}, relative error vs fp64 (loss, dX, dW): "
+              + "; ".join(f"{k} " + ", ".join(f"{e:.2e}" for e in v) for k, v in errors.items()))
+    assert max(errors["accumulate_in_input_dtype"]) <= FAST_TOL[torch.bfloat16]
+    assert max(errors["exact"]) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -361,6 +605,10 @@ def _bad_cases():
     yield "shift", ValueError, (torch.randn(8), w, torch.tensor(1)), dict(shift=True)
     yield "return_lse", TypeError, (x, w, t), dict(return_lse="yes")
     yield "input_precision", ValueError, (x, w, t), dict(input_precision="bf16x3")
+    yield "input_precision", TypeError, (x, w, t), dict(input_precision=32)
+    yield "accumulate_in_input_dtype", TypeError, (x, w, t), dict(accumulate_in_input_dtype="bf16")
+    yield "accumulate_in_input_dtype", ValueError, (x, w, t), dict(accumulate_in_input_dtype=True,
+                                                                   process_group=object())
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: f"{c[0]}-{c[1].__name__}")
@@ -392,22 +640,6 @@ def test_out_of_range_class(tier):
 # The torch backend's memory bound, measured.
 
 
-def _peak_allocated_bytes(fn):
-    """Peak of live bytes allocated by torch's CPU allocator while ``fn`` runs, over the live bytes at its start:
-    the profiler records every allocation and free (``profile_memory=True``, the ``[memory]`` events, with signed
-    sizes); their running sum in time order is the live total."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_torch_backend_peak_memory(tier):
     """8192 tokens x 256 hidden x 50000 classes, fp32, forward + backward on the torch backend: the peak of live
     memory beyond the gradients stays under 5% of the logits that eager F.cross_entropy(F.linear(...)) must hold
@@ -425,11 +657,11 @@ def test_torch_backend_peak_memory(tier):
         return x, w, torch.randint(0, vocab, (n,), generator=gen)
 
     x, w, t = inputs(1024)
-    eager = _peak_allocated_bytes(lambda: F.cross_entropy(F.linear(x, w), t, label_smoothing=0.1).backward())
+    eager = peak_allocated_bytes(lambda: F.cross_entropy(F.linear(x, w), t, label_smoothing=0.1).backward())
     assert eager >= 1024 * vocab * 4, "the measurement missed eager's logits"
     n = 8192
     x, w, t = inputs(n)
-    fused = _peak_allocated_bytes(
+    fused = peak_allocated_bytes(
         lambda: linear_cross_entropy(x, w, t, label_smoothing=0.1, z_loss=1e-4, focal_gamma=1.0).backward())
     logits = n * vocab * 4
     grads = (n + vocab) * hidden * 4
@@ -472,4 +704,7 @@ CONTRACT_CASES = [
          grad_args=(0, 1, 3)),
     Case("linear_cross_entropy-sum-no_bias", linear_cross_entropy,
          _lce_case((7,), 12, 40, bias=False, reduction="sum", label_smoothing=0.2), grad_args=(0, 1)),
+    Case("linear_cross_entropy-accumulate_in_input_dtype", linear_cross_entropy,
+         _lce_case((2, 9), 16, 50, shift=True, z_loss=1e-3, softcap=4.0, accumulate_in_input_dtype=True),
+         grad_args=(0, 1, 3), compile=True),
 ]

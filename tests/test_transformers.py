@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close, rel_err
+from conftest import assert_close, peak_allocated_bytes, rel_err
 
 transformers = pytest.importorskip("transformers", reason="pip install 'fusedloss[transformers]' to test it")
 from fusedloss.integrations.transformers import patch_causal_lm, unpatch_causal_lm  # noqa: E402
@@ -290,21 +290,6 @@ def test_hand_written_recipe(tier, gen, family):
     _assert_same_training_signal(model, ref, loss, ref_loss)
 
 
-def _peak_allocated_bytes(fn):
-    """Peak of live bytes allocated by torch's CPU allocator while ``fn`` runs, over the live bytes at its start
-    (the profiler's ``[memory]`` events, signed sizes, summed in time order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_peak_memory(tier, gen):
     """A patched forward + backward at a 32000-word vocabulary, 2048 tokens (a 250 MiB fp32 logits tensor) peaks
     below half the logits, gradients and activations included; the unpatched one peaks above the logits (which
@@ -322,7 +307,7 @@ def test_peak_memory(tier, gen):
     def step(m):
         return lambda: m(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
 
-    fused, eager = _peak_allocated_bytes(step(patched)), _peak_allocated_bytes(step(ref))
+    fused, eager = peak_allocated_bytes(step(patched)), peak_allocated_bytes(step(ref))
     print(f"\npeak allocated: patched {fused / 2**20:.0f} MiB, unpatched {eager / 2**20:.0f} MiB, "
           f"fp32 logits {logits / 2**20:.0f} MiB")
     assert eager >= logits, "the measurement missed the unpatched model's logits"

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss
-from conftest import assert_close, randn
+from fusedloss.losses import triplet as triplet_module
 from fusedloss.losses.triplet import batch_hard_triplet_loss, triplet_margin_loss
+
+from conftest import Case, assert_close, peak_allocated_bytes, randn
 
 
 def check_triplet(tier, gen, tensors, dtype, factor=1.0, **kw):
@@ -250,3 +252,319 @@ def test_exports_and_modules(tier, gen):
     labels = torch.tensor([0, 0, 1, 1, 2, 2], device=tier.device)
     hard = fusedloss.nn.BatchHardTripletLoss(margin=0.3, soft_margin=True)
     assert torch.equal(hard(a, labels), batch_hard_triplet_loss(a, labels, margin=0.3, soft_margin=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile inputs: what a drop-in must not get silently wrong
+
+NON_FINITE = {
+    "nan_anchor": lambda a, p, n: a.__setitem__((1, 2), math.nan),
+    "nan_negative": lambda a, p, n: n.__setitem__((3, 0), math.nan),
+    "inf_anchor": lambda a, p, n: a.__setitem__((1, 2), math.inf),
+    "minus_inf_positive": lambda a, p, n: p.__setitem__((1, 2), -math.inf),
+    "inf_positive_and_negative": lambda a, p, n: (p.__setitem__((1, 2), math.inf), n.__setitem__((1, 2), math.inf)),
+    "inf_anchor_and_positive": lambda a, p, n: (a.__setitem__((2, 4), math.inf), p.__setitem__((2, 4), math.inf)),
+}
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, -math.inf, 3.0, 1.5, 0.5, -1.5])
+@pytest.mark.parametrize("case", list(NON_FINITE))
+def test_triplet_non_finite_inputs_match_torch(tier, gen, case, p, swap):
+    """NaN and +-inf entries: torch's loss and gradients element by element (conftest.rel_err requires the same
+    NaN and inf positions): NaN-propagating +-inf norms and min, NaN kept by clamp_min, and norm_backward's
+    0 * inf and 0 * NaN. A margin of 2 keeps the finite rows' hinges active."""
+    tensors = [randn(gen, 5, 6) for _ in range(3)]
+    NON_FINITE[case](*tensors)
+    check_triplet(tier, gen, tensors, torch.float32, margin=2.0, p=p, swap=swap, reduction="none")
+
+
+def test_triplet_broadcast_rows_are_read_in_place_never_past_storage(tier, gen):
+    """A (1, D) positive expanded to (N, D) (row stride 0) and a negative whose D entries are one expanded value
+    (column stride 0), both views into storage whose following row is NaN: a read with the dense strides would
+    meet the NaN (or run past the storage), a correct one gives the dense inputs' result."""
+    base = torch.full((2, 7), math.nan)
+    base[0] = randn(gen, 7)
+    positive = base[:1].expand(6, 7)
+    column = torch.full((6, 2), math.nan)
+    column[:, 0] = randn(gen, 6)
+    negative = column[:, :1].expand(6, 7)
+    assert positive.stride() == (0, 1) and negative.stride() == (2, 0)
+    for reduction in ("mean", "none"):
+        check_triplet(tier, gen, [randn(gen, 6, 7), positive, negative], torch.float32, margin=3.0, swap=True,
+                      reduction=reduction)
+
+
+def test_triplet_autocast_returns_fp32_like_torch(tier, gen):
+    a, p, n = (randn(gen, 9, 20, dtype=torch.bfloat16, device=tier.device, requires_grad=True) for _ in range(3))
+    with torch.autocast(tier.device.type, dtype=torch.bfloat16):
+        ours = triplet_margin_loss(a, p, n, margin=2.0, swap=True)
+        theirs = F.triplet_margin_loss(a, p, n, margin=2.0, swap=True)
+    assert ours.dtype == theirs.dtype == torch.float32
+    grads = torch.autograd.grad(ours, (a, p, n))
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    assert_close(ours, theirs, torch.bfloat16, "loss under autocast")
+
+
+def test_triplet_number_arguments_in_every_form_torch_takes(tier, gen):
+    import numpy as np
+
+    a, p, n = (randn(gen, 5, 8, device=tier.device) for _ in range(3))
+    expected = triplet_margin_loss(a, p, n, margin=1.5, p=3.0, eps=1e-3, swap=True)
+    for margin, norm, eps in ((np.float32(1.5), np.int64(3), np.float64(1e-3)),
+                              (torch.tensor(1.5), torch.tensor(3.0), torch.tensor(1e-3))):
+        assert torch.equal(triplet_margin_loss(a, p, n, margin=margin, p=norm, eps=eps, swap=True), expected)
+
+
+def test_numpy_bool_arguments_are_refused_like_torch(tier, gen):
+    """torch's own parser refuses a NumPy bool for ``swap`` ("must be bool, not numpy.bool"): so does this."""
+    import numpy as np
+
+    a, p, n = (randn(gen, 5, 8, device=tier.device) for _ in range(3))
+    with pytest.raises(TypeError, match="swap"):
+        triplet_margin_loss(a, p, n, swap=np.bool_(True))
+
+
+@pytest.mark.parametrize("shape", [(0, 6), (4, 0), (0, 0), (0,)], ids=["no_rows", "zero_width", "both", "unbatched"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triplet_empty_and_zero_width_inputs_give_torchs_answer(tier, shape, reduction):
+    """No rows: mean NaN, sum 0, 'none' empty; zero width: every distance is the norm of nothing, 0, so each
+    row's loss is the margin; the gradients are empty or zero, as torch's."""
+    ours = [torch.zeros(shape, device=tier.device, requires_grad=True) for _ in range(3)]
+    theirs = [torch.zeros(shape, requires_grad=True) for _ in range(3)]
+    out = triplet_margin_loss(*ours, margin=0.5, reduction=reduction)
+    expected = F.triplet_margin_loss(*theirs, margin=0.5, reduction=reduction)
+    assert out.shape == expected.shape and torch.equal(out.detach().cpu().isnan(), expected.isnan())
+    assert torch.allclose(out.detach().cpu(), expected.detach(), equal_nan=True)
+    for g, e in zip(torch.autograd.grad(out.sum(), ours), torch.autograd.grad(expected.sum(), theirs)):
+        assert g.shape == e.shape and torch.equal(g.cpu(), e)
+
+
+def test_triplet_inf_margin_and_nan_margin(tier, gen):
+    """torch accepts any margin > 0, inf included (every hinge is inf); NaN, which torch would turn into a NaN
+    loss without a word, is refused here."""
+    a, p, n = (randn(gen, 3, 4, device=tier.device) for _ in range(3))
+    assert torch.equal(triplet_margin_loss(a, p, n, margin=math.inf, reduction="none").cpu(),
+                       F.triplet_margin_loss(a.cpu(), p.cpu(), n.cpu(), margin=math.inf, reduction="none"))
+    with pytest.raises(ValueError, match="margin"):
+        triplet_margin_loss(a, p, n, margin=math.nan)
+
+
+def test_triplet_p_zero_has_no_gradient(tier, gen):
+    """p = 0 counts the non-zero differences: torch's norm has no gradient there, so neither has this loss."""
+    tensors = [randn(gen, 6, 5) for _ in range(3)]
+    check_triplet(tier, gen, tensors, torch.float32, p=0.0, margin=8.0, reduction="sum")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch-hard: hostile inputs
+
+def batch_hard_definition(x, labels, margin=1.0, soft_margin=False, reduction="mean"):
+    """The loss of the selected pairs in torch ops, the pairs picked from the full distance matrix: what the
+    gradient owes when the full matrix's amax backward would spread NaN to every row. The first index of each
+    extreme, a NaN distance winning both (as amax / amin propagate it); a non-finite anchor, whose distances are
+    all inf or NaN and whose loss is NaN whatever it picks, is mined as the zero vector (the documented
+    convention)."""
+    finite = x.detach().isfinite().all(1)[:, None]
+    d = torch.cdist(torch.where(finite, x.detach(), 0.0), x.detach(), compute_mode="donot_use_mm_for_euclid_dist")
+    same = labels[:, None] == labels[None, :]
+    positive = same & ~torch.eye(len(labels), dtype=torch.bool)
+    valid = positive.any(1) & (~same).any(1)
+    key_pos = torch.where(d.isnan(), math.inf, d).masked_fill(~positive, -math.inf)
+    key_neg = torch.where(d.isnan(), -math.inf, d).masked_fill(same, math.inf)
+    index = torch.arange(len(labels))
+    pos = torch.where(valid, key_pos.argmax(1), index)
+    neg = torch.where(valid, key_neg.argmin(1), index)
+    zero = torch.zeros_like(x)
+    z = (torch.where(valid[:, None], x - x[pos], zero).norm(dim=1)
+         - torch.where(valid[:, None], x - x[neg], zero).norm(dim=1))
+    loss = torch.where(valid, F.softplus(z) if soft_margin else torch.clamp_min(margin + z, 0.0), 0.0)
+    return {"none": loss, "sum": loss.sum(), "mean": loss.sum() / valid.sum()}[reduction]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("soft_margin", [False, True])
+@pytest.mark.parametrize("case", ["nan_row", "inf_row", "minus_inf_singleton", "nan_and_inf"])
+def test_batch_hard_non_finite_embeddings(tier, gen, case, soft_margin, reduction):
+    """A NaN embedding is a candidate of every other anchor (positive or negative), and the definition's amax /
+    amin propagate its NaN distance: every valid anchor's loss is NaN (the Triton mining used to drop it). An
+    infinite row is the farthest positive of its label's anchors (loss inf) and never the nearest negative. The
+    values are the full-matrix reference's; the gradient is the selected pairs' (``batch_hard_definition``),
+    since the full matrix's own spreads NaN to every row."""
+    x = randn(gen, 40, 6, dtype=torch.float64)
+    labels = labels_with_a_singleton(gen, 40, 4)
+    if case in ("nan_row", "nan_and_inf"):
+        x[5, 3] = math.nan
+    if case in ("inf_row", "nan_and_inf"):
+        x[11, 0] = math.inf
+    if case == "minus_inf_singleton":  # anchor 0 has no positive: it only ever is a negative, never the nearest
+        x[0, 1] = -math.inf
+    ours = x.to(tier.device).requires_grad_(True)
+    out = batch_hard_triplet_loss(ours, labels.to(tier.device), soft_margin=soft_margin, reduction=reduction)
+    assert_close(out, batch_hard_reference(x, labels, soft_margin=soft_margin, reduction=reduction), torch.float64)
+    if case in ("nan_row", "nan_and_inf") and reduction == "none":  # the issue: NaN for every anchor it touches
+        same = labels[:, None] == labels[None, :]
+        valid = (same.sum(1) > 1) & (~same).any(1)
+        assert torch.isnan(out[valid.to(tier.device)]).all() and not out[~valid.to(tier.device)].any()
+    ref_x = x.clone().requires_grad_(True)
+    ref = batch_hard_definition(ref_x, labels, soft_margin=soft_margin, reduction=reduction)
+    grad_out = (torch.rand(ref.shape, generator=gen, dtype=torch.float64) + 0.5)
+    (g,) = torch.autograd.grad(out, ours, grad_out.to(tier.device))
+    (r,) = torch.autograd.grad(ref, ref_x, grad_out)
+    assert_close(g, r, torch.float64, "d embeddings")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
+                                   torch.uint32, torch.uint64])
+def test_batch_hard_labels_of_every_integer_dtype(tier, gen, dtype):
+    """Labels of any integer dtype, compared in int64: the same result as int64 labels of the same values."""
+    x = randn(gen, 30, 5)
+    labels = torch.randint(0, 5, (30,), generator=gen) * 50  # 0 .. 200: within every dtype, including int8's sign
+    labels = labels.to(dtype)
+    check_batch_hard(tier, gen, x, labels.to(torch.int64), torch.float32, reduction="none")
+    int64 = batch_hard_triplet_loss(x.to(tier.device), labels.to(torch.int64).to(tier.device), reduction="none")
+    assert torch.equal(batch_hard_triplet_loss(x.to(tier.device), labels.to(tier.device), reduction="none"), int64)
+
+
+def test_batch_hard_autocast_returns_fp32(tier, gen):
+    """Under autocast (fp16 here: the interpreter's bf16 tl.dot is broken) the loss is fp32, the gradient in the
+    embeddings' dtype, and the mining is not run in the autocast dtype."""
+    x = randn(gen, 24, 16, dtype=torch.float16, device=tier.device, requires_grad=True)
+    labels = labels_with_a_singleton(gen, 24, 4).to(tier.device)
+    with torch.autocast(tier.device.type, dtype=torch.float16):
+        out = batch_hard_triplet_loss(x, labels, margin=0.5)
+    assert out.dtype == torch.float32
+    (g,) = torch.autograd.grad(out, x)
+    assert g.dtype == torch.float16
+    assert_close(out, batch_hard_reference(x.detach().cpu().double(), labels.cpu(), margin=0.5), torch.float16)
+
+
+def test_batch_hard_number_arguments_in_every_form(tier, gen):
+    import numpy as np
+
+    x = randn(gen, 12, 5, device=tier.device)
+    labels = labels_with_a_singleton(gen, 12, 3).to(tier.device)
+    expected = batch_hard_triplet_loss(x, labels, 0.75, soft_margin=False)
+    for margin in (np.float32(0.75), np.int64(1) * 0.75, torch.tensor(0.75)):
+        assert torch.equal(batch_hard_triplet_loss(x, labels, margin, soft_margin=False), expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (5, 0)], ids=["no_rows", "zero_width"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_batch_hard_empty_and_zero_width(tier, shape, reduction):
+    """No rows: the definition's answer (mean NaN, sum 0, 'none' empty). Zero width: every distance is 0, so each
+    valid anchor's loss is the margin, as the full-matrix reference gives."""
+    x = torch.zeros(shape, device=tier.device, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2][:shape[0]], dtype=torch.long, device=tier.device)
+    out = batch_hard_triplet_loss(x, labels, margin=0.5, reduction=reduction)
+    if shape[0] == 0:  # (the reference's amax needs a row)
+        expected = {"mean": torch.tensor(math.nan), "sum": torch.tensor(0.0), "none": torch.zeros(0)}[reduction]
+    else:
+        expected = batch_hard_reference(torch.zeros(shape, dtype=torch.float64), labels.cpu(), margin=0.5,
+                                        reduction=reduction)
+    assert out.shape == expected.shape
+    assert torch.allclose(out.detach().cpu().double(), expected.double(), equal_nan=True)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g.shape == x.shape
+
+
+def test_batch_hard_torch_mining_in_chunks(tier, gen, monkeypatch):
+    """The torch path's mining over several row chunks (one of 4 rows here, 18 chunks and a partial one) gives
+    the full matrix's answer; on the Triton path the chunks serve the higher-order gradients."""
+    monkeypatch.setattr(triplet_module, "TORCH_MINING_CHUNK_BYTES", 4 * 70 * 4)
+    x = randn(gen, 70, 9)
+    check_batch_hard(tier, gen, x, labels_with_a_singleton(gen, 70, 5), torch.float32, margin=0.5, reduction="none")
+
+
+def test_batch_hard_torch_backend_peak_memory(tier):
+    """B = 4096, d = 64, fp32, forward + backward on the torch backend: the peak of live memory beyond the inputs
+    and the gradient stays under a third of the 64 MiB B x B distance matrix (measured: ~20 MiB, the mining
+    chunk's scores, keys and masks), which eager mining must hold whole, several times over."""
+    if tier.name != "torch":
+        pytest.skip("measures the torch backend (CPU)")
+
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 4096, 64
+    x = torch.randn(n, dim, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 100, (n,), generator=gen)
+    peak = peak_allocated_bytes(lambda: batch_hard_triplet_loss(x, labels).backward())
+    matrix = n * n * 4
+    print(f"\npeak allocated: {peak / 2**20:.0f} MiB; the distance matrix alone {matrix / 2**20:.0f} MiB")
+    assert peak - 2 * n * dim * 4 <= matrix / 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property tests: random shapes and options against the fp64 definitions
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=20, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(rows=st.integers(1, 9), dim=st.integers(1, 40), p=st.sampled_from([2.0, 1.0, math.inf, 3.0, 0.5]),
+                  swap=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]),
+                  broadcast=st.sampled_from([None, 0, 1, 2]), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_triplet_property_against_torch(tier, rows, dim, p, swap, reduction, broadcast, transposed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [randn(gen, rows, dim) for _ in range(3)]
+    if broadcast is not None:  # one input a single row, read with stride 0
+        tensors[broadcast] = tensors[broadcast][:1]
+    if transposed:
+        tensors = [t.t().contiguous().t() for t in tensors]
+    check_triplet(tier, gen, tensors, torch.float32, margin=1.5, p=p, swap=swap, reduction=reduction)
+
+
+@hypothesis.settings(max_examples=15, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(rows=st.integers(1, 80), dim=st.integers(1, 20), classes=st.integers(1, 6),
+                  soft_margin=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]),
+                  seed=st.integers(0, 2**16))
+def test_batch_hard_property_against_reference(tier, rows, dim, classes, soft_margin, reduction, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(gen, rows, dim)
+    labels = torch.randint(0, classes, (rows,), generator=gen)  # one class or singletons: nothing valid, NaN mean
+    check_batch_hard(tier, gen, x, labels, torch.float32, margin=0.7, soft_margin=soft_margin, reduction=reduction)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The autograd / compile / layout contract (tests/test_contract.py)
+
+
+def _triplet_case(shapes, **kw):
+    def make(gen, dtype):
+        return [randn(gen, *shape, dtype=dtype) for shape in shapes], kw
+
+    return make
+
+
+def _expand_positive(args, kw):
+    a, p, n = args
+    return [a, p[:1].expand(p.shape), n], kw
+
+
+def _batch_hard_case(rows, dim, classes, **kw):
+    def make(gen, dtype):
+        return [randn(gen, rows, dim, dtype=dtype), labels_with_a_singleton(gen, rows, classes)], kw
+
+    return make
+
+
+def _expand_embedding_columns(args, kw):
+    x, labels = args
+    return [x[:, :1].expand(x.shape), labels], kw
+
+
+CONTRACT_CASES = [
+    Case("triplet_margin_loss-swap", triplet_margin_loss, _triplet_case([(9, 13)] * 3, margin=2.0, swap=True),
+         grad_args=(0, 1, 2), compile=True, stride0=_expand_positive),
+    Case("triplet_margin_loss-none-p3-broadcast", triplet_margin_loss,
+         _triplet_case([(6, 7), (1, 7), (6, 7)], margin=3.0, p=3.0, reduction="none"), grad_args=(0, 1, 2)),
+    Case("triplet_margin_loss-sum-p1", triplet_margin_loss, _triplet_case([(5, 11)] * 3, margin=4.0, p=1.0,
+                                                                          reduction="sum"), grad_args=(0, 2)),
+    # compiled too: its torch backend is another engine (the chunked mining loop, traced as it is)
+    Case("batch_hard_triplet_loss-mean", batch_hard_triplet_loss, _batch_hard_case(20, 6, 3, margin=2.0),
+         compile=True, stride0=_expand_embedding_columns),
+    Case("batch_hard_triplet_loss-none-soft", batch_hard_triplet_loss,
+         _batch_hard_case(15, 4, 3, soft_margin=True, reduction="none")),
+]

@@ -343,14 +343,19 @@ def _mean_denominator(target, weight, opts, dtype):
 # Triton backend (compiled or interpreted)
 
 
-def _layouts(input, target):
-    """``input`` and ``target`` in layouts the kernels walk without a copy, or contiguous copies."""
+def _needs_copy(input, target):
+    """Whether ``input`` and ``target`` need a contiguous copy: layouts the kernels cannot walk with one stride."""
     from ..kernels.cross_entropy import class_layout, index_layout
 
-    if class_layout(input) is None:
-        input = input.contiguous()
     walkable = class_layout(target) if target.is_floating_point() else index_layout(target)
-    return input, (target if walkable is not None else target.contiguous())
+    return class_layout(input) is None, walkable is None
+
+
+def _layouts(input, target, copies=None):
+    """``input`` and ``target`` in layouts the kernels walk: themselves, or contiguous copies (``copies``: the
+    decision ``_needs_copy`` made earlier)."""
+    copy_input, copy_target = copies or _needs_copy(input, target)
+    return (input.contiguous() if copy_input else input), (target.contiguous() if copy_target else target)
 
 
 def _single_read(logits, target):
@@ -422,6 +427,8 @@ class _CrossEntropy(_family.LossFunction):
         ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
         in_place = grad is None and needs[0] and not needs[1] and opts.reduction != "none" and _inplace(opts)
         fused = [input if in_place else grad, None, None, None] if (grad is not None or in_place) else None
+        # the layouts the backward will walk, decided here: a compiled backward cannot read the saved strides
+        ctx.copy_input, ctx.copy_target = _needs_copy(input, target)
         _family.save(ctx, opts, needs, (input, target, weight, alpha), state=(row_state, denominator), fused=fused,
                      keep_inputs=not in_place)
 
@@ -437,7 +444,7 @@ def _recompute(ctx, inputs, state, grad_outputs):
     input, target, weight, _ = inputs
     row_state, denominator = state
     opts, needs = ctx.opts, ctx.needs
-    logits, target_view = _layouts(input, target)
+    logits, target_view = _layouts(input, target, (ctx.copy_input, ctx.copy_target))
     scale = _family.grad_scale(grad_outputs[0].to(row_state.dtype), opts.reduction, denominator)
     grad = _alloc.empty_like(logits) if needs[0] else None
     grad_target = _alloc.empty_like(target_view) if needs[1] and target.is_floating_point() else None

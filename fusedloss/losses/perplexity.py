@@ -1,6 +1,7 @@
 """Perplexity helpers: ``exp`` of a language model's mean token cross-entropy (the seed's ``PPL = e^L``).
 
-``perplexity`` runs ``fusedloss.cross_entropy`` for the per-token losses (no second cross-entropy here);
+``perplexity`` runs ``fusedloss.cross_entropy`` for the per-token losses (no second cross-entropy here, and its
+autograd, compile and layout behaviour is cross-entropy's, composed with torch ops);
 ``perplexity_from_loss`` turns mean losses that were already computed into a perplexity, weighting several
 batches by their token counts (the perplexity of the union is ``exp`` of the token-weighted mean loss, not the
 mean of the perplexities, which Jensen's inequality puts above it).
@@ -18,28 +19,40 @@ def perplexity(logits, target, ignore_index=-100, *, per_sequence=False):
     Args:
         logits: ``(..., V)``, vocabulary last (the language-model layout, e.g. ``(B, T, V)``); float16,
             bfloat16, float32 or float64.
-        target: ``(...)`` int64 token ids, already aligned with ``logits`` (shifted by one), ``ignore_index``
-            where a position is not scored (padding, prompt).
-        ignore_index: see ``target``.
+        target: ``(...)`` token ids of any integer dtype (compared in int64), already aligned with ``logits``
+            (shifted by one), ``ignore_index`` where a position is not scored (padding, prompt).
+        ignore_index: see ``target``; Python, NumPy or 0-d tensor.
         per_sequence: ``False``: one perplexity over every scored token. ``True``: ``logits`` is ``(B, T, V)``
             and the result ``(B,)`` holds each sequence's perplexity (NaN for a sequence without scored tokens).
     Returns fp32 (fp64 for fp64 logits): the per-token losses are summed in that precision, so bf16 logits do
-    not round the mean loss to bf16 before the exponential magnifies the error. Differentiable in ``logits``.
+    not round the mean loss to bf16 before the exponential magnifies the error (each token's loss is rounded to
+    the logits' dtype once, by ``cross_entropy``). Differentiable in ``logits``. NaN with no scored token (empty
+    inputs included), as ``exp`` of torch's all-ignored mean cross-entropy.
     """
     _checks.check_tensor("logits", logits, floating=True)
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least 1 dimension (..., V), got a 0-d tensor")
     _checks.check_tensor("target", target, floating=False, device=logits.device)
-    if logits.dim() == 0 or target.shape != logits.shape[:-1]:
+    if target.shape != logits.shape[:-1]:
         raise ValueError(f"target must have the shape of logits without the last (vocabulary) dimension, got "
                          f"logits {tuple(logits.shape)} and target {tuple(target.shape)}")
-    if per_sequence and logits.dim() != 3:
+    ignore_index = _checks.check_int("ignore_index", ignore_index)
+    if _checks.check_bool("per_sequence", per_sequence) and logits.dim() != 3:
         raise ValueError(f"per_sequence needs (B, T, V) logits, got shape {tuple(logits.shape)}")
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    target = target.to(torch.int64)  # cross_entropy takes int64 (or uint8); small dtypes must not wrap
     token_loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
                                reduction="none").to(dtype).reshape(target.shape)
     scored = (target != ignore_index).to(dtype)
-    if per_sequence:
-        return torch.exp(token_loss.sum(1) / scored.sum(1))
-    return torch.exp(token_loss.sum() / scored.sum())
+    dim = 1 if per_sequence else None
+    return torch.exp(_mean_or_nan(token_loss.sum(dim), scored.sum(dim)))
+
+
+def _mean_or_nan(total, count):
+    """``total / count``, NaN where ``count`` is 0, with a zero gradient there (torch's all-ignored mean
+    cross-entropy has one): both wheres, so that no ``0 / 0`` or ``NaN * 0`` reaches the backward."""
+    has_tokens = count != 0
+    return torch.where(has_tokens, total / torch.where(has_tokens, count, 1.0), float("nan"))
 
 
 def perplexity_from_loss(loss, num_tokens=None):
@@ -65,4 +78,4 @@ def perplexity_from_loss(loss, num_tokens=None):
     if tokens.shape != loss.shape:
         raise ValueError(f"num_tokens must have loss's shape {tuple(loss.shape)}, got {tuple(tokens.shape)}")
     tokens = tokens.to(loss.dtype)
-    return torch.exp((loss * tokens).sum() / tokens.sum())
+    return torch.exp(_mean_or_nan((loss * tokens).sum(), tokens.sum()))

@@ -1,22 +1,55 @@
 """Triplet losses, host side: ``triplet_margin_loss`` (a drop-in for torch's) and ``batch_hard_triplet_loss``
 (batch-hard mining, Hermans et al. 2017).
 
-The Triton path of ``triplet_margin_loss`` computes the three distances, the hinge and, when autograd needs
-them, the three gradients in one launch (formulas in ``fusedloss.kernels.triplet``); for ``mean``/``sum`` the
-backward is a no-op when ``grad_output == 1``. Broadcast rows (e.g. a ``(1, D)`` positive) are read with stride
-0, not materialized. The torch path is torch's own ``triplet_margin_loss``, which this function mirrors.
+``triplet_margin_loss``: the torch backend is torch's own ``triplet_margin_loss`` (``_triplet_definition``). The
+Triton path computes the three distances, the hinge and, for ``mean``/``sum``, the three gradients in one launch
+(formulas in ``fusedloss.kernels.triplet``), so a plain ``loss.backward()`` moves no bytes. Broadcast rows (a
+``(1, D)`` positive) are read in place with row stride 0; a broadcast the kernel cannot walk with one row stride
+(``(2, 1, D)`` against ``(1, 3, D)``) is materialized first.
 
-``batch_hard_triplet_loss`` mines with a tiled kernel (never the ``B x B`` distance matrix) and differentiates
-through the selected indices only; its torch path mines in row chunks, so it also stays O(B d + chunk B).
+``batch_hard_triplet_loss``: mining never holds the ``B x B`` distances on either backend: a tiled kernel on the
+Triton path, row chunks of ``TORCH_MINING_CHUNK_BYTES`` on the torch path (peak memory beyond the inputs and the
+gradient at B = 4096, d = 64, fp32: under a third of the B x B distance matrix alone,
+``test_batch_hard_torch_backend_peak_memory``). The loss is then the definition on the selected pairs
+(``_batch_hard_definition``), O(B d): in torch ops under plain autograd on the torch backend (which
+``torch.compile`` traces as it is), in one kernel with atomically accumulated gradients on the Triton path.
 """
 
-import torch
+import dataclasses
+import math
 
-from .. import _alloc, _checks, _grads
+import torch
+import torch.nn.functional as F
+
+from .. import _alloc, _checks, _family
 from .._backend import backend, matmul_backend
 
-# Rows of the (chunk, B) score block the torch path of batch-hard mining holds at a time.
-_TORCH_MINING_CHUNK = 1024
+# The torch path of batch-hard mining holds (chunk, B) blocks of at most this many bytes (in the compute dtype) at
+# a time; a chunk's scores, keys, masks and argmax / argmin temporaries peak at ~5 such blocks (measured).
+TORCH_MINING_CHUNK_BYTES = 4 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TripletOptions:
+    """Everything but the tensors of ``triplet_margin_loss`` (see it for each field)."""
+
+    margin: float = 1.0
+    p: float = 2.0
+    eps: float = 1e-6
+    swap: bool = False
+    reduction: str = "mean"
+    shape: tuple = ()  # the broadcast shape of anchor, positive and negative, (..., D)
+    out_dtype: torch.dtype = torch.float32  # the promoted dtype of the three, or fp32 under autocast
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchHardOptions:
+    """Everything but the tensors of ``batch_hard_triplet_loss`` (see it for each field)."""
+
+    margin: float = 1.0
+    soft_margin: bool = False
+    reduction: str = "mean"
+    out_dtype: torch.dtype = torch.float32  # the embeddings' dtype, or fp32 under autocast
 
 
 def triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False, size_average=None,
@@ -26,18 +59,76 @@ def triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6,
 
     Args:
         anchor, positive, negative: ``(..., D)`` tensors of the same number of dimensions (usually ``(N, D)``
-            or ``(D,)``), broadcastable to one shape; float16, bfloat16, float32 or float64, on one device.
-        margin: ``> 0``.
+            or ``(D,)``), broadcastable to one shape; float16, bfloat16, float32 or float64, on one device; any
+            strides (a broadcast row is read with stride 0, not copied).
+        margin: ``> 0`` (finite or inf), as torch requires; Python, NumPy or 0-d tensor.
         p: the norm's exponent: any real number or ``+-inf``, as torch (``p = 0`` counts non-zeros and has no
             gradient).
         eps: added to each difference before the norm, as torch's ``pairwise_distance`` does.
         swap: use ``min(d(a, n), d(p, n))`` as the negative distance (Balntas et al. 2016).
         size_average, reduce: deprecated, mapped to ``reduction`` as torch does.
         reduction: ``'none'`` (shape ``(...)``, the broadcast shape without D) | ``'mean'`` | ``'sum'``.
-    Returns the loss in the promoted dtype of the three inputs; gradients for each input that requires one
-    (summed over broadcast dimensions).
+
+    Returns:
+        The loss in the promoted dtype of the three inputs (fp32 for 16-bit inputs under ``torch.autocast``, whose
+        fp32 list holds ``triplet_margin_loss``); gradients for each input that requires one, summed over its
+        broadcast dimensions. NaN and inf inputs give torch's values and gradients; empty inputs give torch's
+        answer (``mean`` of no rows is NaN). ``margin = NaN`` raises (torch would return NaN).
     """
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    opts = _triplet_options(anchor, positive, negative, margin, p, eps, swap, reduction)
+    if backend(anchor.device) == "torch" or math.prod(opts.shape) == 0:
+        return _triplet_definition(opts, anchor, positive, negative)
+    needs = _family.needs_grad(anchor, positive, negative)
+    return _Triplet.apply(opts, needs, anchor, positive, negative)[0]
+
+
+def batch_hard_triplet_loss(embeddings, labels, margin=1.0, *, soft_margin=False, reduction="mean"):
+    """Batch-hard triplet loss (Hermans, Beyer & Leibe 2017): each anchor against its farthest positive and its
+    nearest negative in the batch, Euclidean distance.
+
+    ``loss_i = max(margin + d(i, pos(i)) - d(i, neg(i)), 0)``, or ``softplus(d(i, pos(i)) - d(i, neg(i)))``
+    with ``soft_margin`` (the paper's soft-margin variant; ``margin`` is then unused). ``pos(i)`` ranges over the
+    other rows with the same label, ``neg(i)`` over the rows with another label.
+
+    Anchors without a positive (a label seen once) or without a negative (a single label in the batch) are
+    excluded: their loss is 0 under ``'none'``, they add nothing to ``'sum'``, and ``'mean'`` averages over the
+    other anchors only (NaN when no anchor has both, like an all-ignored cross-entropy, with a zero gradient).
+
+    Args:
+        embeddings: ``(B, d)``, float16, bfloat16, float32 or float64; any strides.
+        labels: ``(B,)`` class labels of any integer dtype (compared in int64), on the embeddings' device.
+        margin: ``>= 0``; Python, NumPy or 0-d tensor.
+        soft_margin: use ``softplus`` instead of the hinge.
+        reduction: ``'none'`` (``(B,)``) | ``'mean'`` | ``'sum'``.
+
+    Returns:
+        The loss in the embeddings' dtype (fp32 for 16-bit embeddings under ``torch.autocast``), differentiable in
+        ``embeddings`` through the selected pairs, O(B d) memory (the subgradient at distance 0 is 0). When
+        several rows tie for the farthest positive or the nearest negative (identical rows), the first one gets
+        the whole gradient, where the definition's ``amax`` / ``amin`` would split it. Mining costs O(B^2 d) time
+        and O(B d) memory. On the Triton backends the gradient is accumulated with fp32 (fp64) atomic adds, so
+        its last bits may differ from run to run.
+
+    Non-finite embeddings: the loss is the definition's (the full distance matrix, ``amax`` / ``amin`` over the
+    candidates): a row holding a NaN makes the loss NaN for every anchor it is a candidate of (every valid
+    anchor, since each other row is its positive or its negative candidate) and for itself; a row holding an
+    infinity makes it inf for the anchors it is a positive of and NaN for itself. The gradient is that of the
+    selected pairs: NaN reaches the rows of those pairs only, where the full matrix's ``amax`` backward would
+    spread it to every row.
+    """
+    opts = _batch_hard_options(embeddings, labels, margin, soft_margin, reduction)
+    if matmul_backend(embeddings.device, embeddings.dtype) == "torch" or embeddings.numel() == 0:
+        return _batch_hard_definition(opts, embeddings, labels)
+    needs = _family.needs_grad(embeddings, labels)
+    return _BatchHard.apply(opts, needs, embeddings, labels)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks: metadata only, on every backend, before any launch.
+
+
+def _triplet_options(anchor, positive, negative, margin, p, eps, swap, reduction):
     names = ("anchor", "positive", "negative")
     for name, t in zip(names, (anchor, positive, negative)):
         _checks.check_tensor(name, t, floating=True, device=None if name == "anchor" else anchor.device)
@@ -51,207 +142,220 @@ def triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6,
     except RuntimeError:
         raise ValueError(f"anchor {tuple(anchor.shape)}, positive {tuple(positive.shape)} and negative "
                          f"{tuple(negative.shape)} do not broadcast to one shape") from None
-    margin = _checks.check_number("margin", margin, low=0.0, low_open=True)
-    p = _checks.check_number("p", p)
-    eps = _checks.check_number("eps", eps)
-    if not isinstance(swap, bool):
-        raise TypeError(f"swap must be a bool, got {type(swap).__name__}")
     _checks.check_reduction(reduction)
-    opts = {"margin": margin, "p": p, "eps": eps, "swap": swap, "reduction": reduction, "shape": shape}
-    if backend(anchor.device) == "torch" or shape.numel() == 0:
-        return torch.nn.functional.triplet_margin_loss(anchor, positive, negative, margin=margin, p=p, eps=eps,
-                                                       swap=swap, reduction=reduction)
-    return _TripletTriton.apply(anchor, positive, negative, opts)
+    promoted = torch.promote_types(torch.promote_types(anchor.dtype, positive.dtype), negative.dtype)
+    return TripletOptions(
+        margin=_checks.check_number("margin", margin, low=0.0, low_open=True),
+        p=_checks.check_number("p", p),
+        eps=_checks.check_number("eps", eps),
+        swap=_checks.check_bool("swap", swap),
+        reduction=reduction,
+        shape=tuple(shape),
+        out_dtype=_checks.autocast_fp32(anchor.device, promoted),
+    )
 
 
-def batch_hard_triplet_loss(embeddings, labels, margin=1.0, *, soft_margin=False, reduction="mean"):
-    """Batch-hard triplet loss (Hermans, Beyer & Leibe 2017): each anchor against its farthest positive and its
-    nearest negative in the batch, Euclidean distance.
-
-    ``loss_i = max(margin + d(i, pos(i)) - d(i, neg(i)), 0)``, or ``softplus(d(i, pos(i)) - d(i, neg(i)))``
-    with ``soft_margin`` (the paper's soft-margin variant; ``margin`` is then unused). ``pos(i)`` ranges over the
-    other rows with the same label, ``neg(i)`` over the rows with another label.
-
-    Anchors without a positive (a label seen once) or without a negative (a single label in the batch) are
-    excluded: their loss is 0 under ``'none'``, they add nothing to ``'sum'``, and ``'mean'`` averages over the
-    other anchors only (NaN when no anchor has both, like an all-ignored cross-entropy).
-
-    Args:
-        embeddings: ``(B, d)``, float16, bfloat16, float32 or float64.
-        labels: ``(B,)`` integer class labels, on the embeddings' device.
-        margin: ``>= 0``.
-        soft_margin: use ``softplus`` instead of the hinge.
-        reduction: ``'none'`` (``(B,)``) | ``'mean'`` | ``'sum'``.
-    Returns the loss in the embeddings' dtype, differentiable in ``embeddings`` (through the selected pairs,
-    O(B d); the subgradient at distance 0 is 0). Mining costs O(B^2 d) time and O(B d) memory.
-    """
+def _batch_hard_options(embeddings, labels, margin, soft_margin, reduction):
     _checks.check_tensor("embeddings", embeddings, floating=True, dims=(2,))
     _checks.check_tensor("labels", labels, floating=False, dims=(1,), device=embeddings.device)
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels must have one entry per row of embeddings ({embeddings.shape[0]}), got shape "
                          f"{tuple(labels.shape)}")
-    margin = _checks.check_number("margin", margin, low=0.0)
-    if not isinstance(soft_margin, bool):
-        raise TypeError(f"soft_margin must be a bool, got {type(soft_margin).__name__}")
     _checks.check_reduction(reduction)
-    opts = {"margin": margin, "soft_margin": soft_margin, "reduction": reduction}
-    if matmul_backend(embeddings.device, embeddings.dtype) == "torch" or embeddings.numel() == 0:
-        return _batch_hard_torch(embeddings, labels, opts)
-    return _BatchHardTriton.apply(embeddings, labels, opts)
+    return BatchHardOptions(
+        margin=_checks.check_number("margin", margin, low=0.0),
+        soft_margin=_checks.check_bool("soft_margin", soft_margin),
+        reduction=reduction,
+        out_dtype=_checks.autocast_fp32(embeddings.device, embeddings.dtype),
+    )
 
 
-def _compute_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+# ---------------------------------------------------------------------------------------------------------------
+# The definitions: the torch backends, and the higher-order gradients of the Triton backends.
 
 
-def _reduce(rows, reduction, denominator):
-    if reduction == "none":
-        return rows
-    return rows.sum() if reduction == "sum" else rows.sum() / denominator
+def _triplet_definition(opts, anchor, positive, negative):
+    """torch's ``triplet_margin_loss`` itself, on the inputs cast to the result dtype (the promotion torch does
+    inside, or autocast's cast to fp32)."""
+    a, p, n = (t.to(opts.out_dtype) for t in (anchor, positive, negative))
+    return F.triplet_margin_loss(a, p, n, margin=opts.margin, p=opts.p, eps=opts.eps, swap=opts.swap,
+                                 reduction=opts.reduction)
+
+
+@torch.no_grad()
+def _mine(x, labels):
+    """(hardest positive, hardest negative) indices of the (B, d) ``x`` (compute dtype), -1 where none, in row
+    chunks: the kernel's criterion and its ranking of non-finite rows (module docstring of
+    ``fusedloss.kernels.triplet``), ``||x_j||^2 - 2 x_i . x_j`` for finite rows."""
+    n_rows = x.shape[0]
+    y = labels.to(torch.int64)
+    big = torch.finfo(x.dtype).max
+    sq = (x * x).sum(1)
+    nan_col, inf_col = torch.isnan(sq)[None, :], torch.isinf(sq)[None, :]
+    anchors = torch.where(torch.isfinite(sq)[:, None], x, 0.0)  # a non-finite anchor is mined as zeros
+    cols = torch.arange(n_rows, device=x.device)
+    step = max(1, TORCH_MINING_CHUNK_BYTES // (max(1, n_rows) * x.element_size()))
+    positive, negative = [], []
+    for start in range(0, n_rows, step):
+        block = slice(start, start + step)
+        # in place where possible: the scores and one key block are the chunk's only fp32 blocks alive at once
+        score = torch.addmm(sq[None, :], anchors[block], x.T, alpha=-2.0).clamp_(-big, big).masked_fill_(inf_col, big)
+        same = y[block, None] == y[None, :]
+        is_pos = same & (cols[block, None] != cols[None, :])
+        key_pos = torch.where(nan_col, math.inf, score).masked_fill_(~is_pos, -math.inf)
+        positive.append(torch.where(is_pos.any(1), key_pos.argmax(1), -1))
+        key_neg = score.masked_fill_(nan_col, -math.inf).masked_fill_(same, math.inf)
+        negative.append(torch.where((~same).any(1), key_neg.argmin(1), -1))
+    if not positive:
+        return cols, cols
+    return torch.cat(positive), torch.cat(negative)
+
+
+def _batch_hard_definition(opts, embeddings, labels):
+    """``batch_hard_triplet_loss`` in torch ops: mine (no gradient), then the loss of the selected pairs under
+    plain autograd, in fp32 (fp64 for fp64 embeddings) with autocast off, cast to the result dtype."""
+    with torch.autocast(embeddings.device.type, enabled=False):
+        dtype = _family.compute_dtype(embeddings)
+        x = embeddings.to(dtype)
+        positive, negative = _mine(x, labels)
+        valid = (positive >= 0) & (negative >= 0)
+        index = torch.arange(x.shape[0], device=x.device)
+        # An excluded anchor's differences are zeros (its partner index is itself), cut off by a where so that
+        # not even a NaN row's own gradient passes through them.
+        diff_pos = torch.where(valid[:, None], x - x[torch.where(valid, positive, index)], 0.0)
+        diff_neg = torch.where(valid[:, None], x - x[torch.where(valid, negative, index)], 0.0)
+        z = torch.linalg.vector_norm(diff_pos, dim=1) - torch.linalg.vector_norm(diff_neg, dim=1)
+        rows = F.softplus(z) if opts.soft_margin else torch.clamp_min(opts.margin + z, 0.0)
+        rows = torch.where(valid, rows, 0.0)
+        denominator = valid.sum().to(dtype) if opts.reduction == "mean" else None
+        return _family.reduce(rows, opts.reduction, denominator, rows.shape).to(opts.out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Triton backend (compiled or interpreted)
 
 
-class _TripletTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, anchor, positive, negative, opts):
-        from ..kernels.triplet import triplet_forward
-
-        shape = opts["shape"]
-        dim = shape[-1]
-        inputs = (anchor, positive, negative)
-        # (rows, D) views: reshape copies only when the broadcast cannot be walked with one row stride.
-        views = [t.expand(shape).reshape(-1, dim) for t in inputs]
-        n_rows = views[0].shape[0]
-        dtype = _compute_dtype(*inputs)
-        out_dtype = torch.promote_types(torch.promote_types(anchor.dtype, positive.dtype), negative.dtype)
-        reduction = opts["reduction"]
-        kernel_opts = {k: opts[k] for k in ("margin", "p", "eps", "swap")}
-        # p = 0 counts non-zeros: no gradient, as torch (whose norm_backward returns none for it).
-        needs = [n and opts["p"] != 0.0 for n in ctx.needs_input_grad[:3]]
-        rows = _alloc.empty(n_rows, dtype=dtype, device=anchor.device)
-        ctx.opts, ctx.fused, ctx.needs = opts, reduction != "none", needs
-        if reduction == "none":
-            triplet_forward(*views, None, rows, None, None, None, **kernel_opts)
-            if any(needs):
-                ctx.save_for_backward(anchor, positive, negative)
-            return rows.reshape(shape[:-1]).to(out_dtype)
-        grad_scale = torch.full((), 1.0 / n_rows if reduction == "mean" else 1.0, dtype=dtype, device=anchor.device)
-        grads = [_alloc.empty((n_rows, dim), dtype=t.dtype, device=t.device) if need else None
-                 for t, need in zip(inputs, needs)]
-        triplet_forward(*views, grad_scale, rows, *grads, **kernel_opts)
-        ctx.grads = [None if g is None else _sum_to(g, shape, t) for g, t in zip(grads, inputs)]
-        return _reduce(rows, reduction, n_rows).to(out_dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        from ..kernels.triplet import triplet_forward
-
-        if ctx.fused:
-            grads, ctx.grads = _grads.scale_fused_grads(ctx.grads, grad_output), None
-            return (*grads, None)
-        if not any(ctx.needs):
-            return None, None, None, None
-        opts = ctx.opts
-        inputs = ctx.saved_tensors
-        shape = opts["shape"]
-        views = [t.expand(shape).reshape(-1, shape[-1]) for t in inputs]
-        grads = [_alloc.empty(views[0].shape, dtype=t.dtype, device=t.device) if need else None
-                 for t, need in zip(inputs, ctx.needs)]
-        triplet_forward(*views, grad_output.reshape(-1).contiguous(), None, *grads,
-                        **{k: opts[k] for k in ("margin", "p", "eps", "swap")})
-        return (*(None if g is None else _sum_to(g, shape, t) for g, t in zip(grads, inputs)), None)
+def _triplet_rows(t, shape):
+    """``t`` broadcast to ``shape`` as (rows, D): a view (stride 0 along broadcast rows) where one row stride
+    walks it, else a contiguous copy (``reshape``'s choice)."""
+    return t.expand(shape).reshape(-1, shape[-1])
 
 
 def _sum_to(grad, shape, like):
     """A (rows, D) gradient of the broadcast ``shape`` summed back to ``like``'s shape, as autograd does."""
     grad = grad.reshape(shape)
-    return grad if grad.shape == like.shape else grad.sum_to_size(like.shape).contiguous()
+    return grad if grad.shape == like.shape else grad.sum_to_size(like.shape)
 
 
-class _BatchHardTriton(torch.autograd.Function):
+def _per_row(scale, n_rows):
+    """A backward's scale as a contiguous (rows,) vector: a 0-d one expanded (one kernel variant for every
+    recompute), a per-row one (``'none'``'s ``grad_output``, maybe expanded) made contiguous."""
+    return scale.expand(n_rows).contiguous()
+
+
+class _Triplet(_family.LossFunction):
     @staticmethod
-    def forward(ctx, embeddings, labels, opts):
+    def forward(opts, needs, anchor, positive, negative):
+        from ..kernels.triplet import triplet_forward
+
+        shape, dim = opts.shape, opts.shape[-1]
+        inputs = (anchor, positive, negative)
+        views = [_triplet_rows(t, shape) for t in inputs]
+        n_rows = views[0].shape[0]
+        dtype = _family.compute_dtype(*inputs)
+        rows = _alloc.empty(n_rows, dtype=dtype, device=anchor.device)
+        denominator = torch.full((), float(n_rows), dtype=dtype, device=anchor.device)
+        # p = 0 counts non-zeros: no gradient, as torch (whose norm_backward returns none for it)
+        wanted = [need and opts.p != 0.0 for need in needs]
+        fused = any(wanted) and opts.reduction != "none"
+        grads, scale = [None, None, None], None
+        if fused:
+            scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, anchor.device)
+            grads = [_alloc.empty((n_rows, dim), dtype=t.dtype, device=t.device) if want else None
+                     for t, want in zip(inputs, wanted)]
+        triplet_forward(*views, scale, rows, *grads, margin=opts.margin, p=opts.p, eps=opts.eps, swap=opts.swap)
+        loss = _family.reduce(rows, opts.reduction, denominator, shape[:-1]).to(opts.out_dtype)
+        return loss, *(None if g is None else _sum_to(g, shape, t) for g, t in zip(grads, inputs)), denominator
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        opts, needs, anchor, positive, negative = inputs
+        _, *grads, denominator = output
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        fused = grads if any(g is not None for g in grads) else None
+        _family.save(ctx, opts, needs, (anchor, positive, negative), state=(denominator,), fused=fused)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        return _family.backward(ctx, _triplet_recompute, _triplet_definition, grad_outputs)
+
+
+def _triplet_recompute(ctx, inputs, state, grad_outputs):
+    """The three gradients from the saved inputs: the forward kernel without the loss, scaled per row."""
+    from ..kernels.triplet import triplet_forward
+
+    (denominator,) = state
+    opts, shape = ctx.opts, ctx.opts.shape
+    views = [_triplet_rows(t, shape) for t in inputs]
+    n_rows = views[0].shape[0]
+    wanted = [need and opts.p != 0.0 for need in ctx.needs]
+    if not any(wanted):
+        return None, None, None
+    scale = _family.grad_scale(grad_outputs[0].to(denominator.dtype), opts.reduction, denominator)
+    grads = [_alloc.empty((n_rows, shape[-1]), dtype=t.dtype, device=t.device) if want else None
+             for t, want in zip(inputs, wanted)]
+    triplet_forward(*views, _per_row(scale, n_rows), None, *grads, margin=opts.margin, p=opts.p, eps=opts.eps,
+                    swap=opts.swap)
+    return tuple(None if g is None else _sum_to(g, shape, t) for g, t in zip(grads, inputs))
+
+
+class _BatchHard(_family.LossFunction):
+    @staticmethod
+    def forward(opts, needs, embeddings, labels):
         from ..kernels.triplet import batch_hard_loss, batch_hard_mine
 
         n_rows, dim = embeddings.shape
         device = embeddings.device
-        dtype = _compute_dtype(embeddings)
-        hardest_positive = _alloc.empty(n_rows, dtype=torch.int32, device=device)
-        hardest_negative = _alloc.empty(n_rows, dtype=torch.int32, device=device)
-        batch_hard_mine(embeddings, labels, hardest_positive, hardest_negative)
+        dtype = _family.compute_dtype(embeddings)
+        positive = _alloc.empty(n_rows, dtype=torch.int32, device=device)
+        negative = _alloc.empty(n_rows, dtype=torch.int32, device=device)
+        batch_hard_mine(embeddings, labels, positive, negative)
         rows = _alloc.empty(n_rows, dtype=dtype, device=device)
-        kernel_opts = {"margin": opts["margin"], "soft_margin": opts["soft_margin"]}
-        reduction = opts["reduction"]
-        ctx.fused = reduction != "none"
-        if reduction == "none":
-            batch_hard_loss(embeddings, hardest_positive, hardest_negative, None, rows, None, **kernel_opts)
-            ctx.opts = kernel_opts
-            ctx.save_for_backward(embeddings, hardest_positive, hardest_negative)
-            return rows.to(embeddings.dtype)
-        n_valid = ((hardest_positive >= 0) & (hardest_negative >= 0)).sum().to(dtype)
-        denominator = n_valid if reduction == "mean" else torch.ones((), dtype=dtype, device=device)
-        grad_scale = torch.where(denominator > 0, 1.0 / denominator, torch.zeros_like(denominator))
-        # An accumulator, not an output: the kernel adds into it, so it starts at zero (never poisoned).
-        grad = torch.zeros((n_rows, dim), dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
-        batch_hard_loss(embeddings, hardest_positive, hardest_negative, grad_scale, rows, grad, **kernel_opts)
-        ctx.grads = [None if grad is None else grad.to(embeddings.dtype)]
-        return _reduce(rows, reduction, denominator).to(embeddings.dtype)
+        valid = (positive >= 0) & (negative >= 0)
+        denominator = valid.sum().to(dtype) if opts.reduction == "mean" else None
+        grad = scale = None
+        if needs[0] and opts.reduction != "none":
+            scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, device)
+            # an accumulator (the kernel adds into it), so zeros, never poisoned
+            grad = torch.zeros((n_rows, dim), dtype=dtype, device=device)
+        batch_hard_loss(embeddings, positive, negative, scale, rows, grad, margin=opts.margin,
+                        soft_margin=opts.soft_margin)
+        loss = _family.reduce(rows, opts.reduction, denominator, (n_rows,)).to(opts.out_dtype)
+        return loss, None if grad is None else grad.to(embeddings.dtype), positive, negative, denominator
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        from ..kernels.triplet import batch_hard_loss
+    def setup_context(ctx, inputs, output):
+        opts, needs, embeddings, labels = inputs
+        _, grad, positive, negative, denominator = output
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        _family.save(ctx, opts, needs, (embeddings, labels), state=(positive, negative, denominator),
+                     fused=None if grad is None else [grad, None])
 
-        if ctx.fused:
-            (grad,), ctx.grads = _grads.scale_fused_grads(ctx.grads, grad_output), None
-            return grad, None, None
-        embeddings, hardest_positive, hardest_negative = ctx.saved_tensors
-        grad = torch.zeros(embeddings.shape, dtype=_compute_dtype(embeddings), device=embeddings.device)
-        batch_hard_loss(embeddings, hardest_positive, hardest_negative, grad_output.contiguous(), None, grad,
-                        **ctx.opts)
-        return grad.to(embeddings.dtype), None, None
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        return _family.backward(ctx, _batch_hard_recompute, _batch_hard_definition, grad_outputs)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Torch backend: the same mining criterion in row chunks, then autograd through the selected pairs.
+def _batch_hard_recompute(ctx, inputs, state, grad_outputs):
+    """The embeddings' gradient from the saved embeddings and mined indices, scaled per row."""
+    from ..kernels.triplet import batch_hard_loss
 
-
-@torch.no_grad()
-def _mine_torch(embeddings, labels):
-    """(hardest positive, hardest negative) indices, -1 where none: the kernel's criterion
-    ``||x_j||^2 - 2 x_i . x_j`` (the squared distance minus the row's constant ``||x_i||^2``), chunk by chunk."""
-    x = embeddings.to(_compute_dtype(embeddings))
-    n_rows = x.shape[0]
-    col_sq = (x * x).sum(1)
-    cols = torch.arange(n_rows, device=x.device)
-    positive, negative = [], []
-    for start in range(0, n_rows, _TORCH_MINING_CHUNK):
-        block = slice(start, start + _TORCH_MINING_CHUNK)
-        score = col_sq[None, :] - 2.0 * (x[block] @ x.T)
-        same = labels[block, None] == labels[None, :]
-        is_pos = same & (cols[block, None] != cols[None, :])
-        pos_score = score.masked_fill(~is_pos, float("-inf"))
-        neg_score = score.masked_fill(same, float("inf"))
-        positive.append(torch.where(is_pos.any(1), pos_score.argmax(1), -1))
-        negative.append(torch.where((~same).any(1), neg_score.argmin(1), -1))
-    return torch.cat(positive), torch.cat(negative)
-
-
-def _batch_hard_torch(embeddings, labels, opts):
-    hardest_positive, hardest_negative = _mine_torch(embeddings, labels)
-    valid = (hardest_positive >= 0) & (hardest_negative >= 0)
-    rows = torch.arange(embeddings.shape[0], device=embeddings.device)
-    x = embeddings.to(_compute_dtype(embeddings))
-    # Invalid anchors are paired with themselves: distance 0, whose norm gradient torch defines as 0.
-    d_pos = (x - x[torch.where(valid, hardest_positive, rows)]).norm(dim=1)
-    d_neg = (x - x[torch.where(valid, hardest_negative, rows)]).norm(dim=1)
-    if opts["soft_margin"]:
-        loss = torch.nn.functional.softplus(d_pos - d_neg)
-    else:
-        loss = torch.clamp_min(opts["margin"] + d_pos - d_neg, 0.0)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return _reduce(loss, opts["reduction"], valid.sum()).to(embeddings.dtype)
+    embeddings, _ = inputs
+    positive, negative, denominator = state
+    opts = ctx.opts
+    dtype = _family.compute_dtype(embeddings)
+    scale = _family.grad_scale(grad_outputs[0].to(dtype), opts.reduction, denominator)
+    grad = torch.zeros(embeddings.shape, dtype=dtype, device=embeddings.device)
+    batch_hard_loss(embeddings, positive, negative, _per_row(scale, embeddings.shape[0]), None, grad,
+                    margin=opts.margin, soft_margin=opts.soft_margin)
+    return grad.to(embeddings.dtype), None
