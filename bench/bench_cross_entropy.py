@@ -41,6 +41,23 @@ def eager_loss(x, y, label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
     return (ce + z_loss * lse * lse).mean()
 
 
+def single_read(**kw):
+    """fusedloss with the opt-in single-read schedule (``FUSEDLOSS_CE_SCHEDULE=single_read``, read per call): each
+    row read once, so its bytes moved are the count above; forward + backward only (it is the fused path)."""
+    import os
+
+    def loss(x, y):
+        previous = os.environ.get("FUSEDLOSS_CE_SCHEDULE")
+        os.environ["FUSEDLOSS_CE_SCHEDULE"] = "single_read"
+        try:
+            return fusedloss.cross_entropy(x, y, **kw)
+        finally:
+            os.environ.pop("FUSEDLOSS_CE_SCHEDULE") if previous is None else os.environ.update(
+                FUSEDLOSS_CE_SCHEDULE=previous)
+
+    return loss
+
+
 def liger(label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
     """``LigerCrossEntropyLoss``, defaults otherwise (it writes the gradient over the logits, in place)."""
     from liger_kernel.transformers import LigerCrossEntropyLoss
@@ -54,13 +71,14 @@ def liger(label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
 PROVIDERS = {
     "fusedloss": (lambda **kw: lambda x, y: fusedloss.cross_entropy(x, y, **kw),
                   "fusedloss.cross_entropy(x, y, **config)"),
+    "fusedloss-single_read": (single_read, "fusedloss.cross_entropy with FUSEDLOSS_CE_SCHEDULE=single_read"),
     "eager": (lambda **kw: lambda x, y: eager_loss(x, y, **kw),
               "F.cross_entropy; with z-loss or focal, fp32 log-sum-exp and per-row terms"),
     "torch.compile": (lambda **kw: compiled(lambda x, y: eager_loss(x, y, **kw), ("ce", *sorted(kw.items()))),
                       "torch.compile(eager, dynamic=False)"),
     "liger": (liger, "LigerCrossEntropyLoss(label_smoothing=..., lse_square_scale=z_loss)"),
 }
-GPU_ONLY = {"torch.compile": "torch", "liger": "liger_kernel"}  # provider -> module it needs
+GPU_ONLY = {"torch.compile": "torch", "liger": "liger_kernel", "fusedloss-single_read": "triton"}  # -> module needed
 COMPILE_AT = ("medium", "ls+focal+z", "fwd_bwd")  # torch.compile runs here only (compile time)
 
 
@@ -82,6 +100,8 @@ def test_cross_entropy(run_bench, device, quick, provider, config, mode, size):
         pytest.skip(f"{provider} is benchmarked on GPU only")
     if provider in GPU_ONLY:
         pytest.importorskip(GPU_ONLY[provider], reason=f"{provider} is not installed")
+    if provider == "fusedloss-single_read" and mode == "fwd":
+        pytest.skip("the single-read schedule is the fused forward + backward path")
     if provider == "torch.compile" and (size, config, mode) != COMPILE_AT:
         pytest.skip("torch.compile is timed on one problem only (compile time): V = 128256, ls+focal+z, "
                     "forward+backward")

@@ -21,6 +21,7 @@ from statistics import median
 # Stable colours and order, one per provider, in every panel and every report.
 PROVIDERS = {
     "fusedloss": "#1f77b4",
+    "fusedloss-single_read": "#aec7e8",
     "eager": "#7f7f7f",
     "torch.compile": "#9467bd",
     "liger": "#2ca02c",
