@@ -35,7 +35,8 @@ def cross_entropy_config(n_rows, n_classes, class_stride_is_one):
 
     Large vocabularies: one row per program, streamed in BLOCK_C-wide blocks (online log-sum-exp), so registers
     stay bounded at any vocabulary. Small class counts: a [BLOCK_R, BLOCK_C] tile of several rows per program, so a
-    program still moves a few KB per step; when the class dimension is strided (K-dimensional inputs,
+    program still moves a few KB per step (2048 elements on 8 warps: on 4 warps the variants with weights,
+    smoothing and the cap spilled on sm_80); when the class dimension is strided (K-dimensional inputs,
     (N, C, d1, ...)), neighbouring rows are the contiguous axis and the tile coalesces along rows.
 
     ``FUSEDLOSS_CE_CONFIG="BLOCK_C,NUM_WARPS"`` overrides the large-vocabulary config, for
@@ -49,7 +50,7 @@ def cross_entropy_config(n_rows, n_classes, class_stride_is_one):
     block_r = max(1, min(256, 2048 // block_c))
     if not class_stride_is_one:
         block_r = max(block_r, 32)
-    return block_r, block_c, 4
+    return block_r, block_c, 8
 
 
 # (BLOCK_C, num_warps) for n_classes >= 2048, one program per row. Measured with bench/sweep_cross_entropy.py on
@@ -233,8 +234,13 @@ def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
     - gemm_dw: 128 x 256 x 64, 8 warps, 3 stages (144 KB, within an A100's 164 KB);
     - gemm_dx: 128 x 128 x 64, 8 warps, 4 stages (128 KB): it starts from the loaded fp32 accumulator, which a
       128 x 256 tile cannot hold without spilling.
-    "tma": the same tiles; tensor descriptors take the 64-bit address tiles off the registers, so dlogits runs on
-    8 warps too (compile report: registers and no spills on sm_80 / sm_90, UTMALDG and HGMMA on sm_90).
+    "tma" (sm_90, 16-bit only; compile report: UTMALDG and HGMMA, no spills): tensor descriptors take the 64-bit
+    address tiles off the registers, so both logit kernels run on 8 warps: fwd 128 x 128 x 64, 3 stages, 174-212
+    registers; dlogits 128 x 64 x 64, 4 stages (96 KB), 160-194 registers: at 128 x 128 its epilogue reaches 255
+    registers and spills 8 bytes in the bias variants with 3 stages (none with 2 stages, which leaves one TMA load
+    in flight per MMA step), and at 16 warps the 128-register cap spills the variant with every extra. GEMMs as
+    "pointer": gemm_dx 126-158 registers, gemm_dw 214, no spills. The tile shapes are the first to sweep on a
+    GPU (bench/phases_linear_cross_entropy.py).
     fp32 runs FMA (``ieee``) or tf32 on 64 x 64 x 16 tiles, fp64 on 32 x 32 x 16.
     Splits: enough (token tile, split) items for ~8 waves on ``num_sms`` SMs, so the last wave's tail costs
     little, bounded by LCE_MAX_PARTIAL_BYTES. Chunk: the widest multiple of the tiles with rows x chunk x itemsize
@@ -245,7 +251,8 @@ def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
     tma = schedule == "tma"
     if itemsize == 2:
         tile = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3)
-        cfg = dict(fwd=tile, dlogits=dict(tile, num_warps=8 if tma else 16),
+        dlogits = dict(tile, BLOCK_V=64, num_stages=4) if tma else dict(tile, num_warps=16)
+        cfg = dict(fwd=tile, dlogits=dlogits,
                    gemm_dw=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
                    gemm_dx=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4))
     elif itemsize == 4:

@@ -577,13 +577,15 @@ def cross_entropy_backward(
 
 
 def compile_variants():
-    """Call the launchers once per constexpr combination they can produce, on small CPU tensors (for
-    ``bench/compile_report.py``, which records the launches instead of running them). The shapes give the configs
-    that ship: an LLM vocabulary (one row per program, 4096-class blocks) with every extra, a small class count
-    (a tile of rows), and a K-dimensional input (class stride not 1)."""
+    """Call the launchers on small CPU tensors, once per variant that matters (for ``bench/compile_report.py``,
+    which records the launches instead of running them): at an LLM vocabulary (one row per program, 4096-class
+    blocks) no extra, each extra alone and every extra together, fused and two-launch; probability targets; each
+    dtype; a small class count (a tile of rows) and a K-dimensional input (class stride not 1); a shard's partial
+    statistics and the finish kernel (vocabulary parallelism). Each flag changes the code the others see only
+    through register pressure, which the all-together variant bounds."""
 
     def launch(dtype, n_classes, *, prob=False, weight=False, smoothing=False, softcap=False, alpha=False,
-               fused=True, strided=False):
+               fused=True, strided=False, partial=False):
         shape = (4, n_classes, 3) if strided else (4, n_classes)
         logits = torch.zeros(shape, dtype=dtype)
         target = torch.zeros(shape, dtype=dtype) if prob else torch.zeros(shape[:1] + shape[2:], dtype=torch.long)
@@ -591,30 +593,36 @@ def compile_variants():
         a = torch.ones(n_classes, dtype=torch.float32) if alpha else None
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         rows = logits.numel() // n_classes
-        state = torch.zeros(rows, ROW_STATE, dtype=acc)
+        state = torch.zeros(rows, PARTIAL_STATE if partial else ROW_STATE, dtype=acc)
         vec = torch.zeros(rows, dtype=acc)
-        eps, cap = (0.1 if smoothing else 0.0), (30.0 if softcap else None)
+        kw = dict(ignore_index=-100, label_smoothing=0.1 if smoothing else 0.0, focal_gamma=2.0, focal_alpha=1.0,
+                  z_loss=1e-4)
+        cap = 30.0 if softcap else None
         cross_entropy_forward(logits, target, w, a, torch.ones((), dtype=acc), vec, state,
-                              torch.zeros_like(logits) if fused else None, ignore_index=-100, label_smoothing=eps,
-                              focal_gamma=2.0, focal_alpha=1.0, z_loss=1e-4, softcap=cap)
-        if not fused:
+                              torch.zeros_like(logits) if fused else None, softcap=cap, partial=partial, **kw)
+        if partial:
+            cross_entropy_finish(state, target, w, a, vec, torch.zeros(rows, ROW_STATE, dtype=acc),
+                                 n_classes=n_classes, **kw)
+        elif not fused:
             for input_grad, target_grad in ((True, False), (False, True), (True, True)):
                 if target_grad and not prob:
                     continue
                 cross_entropy_backward(logits, target, w, state, vec, torch.zeros_like(logits) if input_grad else None,
-                                       torch.zeros_like(target) if target_grad else None, label_smoothing=eps,
-                                       softcap=cap)
+                                       torch.zeros_like(target) if target_grad else None,
+                                       label_smoothing=kw["label_smoothing"], softcap=cap)
 
     llm_vocab = 128256
-    for weight, smoothing, softcap, alpha in itertools.product((False, True), repeat=4):
+    extras = ("weight", "smoothing", "softcap", "alpha")
+    for chosen in [()] + [(extra,) for extra in extras] + [extras]:
         for fused in (True, False):
-            launch(torch.bfloat16, llm_vocab, weight=weight, smoothing=smoothing, softcap=softcap, alpha=alpha,
-                   fused=fused)
-    for weight, softcap, fused in itertools.product((False, True), repeat=3):
-        launch(torch.bfloat16, llm_vocab, prob=True, weight=weight, softcap=softcap, fused=fused)
+            launch(torch.bfloat16, llm_vocab, fused=fused, **{extra: True for extra in chosen})
+    for weight_and_cap, fused in itertools.product((False, True), repeat=2):
+        launch(torch.bfloat16, llm_vocab, prob=True, weight=weight_and_cap, softcap=weight_and_cap, fused=fused)
     for dtype in (torch.float16, torch.float32, torch.float64):
         launch(dtype, llm_vocab, fused=False)
         launch(dtype, llm_vocab, smoothing=True, softcap=True, weight=True, alpha=True)
     for strided, fused in itertools.product((False, True), repeat=2):
         launch(torch.bfloat16, 10, strided=strided, fused=fused)
         launch(torch.bfloat16, 10, strided=strided, fused=fused, smoothing=True, weight=True, softcap=True)
+    launch(torch.bfloat16, llm_vocab, partial=True, smoothing=True, weight=True, alpha=True, softcap=True)
+    launch(torch.bfloat16, llm_vocab, partial=True, prob=True)
