@@ -4,16 +4,16 @@ Functional API (like ``torch.nn.functional``) here; modules in ``fusedloss.nn``;
 implementation a call on that device runs.
 """
 
+from . import nn
 from ._backend import backend
 from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
-from .losses.contrastive import clip_loss, info_nce, nt_xent
+from .losses.contrastive import clip_loss, info_nce, nt_xent, siglip_loss
 from .losses.cross_entropy import cross_entropy, focal_loss
 from .losses.distillation import kl_div_with_logits
 from .losses.linear_cross_entropy import linear_cross_entropy
 from .losses.perplexity import perplexity, perplexity_from_loss
 from .losses.pointwise import bradley_terry_loss, huber_loss, kl_div, l1_loss, mse_loss, smooth_l1_loss
 from .losses.triplet import batch_hard_triplet_loss, triplet_margin_loss
-from . import nn
 
 __all__ = [
     "backend",
@@ -35,6 +35,7 @@ __all__ = [
     "perplexity",
     "perplexity_from_loss",
     "sigmoid_focal_loss",
+    "siglip_loss",
     "smooth_l1_loss",
     "triplet_margin_loss",
 ]

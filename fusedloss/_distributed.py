@@ -36,7 +36,9 @@ def all_gather(t, process_group):
     _, world = rank_and_size(process_group)
     t = t.contiguous()
     out = torch.empty((world * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t, group=process_group)  # concatenated along dim 0, as every backend takes it
+    # concatenated along dim 0, as every backend takes it (all_gather_single: the name of torch >= 2.13)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, t, group=process_group)
     return out.view((world,) + tuple(t.shape))
 
 

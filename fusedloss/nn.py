@@ -4,25 +4,24 @@ Tensors given to a constructor (``weight``, ``pos_weight``, a per-class ``focal_
 as torch's losses do, so they follow ``.to(device)`` and the state dict.
 """
 
-import math
-
 import torch
 
 from . import _checks
 from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
-from .losses.contrastive import clip_loss, info_nce, nt_xent
+from .losses.contrastive import clip_loss, info_nce, nt_xent, siglip_loss
 from .losses.cross_entropy import cross_entropy
 from .losses.distillation import kl_div_with_logits
 from .losses.linear_cross_entropy import linear_cross_entropy
 from .losses.pointwise import bradley_terry_loss, huber_loss, kl_div, l1_loss, mse_loss, smooth_l1_loss
 from .losses.triplet import batch_hard_triplet_loss, triplet_margin_loss
 
+
 class CrossEntropyLoss(torch.nn.Module):
     """``fusedloss.cross_entropy`` as a module; see it for shapes, dtypes and the extras."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
                  label_smoothing=0.0, *, focal_gamma=0.0, focal_alpha=None, z_loss=0.0, softcap=None,
-                 inplace_backward=False):
+                 inplace_backward=False, process_group=None):
         super().__init__()
         self.register_buffer("weight", weight)
         alpha_tensor = isinstance(focal_alpha, torch.Tensor)
@@ -35,13 +34,15 @@ class CrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.inplace_backward = inplace_backward
+        self.process_group = process_group
 
     def forward(self, input, target):
         alpha = self.focal_alpha if self.focal_alpha is not None else self.focal_alpha_scalar
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
                              focal_gamma=self.focal_gamma, focal_alpha=alpha, z_loss=self.z_loss,
-                             softcap=self.softcap, inplace_backward=self.inplace_backward)
+                             softcap=self.softcap, inplace_backward=self.inplace_backward,
+                             process_group=self.process_group)
 
 
 class FocalLoss(CrossEntropyLoss):
@@ -78,10 +79,6 @@ class SigmoidFocalLoss(torch.nn.Module):
         return sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction)
 
 
-
-_OPEN_CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
-
-
 class NTXentLoss(torch.nn.Module):
     """``fusedloss.nt_xent`` as a module: SimCLR's NT-Xent over ``(2N, d)`` features, rows ``i`` and ``i + N`` the
     positive pairs, self-similarity excluded."""
@@ -95,21 +92,42 @@ class NTXentLoss(torch.nn.Module):
 
 
 class ClipLoss(torch.nn.Module):
-    """``fusedloss.clip_loss`` as a module, with open_clip's learnable temperature: the parameter ``logit_scale``
-    starts at ``log(1 / 0.07)`` and the loss uses ``logit_scale.exp()`` (open_clip also clamps the parameter to
-    ``log(100)`` after each optimizer step; do that in the training loop). ``logit_bias`` (a number) adds a learnable
-    bias for drop-in use with models that carry one: it cancels in the softmaxes, so its gradient is zero.
-    ``process_group``: see ``fusedloss.clip_loss``."""
+    """``fusedloss.clip_loss`` as a module, called as open_clip calls its ``ClipLoss``:
+    ``loss(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``, with the scale (already
+    exponentiated) and the bias coming from the model, so that ``losses = loss(**model_out, output_dict=True)`` in
+    open_clip's training loop runs unchanged. ``output_dict=True`` returns ``{"contrastive_loss": loss}``.
 
-    def __init__(self, logit_scale=_OPEN_CLIP_INIT_LOGIT_SCALE, logit_bias=None, *, process_group=None):
+    The features are L2-normalized inside: for the normalized features open_clip's models return the loss is
+    unchanged and their gradient is open_clip's minus its radial part (``g - x <x, g>``), which the model's own
+    normalization removes anyway, so every parameter's gradient is open_clip's. ``process_group``: open_clip's
+    ``local_loss=True, gather_with_grad=True`` across the group's ranks (see ``fusedloss.clip_loss``)."""
+
+    def __init__(self, *, process_group=None):
         super().__init__()
-        self.logit_scale = torch.nn.Parameter(torch.tensor(float(logit_scale)))
-        self.logit_bias = None if logit_bias is None else torch.nn.Parameter(torch.tensor(float(logit_bias)))
         self.process_group = process_group
 
-    def forward(self, image_features, text_features):
-        return clip_loss(image_features, text_features, self.logit_scale.exp(), self.logit_bias,
-                         process_group=self.process_group)
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        loss = clip_loss(image_features, text_features, logit_scale, logit_bias, process_group=self.process_group)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+class SigLipLoss(torch.nn.Module):
+    """``fusedloss.siglip_loss`` as a module, called as open_clip calls its ``SigLipLoss``:
+    ``loss(image_features, text_features, logit_scale, logit_bias, output_dict=False)``, so that
+    ``losses = loss(**model_out, output_dict=True)`` runs unchanged; ``output_dict=True`` returns
+    ``{"contrastive_loss": loss}``.
+
+    The features are L2-normalized inside, as in ``ClipLoss``: every parameter's gradient is open_clip's.
+    ``process_group``: what open_clip's ``SigLipLoss(rank=r, world_size=W)`` gives on each rank (see
+    ``fusedloss.siglip_loss``)."""
+
+    def __init__(self, *, process_group=None):
+        super().__init__()
+        self.process_group = process_group
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
+        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, process_group=self.process_group)
+        return {"contrastive_loss": loss} if output_dict else loss
 
 
 class InfoNCELoss(torch.nn.Module):
