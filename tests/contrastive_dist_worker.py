@@ -1,10 +1,12 @@
-"""One rank of the 2-process ``clip_loss(..., process_group=...)`` test (run by tests/test_contrastive.py).
+"""One rank of the multi-process ``clip_loss`` / ``siglip_loss`` tests (run by tests/test_contrastive.py).
 
-    python tests/contrastive_dist_worker.py RANK WORLD INIT_FILE OUT_FILE DTYPE N_LOCAL DIM SEED
+    python tests/contrastive_dist_worker.py RANK WORLD INIT_FILE OUT_FILE N_LOCAL DIM SEED
 
-Builds the global batch from SEED (identical on every rank), keeps rows ``RANK * N_LOCAL ...`` of it, computes the
-loss over a gloo group, backpropagates a shared random grad_output and saves the loss and gradients to OUT_FILE.
-The backend comes from the environment (TRITON_INTERPRET=1 or FUSEDLOSS_BACKEND=torch), set by the test.
+Builds the global batch from SEED (identical on every rank: ``dist_batch``, which the test uses too), keeps rows
+``RANK * N_LOCAL ...`` of it and, over a gloo group, for each loss: calls it, backpropagates this rank's own
+grad_output, and takes the gradients once more with ``create_graph=True`` (the definition's path across ranks).
+Saves the losses and gradients to OUT_FILE. The backend comes from the environment (TRITON_INTERPRET=1 or
+FUSEDLOSS_BACKEND=torch), set by the test.
 """
 
 import sys
@@ -13,28 +15,44 @@ import torch
 import torch.distributed as dist
 
 
-def main(rank, world, init_file, out_file, dtype, n_local, dim, seed):
+def dist_batch(world, n_local, dim, seed):
+    """(images, texts, logit_scale, logit_bias, grad_outputs) in fp64: the global batch of ``world * n_local``
+    pairs, open_clip's initial ``logit_scale.exp()`` of SigLIP (10) and bias (-10), one grad_output per rank."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(world * n_local, dim, generator=gen, dtype=torch.float64)
+    texts = images + torch.randn(world * n_local, dim, generator=gen, dtype=torch.float64)
+    grad_outs = torch.rand(world, generator=gen, dtype=torch.float64) + 0.5
+    return images, texts, torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64), grad_outs
+
+
+def main(rank, world, init_file, out_file, n_local, dim, seed):
     import fusedloss
-    from fusedloss.losses.contrastive import clip_loss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        gen = torch.Generator().manual_seed(seed)
-        images = torch.randn(world * n_local, dim, generator=gen, dtype=torch.float64)
-        texts = torch.randn(world * n_local, dim, generator=gen, dtype=torch.float64)
-        grad_out = torch.randn((), generator=gen, dtype=torch.float64)
+        images, texts, scale, bias, grad_outs = dist_batch(world, n_local, dim, seed)
         rows = slice(rank * n_local, (rank + 1) * n_local)
-        image = images[rows].to(dtype).requires_grad_()
-        text = texts[rows].to(dtype).requires_grad_()
-        logit_scale = torch.tensor(11.0, dtype=torch.float64, requires_grad=True)
-        loss = clip_loss(image, text, logit_scale, process_group=dist.group.WORLD)
-        (loss * grad_out.to(loss.dtype)).backward()
-        torch.save({"loss": loss.detach(), "image_grad": image.grad, "text_grad": text.grad,
-                    "scale_grad": logit_scale.grad, "backend": fusedloss.backend("cpu")}, out_file)
+        results = {"backend": fusedloss.backend("cpu")}
+        modules = {"clip": fusedloss.nn.ClipLoss(process_group=dist.group.WORLD),
+                   "siglip": fusedloss.nn.SigLipLoss(process_group=dist.group.WORLD)}
+        for kind, module in modules.items():
+            image = images[rows].clone().requires_grad_()
+            text = texts[rows].clone().requires_grad_()
+            logit_scale = scale.clone().requires_grad_()
+            logit_bias = bias.clone().requires_grad_()
+            model_out = {"image_features": image, "text_features": text, "logit_scale": logit_scale,
+                         "logit_bias": logit_bias}
+            loss = module(**model_out, output_dict=True)["contrastive_loss"]
+            leaves = [image, text, logit_scale, logit_bias]
+            grads = torch.autograd.grad(loss, leaves, grad_outs[rank], retain_graph=True)
+            higher = torch.autograd.grad(loss, leaves, grad_outs[rank], create_graph=True)
+            results[kind] = {"loss": loss.detach(), "grads": [g.detach() for g in grads],
+                             "create_graph": [g.detach() for g in higher]}
+        torch.save(results, out_file)
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    rank, world, init_file, out_file, dtype, n_local, dim, seed = sys.argv[1:9]
-    main(int(rank), int(world), init_file, out_file, getattr(torch, dtype), int(n_local), int(dim), int(seed))
+    rank, world, init_file, out_file, n_local, dim, seed = sys.argv[1:8]
+    main(int(rank), int(world), init_file, out_file, int(n_local), int(dim), int(seed))

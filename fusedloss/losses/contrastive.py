@@ -1,58 +1,88 @@
-"""Contrastive losses, host side: ``nt_xent`` (SimCLR), ``clip_loss`` (symmetric CLIP, also across GPUs) and
-``info_nce`` (one direction), tiled so that the ``N x N`` logits never exist at once.
+"""Contrastive losses, host side: ``nt_xent`` (SimCLR), ``clip_loss`` (symmetric CLIP), ``info_nce`` (one
+direction) and ``siglip_loss`` (SigLIP's pairwise sigmoid loss), tiled so that the ``N x N`` logits never exist at
+once; ``clip_loss`` and ``siglip_loss`` also across ranks.
 
-The math, the gradient and the kernel split are derived in the docstring of ``fusedloss.kernels.contrastive``.
-Both backends run the same algorithm:
+The math (each softmax loss written through its negatives, the statistics the forward keeps, the gradient) and the
+kernels are in the docstring of ``fusedloss.kernels.contrastive``. Paths:
 
-- forward, per row band: logits ``s * Q_band K^T`` -> per-row log-sum-exp and positive logit, and (symmetric CLIP)
-  per-column log-sum-exp partials merged across bands;
-- backward, per row band: recompute the logits, form ``W = dloss/dlogits`` for the band, then ``W K`` (the band's
-  row gradient) and ``W^T Q_band`` (added in fp32 to the column gradient); ``dloss/ds = sum_i <(W K)_i, Q_i>``.
+- Triton backends: ``_Contrastive`` on the kernels: the forward kernel's statistics, the backward's band kernel and
+  GEMMs. Memory beyond the O(N d) features and gradients: one ``R x N`` band.
+- torch backend: ``_Contrastive`` on the same statistics and bands in torch ops (``_TorchEngine``), a band of
+  ``_TORCH_BAND_ELEMENTS`` logits at a time, since memory is the point of these losses. Under ``torch.compile`` it
+  is the definition (``_definition``, the logits materialized, as eager's are): one graph instead of one copy of
+  the band loop per band.
+- Higher-order gradients (``create_graph=True``, ``torch.func``), on every backend: the definition's.
 
-The Triton backend fuses the logits, the log-sum-exp and the gradient formula into tiled kernels (the forward
-holds one ``BLOCK_M x BLOCK_N`` tile per program); the torch backend runs the same bands with torch ops, a band of
-``_TORCH_BAND_ELEMENTS`` logits at a time. Memory beyond the O(N d) features and gradients: one ``R x N`` band.
+The features are L2-normalized before the ``autograd.Function`` by ``F.normalize`` itself (in fp32, fp64 for fp64
+inputs; eps = 1e-12), so its gradient is eager's; under ``torch.autocast`` the normalized features are then cast
+to the autocast dtype, as eager's matmul would cast them, and the loss is fp32.
 
-L2 normalization is applied here with its exact gradient (``F.normalize``'s, eps = 1e-12): the loss sees
-``x_hat = x / max(|x|, eps)`` in the features' dtype, and the backward maps ``dx_hat`` (fp32) to
-``dx = (dx_hat - x_hat <x_hat, dx_hat>) / |x|`` (``dx_hat / eps`` where ``|x| <= eps``), O(N d).
+Across ranks (``process_group``), every rank passes ``n`` rows (the same ``n`` everywhere) and the text features
+are all-gathered (one collective; the gradient of the gathered copy is reduce-scattered back in the backward):
 
-Across GPUs (``clip_loss(..., process_group=g)``): every rank passes ``n`` rows (the same ``n`` on every rank);
-normalized features are all-gathered, rank ``r``'s images are scored against all ``W n`` texts and its texts against
-all images, with positives at ``r n + i``, and the rank returns
+- ``clip_loss``: rank ``r``'s images are scored against every text with positives at ``r n + i``; each rank's
+  rows give every column's (max, sum-exp, moment) over its rows, and those are all-reduced, so every column's
+  log-sum-exp over the global batch is known without scoring the texts against the gathered images a second time
+  (the work per rank is its ``n x W n`` share of the global logits, once). Rank ``r`` returns
 
-    loss_r = (mean_i CE(s img_i . txt_all^T, r n + i) + mean_i CE(s txt_i . img_all^T, r n + i)) / 2,
+      loss_r = (mean_i CE(s img_i . txt_all^T, r n + i) + mean_i CE(s txt_i . img_all^T, r n + i)) / 2,
 
-which is open_clip's ``local_loss=True, gather_with_grad=True``. The backward sums every rank's gradient with
-respect to the gathered features onto their owner (a reduce-scatter, in fp32), as ``torch.distributed.nn.all_gather``
-does. Since ``mean_r loss_r`` is the single-process loss over the global batch ``L`` and each rank's gradient is
-``d(sum_r loss_r) / d(its inputs)``, DDP's averaging (``1 / W``) yields exactly ``dL / d(parameters)``.
+  open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``, with open_clip's gradients on each rank: the
+  features get ``d(sum_s g_s loss_s) / d(its features)`` (``g_s`` rank ``s``'s grad_output, all-gathered in the
+  backward), ``logit_scale`` gets ``d(g_r loss_r) / ds``. ``mean_r loss_r`` is the single-process loss of the global
+  batch, so DDP's gradient averaging gives exactly its parameter gradients.
+- ``siglip_loss``: rank ``r``'s images against every text: ``loss_r = sum_{i, j} softplus(-l_ij z_ij) / n`` with
+  positives at ``r n + i``, open_clip's ``SigLipLoss(rank, world_size)`` (its neighbour exchange visits the same
+  blocks), and open_clip's gradients: texts get ``d(sum_s g_s loss_s) / d(texts)``, everything else
+  ``d(g_r loss_r)``. An all-gather rather than open_clip's ring of neighbour exchanges: the same bytes on the wire
+  per rank ((W - 1) n d), one collective each way, and one kernel launch over all ``W n`` columns instead of W;
+  the price is memory, the gathered features (W n d, the features' dtype) and their fp32 gradient (4 W n d bytes),
+  where a ring holds two blocks.
 """
 
-import types
+import contextlib
+import dataclasses
+import math
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from .. import _alloc, _checks
+from .. import _alloc, _checks, _distributed, _family
 from .._backend import matmul_backend
 
-_EPS = 1e-12  # F.normalize's default
-# Torch backend: logits per band (fp32: 16 MiB, with ~3 such temporaries alive in the backward).
+# Torch engine: logits per band (fp32: 16 MiB, with ~4 such temporaries alive at once).
 _TORCH_BAND_ELEMENTS = 1 << 22
 
 
+@dataclasses.dataclass(frozen=True)
+class ContrastiveOptions:
+    """Everything but the tensors. ``kind``: ``'nt_xent'``, ``'info_nce'``, ``'clip'`` or ``'siglip'``;
+    ``engine``: ``'triton'`` (the kernels), ``'torch'`` (the same bands in torch ops) or ``'definition'``;
+    ``rank`` / ``world_size`` those of ``process_group`` (0 / 1 without one)."""
+
+    kind: str
+    reduction: str = "mean"
+    out_dtype: torch.dtype = torch.float32
+    engine: str = "torch"
+    rank: int = 0
+    world_size: int = 1
+    process_group: Optional[object] = dataclasses.field(default=None, compare=False)
+
+
 def nt_xent(features, temperature=0.07):
-    """NT-Xent (SimCLR), exactly the seed's ``info_nce_loss``: ``F.cross_entropy`` over the cosine similarities of
-    ``features`` divided by ``temperature``, self-similarity excluded, row ``i``'s positive at ``(i + N) mod 2N``.
+    """NT-Xent (SimCLR): ``F.cross_entropy`` over the cosine similarities of ``features`` divided by
+    ``temperature``, self-similarity excluded, row ``i``'s positive at ``(i + N) mod 2N``.
 
     Args:
         features: ``(2N, d)``, two views of N samples (rows ``i`` and ``i + N`` are positives); float16, bfloat16,
-            float32 or float64.
-        temperature: a positive number, or a positive 0-d (or one-element) floating tensor on the features' device,
-            which then receives a gradient.
+            float32 or float64; any strides.
+        temperature: a positive number (``inf`` gives eager's limit: every logit 0, the loss ``log(2N - 1)``, zero
+            gradients), or a 0-d (or one-element) floating tensor on the features' device, which then receives a
+            gradient.
 
     Returns:
-        The mean loss, a 0-d tensor of the features' dtype.
+        The mean loss, a 0-d tensor of the features' dtype (fp32 under ``torch.autocast``).
     """
     _checks.check_tensor("features", features, floating=True, dims=(2,))
     rows, dim = features.shape
@@ -60,60 +90,45 @@ def nt_xent(features, temperature=0.07):
         raise ValueError(f"features must have an even number (2N >= 2) of rows, two views per sample, got {rows}")
     if dim == 0:
         raise ValueError("features must have at least one column (d >= 1)")
-    cd = _compute_dtype(features)
-    scale = _inverse_temperature(temperature, cd, features.device)
-    spec = types.SimpleNamespace(kind="nt_xent", normalize=True, reduction="mean", group=None)
-    return _Contrastive.apply(features, None, scale, None, spec)
+    (x,), out_dtype = _features((("features", features),), normalize=True)
+    with _no_autocast(x.device):
+        scale = _inverse_temperature(temperature, x)
+        return _run(ContrastiveOptions("nt_xent", out_dtype=out_dtype, engine=_engine(x)), x, None, scale, None)
 
 
 def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, process_group=None):
     """Symmetric CLIP loss, ``(CE(logits, arange) + CE(logits.T, arange)) / 2`` with
-    ``logits = logit_scale * normalize(image) @ normalize(text).T (+ logit_bias)``.
+    ``logits = logit_scale * normalize(image) @ normalize(text).T (+ logit_bias)``: open_clip's ``ClipLoss``.
 
     Args:
-        image_features, text_features: ``(N, d)`` each, same dtype (float16, bfloat16, float32, float64) and device;
-            L2-normalized here (rows ``i`` are the positive pairs).
-        logit_scale: the multiplier, a 0-d (or one-element) floating tensor that receives a gradient (open_clip
-            passes ``logit_scale.exp()``), or a number.
+        image_features, text_features: ``(N, d)`` each (rows ``i`` are the positive pairs), float16, bfloat16,
+            float32 or float64, one dtype (under ``torch.autocast`` any two: both are cast to the autocast dtype),
+            any strides. L2-normalized here: for features a model already normalized the loss is unchanged, and
+            their gradient is open_clip's projected onto the unit sphere's tangent space, ``g - x <x, g>``; the
+            model's own normalization applies that projection again on the way back, so its parameters' gradients
+            are open_clip's.
+        logit_scale: the multiplier, a 0-d (or one-element) floating tensor that receives a gradient (open_clip's
+            models return ``logit_scale.exp()``), or a finite number.
         logit_bias: ``None``, a number or a 0-d / one-element tensor. A constant added to every logit cancels in
-            both softmaxes, so it changes neither the loss nor any gradient, and its own gradient is exactly zero
-            (it is accepted, and given that gradient, for drop-in use with models that carry one).
+            both softmaxes, so it changes neither the loss nor any gradient and its own gradient is exactly 0 (a
+            NaN or infinite bias makes the loss NaN, as eager's). For a model trained with a bias, ``siglip_loss``
+            is the loss whose value depends on it.
         process_group: a ``torch.distributed`` group: every rank passes its own ``n`` rows (the same ``n`` on every
-            rank) and gets its share of the global-batch loss (module docstring); DDP's averaging then reproduces
-            the single-process gradients. The features are all-gathered, so all ranks must call it.
+            rank) and gets open_clip's ``local_loss=True, gather_with_grad=True`` loss and gradients for its rows
+            (module docstring); DDP's averaging then gives the global batch's gradients. Communication: the text
+            features are all-gathered and 3 numbers per column all-reduced in the forward; the texts' gradient is
+            reduce-scattered (fp32) in the backward. Every rank must call it and backpropagate it.
 
     Returns:
-        A 0-d tensor of the features' dtype.
+        A 0-d tensor of the features' dtype (fp32 under ``torch.autocast``).
     """
-    _checks.check_tensor("image_features", image_features, floating=True, dims=(2,))
-    _checks.check_tensor("text_features", text_features, floating=True, dims=(2,), device=image_features.device)
-    if text_features.dtype != image_features.dtype:
-        raise TypeError(f"text_features must have image_features' dtype {image_features.dtype}, "
-                        f"got {text_features.dtype}")
-    if text_features.shape != image_features.shape:
-        raise ValueError(f"text_features must have image_features' shape {tuple(image_features.shape)}, "
-                         f"got {tuple(text_features.shape)}")
-    if image_features.shape[0] == 0 or image_features.shape[1] == 0:
-        raise ValueError(f"image_features must have at least one row and one column, got "
-                         f"{tuple(image_features.shape)}")
-    cd = _compute_dtype(image_features)
-    scale = _scalar_tensor("logit_scale", logit_scale, cd, image_features.device)
-    bias = None
-    if logit_bias is not None:
-        _scalar_tensor("logit_bias", logit_bias, cd, image_features.device)  # checked, then cancels (docstring)
-        bias = logit_bias if isinstance(logit_bias, torch.Tensor) else None
-    kind = "clip"
-    if process_group is not None:
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("process_group was given but torch.distributed is not initialized")
-        if not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got "
-                            f"{type(process_group).__name__}")
-        kind = "clip_dist"
-    spec = types.SimpleNamespace(kind=kind, normalize=True, reduction="mean", group=process_group)
-    return _Contrastive.apply(image_features, text_features, scale, bias, spec)
+    x, y, scale, out_dtype = _image_text(image_features, text_features, logit_scale)
+    bias = None if logit_bias is None else _scalar_tensor("logit_bias", logit_bias, x)
+    with _no_autocast(x.device):
+        loss = _run(_group_options("clip", process_group, out_dtype, x), x, y, scale, None)
+    if isinstance(logit_bias, torch.Tensor):  # the bias's exact gradient, 0, and eager's NaN for a non-finite one
+        loss = loss + 0.0 * bias.to(loss.dtype)
+    return loss
 
 
 def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean"):
@@ -122,21 +137,20 @@ def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean"):
     ``loss_i = logsumexp_j(<q_i, k_j> / t) - <q_i, k_i> / t``, with ``q``, ``k`` L2-normalized when ``normalize``.
 
     Args:
-        query: ``(M, d)``, float16, bfloat16, float32 or float64.
-        key: ``(N, d)``, ``N >= M``, the query's dtype and device; keys ``M..N-1`` are extra negatives (a MoCo-style
-            queue appended after the positives). A key without ``requires_grad`` costs no gradient product.
-        temperature: a positive number, or a positive 0-d (or one-element) floating tensor, which then receives a
-            gradient.
-        normalize: L2-normalize query and key rows first (cosine similarity), with the exact gradient.
+        query: ``(M, d)``, float16, bfloat16, float32 or float64; any strides.
+        key: ``(N, d)``, ``N >= M``, the query's dtype (under ``torch.autocast`` any: both are cast to the autocast
+            dtype) and device; keys ``M..N-1`` are extra negatives (a MoCo-style queue appended after the
+            positives). A key without ``requires_grad`` costs no gradient product.
+        temperature: a positive number (``inf``: every logit 0), or a 0-d (or one-element) floating tensor, which
+            then receives a gradient.
+        normalize: L2-normalize query and key rows first (cosine similarity), with ``F.normalize``'s gradient.
         reduction: ``'mean'`` (over the M rows), ``'sum'`` or ``'none'`` (the ``(M,)`` per-row losses).
 
     Returns:
-        The loss in the query's dtype.
+        The loss in the query's dtype (fp32 under ``torch.autocast``).
     """
     _checks.check_tensor("query", query, floating=True, dims=(2,))
     _checks.check_tensor("key", key, floating=True, dims=(2,), device=query.device)
-    if key.dtype != query.dtype:
-        raise TypeError(f"key must have query's dtype {query.dtype}, got {key.dtype}")
     if key.shape[1] != query.shape[1]:
         raise ValueError(f"key must have query's feature size {query.shape[1]}, got shape {tuple(key.shape)}")
     if query.shape[0] == 0 or query.shape[1] == 0:
@@ -144,340 +158,478 @@ def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean"):
     if key.shape[0] < query.shape[0]:
         raise ValueError(f"key must have at least as many rows as query ({query.shape[0]}): row i's positive is "
                          f"key i; got {key.shape[0]}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    normalize = _checks.check_bool("normalize", normalize)
     _checks.check_reduction(reduction)
-    cd = _compute_dtype(query)
-    scale = _inverse_temperature(temperature, cd, query.device)
-    spec = types.SimpleNamespace(kind="info_nce", normalize=normalize, reduction=reduction, group=None)
-    return _Contrastive.apply(query, key, scale, None, spec)
+    (x, y), out_dtype = _features((("query", query), ("key", key)), normalize=normalize)
+    with _no_autocast(x.device):
+        scale = _inverse_temperature(temperature, x)
+        opts = ContrastiveOptions("info_nce", reduction=reduction, out_dtype=out_dtype, engine=_engine(x))
+        return _run(opts, x, y, scale, None)
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, process_group=None):
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023), open_clip's ``SigLipLoss``:
+    ``-sum_ij logsigmoid(l_ij (logit_scale <x_i, y_j> + logit_bias)) / N`` with ``l = 2 I - 1`` (+1 for the pairs
+    ``i == j``, -1 for every other), ``x`` and ``y`` the L2-normalized features, never forming the ``N x N`` logits.
+
+    Args:
+        image_features, text_features: ``(N, d)`` each (rows ``i`` are the positive pairs), float16, bfloat16,
+            float32 or float64, one dtype (under ``torch.autocast`` any two), any strides. L2-normalized here,
+            with the same consequence for already normalized features as in ``clip_loss``: the parameters'
+            gradients are open_clip's.
+        logit_scale: a 0-d (or one-element) floating tensor that receives a gradient (open_clip's SigLIP models
+            return ``logit_scale.exp()``), or a finite number.
+        logit_bias: a 0-d (or one-element) floating tensor that receives a gradient, a number, or ``None`` (no
+            bias).
+        process_group: a ``torch.distributed`` group: every rank passes its own ``n`` rows (the same ``n`` on every
+            rank) and gets what open_clip's ``SigLipLoss(rank=r, world_size=W)`` gives on that rank: its images
+            against the texts of every rank, ``/ n``, and its gradients (texts: the sum over every rank's loss).
+            The text features are all-gathered in the forward (module docstring: why not a ring) and their
+            gradient reduce-scattered (fp32) in the backward. Every rank must call it and backpropagate it.
+
+    Returns:
+        A 0-d tensor of the features' dtype (fp32 under ``torch.autocast``).
+    """
+    x, y, scale, out_dtype = _image_text(image_features, text_features, logit_scale)
+    bias = (torch.zeros((), dtype=scale.dtype, device=x.device) if logit_bias is None
+            else _scalar_tensor("logit_bias", logit_bias, x))
+    with _no_autocast(x.device):
+        return _run(_group_options("siglip", process_group, out_dtype, x), x, y, scale, bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Argument helpers
+# Arguments: checks (metadata only), the features as the Function sees them, the options
 
 
-def _compute_dtype(t):
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def _image_text(image_features, text_features, logit_scale):
+    """(image, text) as the Function sees them (``_features``), the 0-d scale and the loss's dtype."""
+    _checks.check_tensor("image_features", image_features, floating=True, dims=(2,))
+    _checks.check_tensor("text_features", text_features, floating=True, dims=(2,), device=image_features.device)
+    if text_features.shape != image_features.shape:
+        raise ValueError(f"text_features must have image_features' shape {tuple(image_features.shape)}, got "
+                         f"{tuple(text_features.shape)}")
+    if image_features.shape[0] == 0 or image_features.shape[1] == 0:
+        raise ValueError(f"image_features must have at least one row and one column, got "
+                         f"{tuple(image_features.shape)}")
+    (x, y), out_dtype = _features((("image_features", image_features), ("text_features", text_features)), True)
+    return x, y, _scalar_tensor("logit_scale", logit_scale, x, finite=True), out_dtype
 
 
-def _scalar_tensor(name, value, dtype, device):
-    """A number or a 0-d / one-element floating tensor on ``device``, as a 0-d tensor of ``dtype`` (differentiable:
-    a tensor that requires grad keeps its graph). No host sync: the value is never read."""
-    if isinstance(value, torch.Tensor):
-        _checks.check_tensor(name, value, floating=True, device=device)
+def _features(named, normalize):
+    """The features as the loss sees them, and the loss's dtype. Outside autocast they share the first one's dtype
+    (TypeError naming the other otherwise); under ``torch.autocast`` every non-fp64 one is cast to the autocast
+    dtype, as eager's matmul casts its operands, differentiably. Normalized with ``F.normalize`` in the compute
+    dtype first (eager normalizes before its matmul casts)."""
+    (first, x0), device = named[0], named[0][1].device
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast and x0.dtype != torch.float64 else x0.dtype
+    for name, t in named[1:]:
+        if (dtype if autocast and t.dtype != torch.float64 else t.dtype) != dtype:
+            where = " (under torch.autocast: fp64 is not cast, so both or neither must be fp64)" if autocast else ""
+            raise TypeError(f"{name} must have {first}'s dtype {x0.dtype}{where}, got {t.dtype}")
+    with _no_autocast(device):
+        out = [F.normalize(t.to(_family.compute_dtype(t)), dim=1).to(dtype) if normalize else t.to(dtype)
+               for _, t in named]
+    return out, _checks.autocast_fp32(device, dtype)
+
+
+def _no_autocast(device):
+    """Autocast off inside the loss: the features are already in the dtype autocast gives them, and the loss's
+    own math runs in fp32 (fp64), as in torch's fp32 autocast list."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _scalar_tensor(name, value, like, finite=False):
+    """A number or a 0-d / one-element floating tensor on ``like``'s device, as a 0-d tensor of the compute dtype
+    (differentiable: a tensor keeps its graph; its value is never read, so no host sync)."""
+    dtype = _family.compute_dtype(like)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        _checks.check_tensor(name, value, floating=True, device=like.device)
         if value.numel() != 1:
             raise ValueError(f"{name} must be a 0-d or one-element tensor, got shape {tuple(value.shape)}")
         return value.reshape(()).to(dtype)
-    return torch.full((), _checks.check_number(name, value), dtype=dtype, device=device)
+    return torch.full((), _checks.check_number(name, value, finite=finite), dtype=dtype, device=like.device)
 
 
-def _inverse_temperature(temperature, dtype, device):
-    if isinstance(temperature, torch.Tensor):
-        return 1.0 / _scalar_tensor("temperature", temperature, dtype, device)
+def _inverse_temperature(temperature, like):
+    if isinstance(temperature, torch.Tensor) and temperature.is_floating_point():
+        return 1.0 / _scalar_tensor("temperature", temperature, like)
     t = _checks.check_number("temperature", temperature, low=0.0, low_open=True)
-    return torch.full((), 1.0 / t, dtype=dtype, device=device)
+    return torch.full((), 0.0 if math.isinf(t) else 1.0 / t, dtype=_family.compute_dtype(like), device=like.device)
+
+
+def _engine(x):
+    if matmul_backend(x.device, x.dtype) != "torch":
+        return "triton"
+    return "definition" if torch.compiler.is_compiling() else "torch"
+
+
+def _group_options(kind, process_group, out_dtype, x):
+    rank, world = 0, 1
+    if process_group is not None:
+        rank, world = _distributed.rank_and_size(_distributed.check_group(process_group))
+    return ContrastiveOptions(kind, out_dtype=out_dtype, engine=_engine(x), rank=rank, world_size=world,
+                              process_group=process_group)
+
+
+def _run(opts, x, y, scale, bias):
+    if opts.engine == "definition":
+        return _definition(opts, x, y, scale, bias)
+    return _Contrastive.apply(opts, _family.needs_grad(x, y, scale, bias), x, y, scale, bias)[0]
+
+
+def _positives(opts, n_rows):
+    """(offset, modulus, self_mask): row ``i``'s positive is column ``(i + offset) mod modulus``."""
+    if opts.kind == "nt_xent":
+        return n_rows // 2, n_rows, True
+    offset = opts.rank * n_rows
+    return offset, offset + n_rows, False
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# L2 normalization with F.normalize's exact gradient
+# The definition: the torch backend under torch.compile, and the higher-order gradients of every path
 
 
-def _normalize(x, cd):
-    """(x_hat in x's dtype, 1 / max(|x|, eps) in cd, |x| > eps)."""
-    norm = torch.linalg.vector_norm(x, dim=1, dtype=cd)
-    rnorm = 1.0 / norm.clamp_min(_EPS)
-    # (contiguous: elementwise ops keep a transposed input's strides, and the kernels read d-contiguous rows)
-    return (x.to(cd) * rnorm[:, None]).to(x.dtype).contiguous(), rnorm, norm > _EPS
+def _softplus(v):
+    """log(1 + exp(v)) without F.softplus's linear cut-off above 20 (an fp64 error of 2e-9)."""
+    return torch.logaddexp(v, torch.zeros_like(v))
 
 
-def _normalize_backward(dx_hat, x_hat, rnorm, big):
-    """In place on ``dx_hat`` (cd): (dx_hat - x_hat <x_hat, dx_hat>) * rnorm, without the projection where
-    |x| <= eps (there x_hat = x / eps is linear in x)."""
-    xh = x_hat.to(dx_hat.dtype)
-    proj = torch.where(big, (dx_hat * xh).sum(1), torch.zeros_like(rnorm))
-    dx_hat.sub_(xh * proj[:, None]).mul_(rnorm[:, None])
-    return dx_hat
+def _definition(opts, x, y, scale, bias):
+    """The loss in torch ops, the logits materialized. Each softmax loss is written through its negatives
+    (``softplus(logsumexp_{j != pos} S_ij - S_i,pos)``, the cross-entropy; kernels' docstring), whose autograd
+    gradient keeps its accuracy at a small loss where ``F.cross_entropy``'s ``softmax - 1`` cancels. Across ranks
+    the collectives are differentiable (functional collectives); there the per-rank split of
+    ``logit_scale``'s gradient is that of the objective ``sum_r loss_r`` (the sum over ranks is open_clip's; the
+    other paths give each rank open_clip's own)."""
+    q = x.to(scale.dtype)
+    k = q if opts.kind == "nt_xent" else y.to(scale.dtype)
+    if opts.process_group is not None:
+        k = _gather_with_grad(k, opts.process_group)
+    c = q @ k.T
+    n_rows, n_cols = c.shape
+    offset, modulus, self_mask = _positives(opts, n_rows)
+    pos = (torch.arange(n_rows, device=c.device) + offset) % modulus
+    is_pos = torch.arange(n_cols, device=c.device)[None, :] == pos[:, None]
+    if opts.kind == "siglip":
+        z = scale * c + bias
+        return (-F.logsigmoid(torch.where(is_pos, z, -z)).sum() / n_rows).to(opts.out_dtype)
+    logits = scale * c
+    excluded = is_pos | (torch.eye(n_rows, n_cols, dtype=torch.bool, device=c.device) if self_mask else False)
+    negatives = logits.masked_fill(excluded, float("-inf"))
+    positive = logits.gather(1, pos[:, None]).squeeze(1)
+    rows = _softplus(torch.logsumexp(negatives, dim=1) - positive)
+    if opts.kind != "clip":
+        denominator = torch.full((), float(n_rows), dtype=rows.dtype, device=rows.device)
+        return _family.reduce(rows, opts.reduction, denominator, (n_rows,)).to(opts.out_dtype)
+    if opts.process_group is None:
+        col_negatives = torch.logsumexp(negatives, dim=0)
+    else:  # every rank's column sums over its rows, summed over the ranks (the max without a gradient: it cancels)
+        top = _all_reduce_max(negatives.detach().amax(0), opts.process_group)
+        shift = torch.where(top > float("-inf"), top, 0.0)
+        sums = _gather_with_grad(torch.exp(negatives - shift).sum(0)[None], opts.process_group).sum(0)
+        col_negatives = (shift + torch.log(sums))[offset:offset + n_rows]
+    cols = _softplus(col_negatives - positive)
+    return ((rows.mean() + cols.mean()) / 2).to(opts.out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distributed helpers (all-gather / reduce-scatter into one contiguous tensor)
+# Statistics shared by both engines (kernels' docstring)
 
 
-def _all_gather(x, group):
+def _finish(m, s, t, pos_dot, scale):
+    """(lse, loss, dloss/ds), stacked as (L, 3), from the negatives' (max, sum-exp, moment) and the positive's dot
+    product of L rows (or columns)."""
+    negatives = torch.where(m > float("-inf"), m, 0.0) + torch.log(s)
+    positive = scale * pos_dot
+    gap = negatives - positive
+    dscale = torch.where(s > 0, torch.sigmoid(gap) * (t / s - pos_dot), 0.0)
+    return torch.stack([torch.logaddexp(negatives, positive), _softplus(gap), dscale], dim=1)
+
+
+def _rebase(m, s, t, top):
+    """(s, t) of partials with maximum ``m`` re-based to the common maximum ``top`` (-inf stays 0)."""
+    decay = torch.exp(m - torch.where(top > float("-inf"), top, 0.0))
+    return s * decay, t * decay
+
+
+def _merge_partials(parts):
+    """(P, 3, N) partial (max, sum-exp, moment) of P programs or bands -> (3, N) over all of them."""
+    m, s, t = parts.unbind(1)
+    top = m.amax(0)
+    s, t = _rebase(m, s, t, top)
+    return torch.stack([top, s.sum(0), t.sum(0)])
+
+
+def _gather_with_grad(t, group):
+    """Every rank's ``t`` concatenated along dim 0, differentiable: the backward sums each rank's gradient of the
+    gathered tensor onto the slice's owner (``torch.distributed``'s functional collectives)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    gather = getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
+    return gather(t.contiguous(), gather_dim=0, group=group)
+
+
+def _all_reduce_max(t, group):
     import torch.distributed as dist
 
-    world = dist.get_world_size(group)
-    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, x.contiguous(), group=group)
-    return out
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def _all_reduce_partials(cols, group):
+    """(3, N) column statistics over this rank's rows -> over every rank's: the max, then the re-based sums."""
+    top = _all_reduce_max(cols[0], group)
+    sums = _distributed.all_reduce_(torch.stack(_rebase(*cols, top)), group)
+    return torch.cat([top[None], sums])
 
 
 def _reduce_scatter(x, group):
+    """(W n, ...) summed over the ranks, this rank's n rows."""
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # (renamed in torch 2.13)
     scatter(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The passes of each loss: which features are rows and columns, where the positives are, which terms the gradient
-# has, and where its row / column parts go.
+# The autograd Function of the Triton and torch engines
 
 
-class _Pass(types.SimpleNamespace):
-    """q (rows, d), k (cols, d); pos(i) = (i + pos_offset) mod pos_modulus; self_mask: S_ii = -inf;
-    col_stats: column log-sum-exp (symmetric CLIP); symmetric: NT-Xent's (W + W^T) F;
-    row_to / col_to: the gradient accumulators of the rows / columns (None: not needed)."""
-
-
-def _passes(spec, x_hat, y_hat, group):
-    m = x_hat.shape[0]
-    if spec.kind == "nt_xent":
-        return [_Pass(q=x_hat, k=x_hat, pos_offset=m // 2, pos_modulus=m, self_mask=True, col_stats=False,
-                      symmetric=True, row_to="x", col_to=None)], None
-    if spec.kind == "info_nce":
-        return [_Pass(q=x_hat, k=y_hat, pos_offset=0, pos_modulus=m, self_mask=False, col_stats=False,
-                      symmetric=False, row_to="x", col_to="y")], None
-    if spec.kind == "clip":
-        return [_Pass(q=x_hat, k=y_hat, pos_offset=0, pos_modulus=m, self_mask=False, col_stats=True,
-                      symmetric=False, row_to="x", col_to="y")], None
-    import torch.distributed as dist
-
-    offset = dist.get_rank(group) * m
-    x_all, y_all = _all_gather(x_hat, group), _all_gather(y_hat, group)
-    return [
-        _Pass(q=x_hat, k=y_all, pos_offset=offset, pos_modulus=offset + m, self_mask=False, col_stats=False,
-              symmetric=False, row_to="x", col_to="y_all"),
-        _Pass(q=y_hat, k=x_all, pos_offset=offset, pos_modulus=offset + m, self_mask=False, col_stats=False,
-              symmetric=False, row_to="y", col_to="x_all"),
-    ], (x_all, y_all)
-
-
-class _Contrastive(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, scale, bias, spec):
-        engine = _TritonEngine if matmul_backend(x.device, x.dtype) != "torch" else _TorchEngine
-        cd = _compute_dtype(x)
-        scale = scale.detach()
-        if spec.normalize:
-            x_hat, rx, bx = _normalize(x, cd)
-            y_hat, ry, by = _normalize(y, cd) if y is not None else (None, None, None)
-        else:
-            x_hat, rx, bx = x.contiguous(), None, None
-            y_hat, ry, by = (y.contiguous(), None, None) if y is not None else (None, None, None)
-        passes, gathered = _passes(spec, x_hat, y_hat, spec.group)
-        stats = [engine.forward(p, scale) for p in passes]
-
-        if spec.kind == "clip":
-            lse, pos, lsec = stats[0]
-            loss = 0.5 * ((lse - pos).mean() + (lsec - pos).mean())
-        elif spec.kind == "clip_dist":
-            loss = 0.5 * sum((lse - pos).mean() for lse, pos, _ in stats)
-        else:
-            rows = stats[0][0] - stats[0][1]
-            loss = rows if spec.reduction == "none" else rows.sum() if spec.reduction == "sum" else rows.mean()
-
-        ctx.spec, ctx.engine, ctx.passes, ctx.stats = spec, engine, passes, stats
-        ctx.norms = (rx, bx, ry, by)
-        ctx.x_hat, ctx.y_hat = x_hat, y_hat
-        ctx.scale = scale
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        del gathered  # kept alive through ctx.passes
-        return loss.to(x.dtype)
+class _Contrastive(_family.LossFunction):
+    """Inputs: ``x`` (M, d) the row features (normalized as the loss sees them), ``y`` (N, d) the column features
+    (None for NT-Xent), ``scale`` and ``bias`` (SigLIP) 0-d in the compute dtype. State: the rows' (lse, loss,
+    dloss/ds) (softmax) or (loss, sum u, sum u C) (sigmoid), the columns' (lse, loss, dloss/ds) (CLIP), and the
+    gathered column features across ranks."""
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        spec, engine, passes, stats = ctx.spec, ctx.engine, ctx.passes, ctx.stats
-        x_hat, y_hat, scale = ctx.x_hat, ctx.y_hat, ctx.scale
-        cd = scale.dtype
-        need_x, need_y, need_scale, need_bias = ctx.needs_input_grad[:4]
-        g = grad_out.to(cd)
-        m = x_hat.shape[0]
-        if spec.kind == "nt_xent":
-            coefs = [((g / m).expand(m).contiguous(), True)]
-        elif spec.kind == "info_nce":
-            a = g if spec.reduction == "none" else (g if spec.reduction == "sum" else g / m).expand(m)
-            coefs = [(a.contiguous(), False)]
-        else:  # both CLIP directions weigh 1 / (2 n)
-            coefs = [((g / (2 * m)).expand(m).contiguous(), spec.kind == "clip")] * len(passes)
+    def forward(opts, needs, x, y, scale, bias):
+        k, gathered = (x if opts.kind == "nt_xent" else y), None
+        if opts.process_group is not None:
+            k = gathered = _distributed.all_gather(y, opts.process_group).flatten(0, 1)
+        rows, cols = _ENGINES[opts.engine].stats(opts, x, k, scale, bias)
+        n_rows = x.shape[0]
+        if opts.kind == "siglip":
+            return (rows[:, 0].sum() / n_rows).to(opts.out_dtype), rows, None, gathered
+        row_state = _finish(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], scale)
+        losses = row_state[:, 1]
+        if opts.kind == "nt_xent":
+            return losses.mean().to(opts.out_dtype), row_state, None, gathered
+        if opts.kind == "info_nce":
+            denominator = torch.full((), float(n_rows), dtype=losses.dtype, device=losses.device)
+            return _family.reduce(losses, opts.reduction, denominator, (n_rows,)).to(opts.out_dtype), row_state, \
+                None, gathered
+        pos_dot = rows[:, 3]
+        if opts.process_group is not None:
+            cols = _all_reduce_partials(cols, opts.process_group)
+            pos_dot = _distributed.all_gather(pos_dot, opts.process_group).flatten()
+        col_state = _finish(*cols, pos_dot, scale)
+        offset = opts.rank * n_rows
+        loss = (losses.mean() + col_state[offset:offset + n_rows, 1].mean()) / 2
+        return loss.to(opts.out_dtype), row_state, col_state, gathered
 
-        wanted = {"x": need_x, "y": need_y, "x_all": need_x, "y_all": need_y, None: False}
-        if spec.kind == "clip_dist":  # the reduce-scatter needs every rank's columns, whatever this rank needs
-            wanted["x_all"] = wanted["y_all"] = True
-        acc = {}
-        scale_grad = torch.zeros((), dtype=cd, device=scale.device)
-        for p, (lse, _, lsec), (a, col_term) in zip(passes, stats, coefs):
-            col_lse = (lse if p.symmetric else lsec) if col_term else None
-            need_rows = wanted[p.row_to] or need_scale
-            if not (need_rows or wanted[p.col_to]):
-                continue
-            rows_grad, cols_grad, sg = engine.backward(p, scale, lse, a, col_lse, a if col_term else None,
-                                                       need_cols=wanted[p.col_to])
-            scale_grad += (0.5 * sg) if p.symmetric else sg  # NT-Xent: sum (W + W^T) * S counts W twice
-            for key, value in ((p.row_to, rows_grad), (p.col_to, cols_grad)):
-                if value is not None and wanted[key]:
-                    acc[key] = value if key not in acc else acc[key].add_(value)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        opts, needs, x, y, scale, bias = inputs
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+        _family.save(ctx, opts, needs, (x, y, scale, bias), state=output[1:])
 
-        if spec.kind == "clip_dist":
-            for local, gathered in (("x", "x_all"), ("y", "y_all")):
-                part = _reduce_scatter(acc.pop(gathered), spec.group)
-                acc[local] = part if local not in acc else acc[local].add_(part)
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        return _family.backward(ctx, _recompute, _definition, grad_outputs)
 
-        rx, bx, ry, by = ctx.norms
-        grads = []
-        for key, hat, rnorm, big, need in (("x", x_hat, rx, bx, need_x), ("y", y_hat, ry, by, need_y)):
-            if not need or key not in acc:
-                grads.append(None)
-                continue
-            d = acc[key]
-            if spec.normalize:
-                d = _normalize_backward(d, hat, rnorm, big)
-            grads.append(d.to(hat.dtype))
-        grad_scale = scale_grad if need_scale else None
-        grad_bias = torch.zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1], device=scale.device) if need_bias else None
-        ctx.passes = ctx.stats = None
-        return grads[0], grads[1], grad_scale, grad_bias, None
+
+def _weights(opts, grad, n_rows):
+    """(a, b): the per-row and per-column weights of the logit gradient (kernels' docstring); b None without a
+    column term. Broadcast (stride-0) vectors where one number serves every row."""
+    if opts.kind == "info_nce":
+        a = grad.reshape(-1) if opts.reduction == "none" else (grad / n_rows if opts.reduction == "mean" else grad)
+        return a.expand(n_rows), None
+    if opts.kind != "clip":
+        a = (grad / n_rows).expand(n_rows)
+        return a, (a if opts.kind == "nt_xent" else None)
+    a = (grad / (2 * n_rows)).expand(n_rows)
+    if opts.process_group is None:
+        return a, a
+    every = _distributed.all_gather(grad.reshape(1), opts.process_group).reshape(-1)  # each rank's grad_output
+    return a, (every / (2 * n_rows)).repeat_interleave(n_rows)
+
+
+def _recompute(ctx, inputs, state, grad_outputs):
+    """The gradients from the saved inputs and statistics: the band pass for the features, the statistics alone
+    for the scale and the bias."""
+    opts = ctx.opts
+    x, y, scale, bias = inputs
+    row_state, col_state, gathered = state
+    if opts.kind == "nt_xent":  # the transposed term: the rows' statistics read along columns
+        col_state = row_state
+    need_x, need_y, need_scale, need_bias = ctx.needs
+    n_rows = x.shape[0]
+    a, b = _weights(opts, grad_outputs[0].to(scale.dtype), n_rows)
+    k = x if opts.kind == "nt_xent" else (gathered if gathered is not None else y)
+    need_k = need_y and opts.kind != "nt_xent"
+    dx = dk = grad_scale = grad_bias = None
+    if need_x or need_k:
+        dx, dk = _ENGINES[opts.engine].grads(opts, x, k, scale, bias, row_state, col_state, a, b, need_x, need_k)
+    if dk is not None and opts.process_group is not None:
+        dk = _reduce_scatter(dk, opts.process_group)
+    if need_scale:
+        grad_scale = (a * row_state[:, 2]).sum()
+        if opts.kind == "clip":  # this rank's columns' own term
+            own = slice(opts.rank * n_rows, (opts.rank + 1) * n_rows)
+            grad_scale = grad_scale + (b[own] * col_state[own, 2]).sum()
+        grad_scale = grad_scale.to(scale.dtype)
+    if need_bias:
+        grad_bias = (a * row_state[:, 1]).sum().to(bias.dtype)
+    return (None if dx is None else dx.to(x.dtype), None if dk is None else dk.to(y.dtype), grad_scale, grad_bias)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Engines: the three primitives per backend. ``forward(pass, scale) -> (lse, pos, col_lse or None)``;
-# ``backward(pass, scale, lse, a, col_lse, b, need_cols) -> (rows_grad, cols_grad or None, sum_i <(W K)_i, Q_i>)``
-# with the row / column gradients with respect to the (normalized) features, in the compute dtype.
+# Engines: ``stats(opts, q, k, scale, bias) -> (rows, cols)``: the forward's per-row statistics (M, 4) softmax /
+# (M, 3) sigmoid and, for CLIP, the columns' (3, N) (max, sum-exp, moment) over these rows;
+# ``grads(opts, q, k, scale, bias, row_state, col_state, a, b, need_q, need_k) -> (dq, dk)`` with respect to the
+# (normalized) features, in the compute dtype.
 
 
 class _TritonEngine:
     @staticmethod
-    def forward(p, scale):
-        from ..kernels.contrastive import contrastive_forward, forward_schedule
+    def stats(opts, q, k, scale, bias):
+        from ..kernels.contrastive import (
+            COL_STATS,
+            SIGMOID_ROW_STATS,
+            SOFTMAX_ROW_STATS,
+            contrastive_forward,
+            forward_programs,
+        )
 
-        q, k = p.q, p.k
-        cd = scale.dtype
-        m, n = q.shape[0], k.shape[0]
-        lse = _alloc.empty(m, dtype=cd, device=q.device)
-        pos = _alloc.empty(m, dtype=cd, device=q.device)
-        col_max = col_sum = col_lse = None
-        if p.col_stats:
-            programs, _ = forward_schedule(m, q.shape[1], q.dtype, q.device, True)
-            col_max = _alloc.empty((programs, n), dtype=cd, device=q.device)
-            col_sum = _alloc.empty((programs, n), dtype=cd, device=q.device)
-        contrastive_forward(q, k, scale, lse, pos, col_max, col_sum, pos_offset=p.pos_offset,
-                            pos_modulus=p.pos_modulus, self_mask=p.self_mask)
-        if p.col_stats:
-            # Merge the programs' partials: log sum_g s_g exp(m_g) (each m_g is finite: every program saw a row).
-            top = col_max.amax(0)
-            col_lse = top + torch.log((col_sum * torch.exp(col_max - top)).sum(0))
-        return lse, pos, col_lse
+        sigmoid = opts.kind == "siglip"
+        n_rows, dim = q.shape
+        offset, modulus, self_mask = _positives(opts, n_rows)
+        rows = _alloc.empty((n_rows, SIGMOID_ROW_STATS if sigmoid else SOFTMAX_ROW_STATS), dtype=scale.dtype,
+                            device=q.device)
+        ws = None
+        if opts.kind == "clip":
+            programs = forward_programs(n_rows, dim, q.dtype, q.device)[0]
+            ws = _alloc.empty((programs, COL_STATS, k.shape[0]), dtype=scale.dtype, device=q.device)
+        contrastive_forward(q, k, scale, bias if sigmoid else None, rows, ws, pos_offset=offset, pos_modulus=modulus,
+                            self_mask=self_mask, sigmoid=sigmoid)
+        return rows, (None if ws is None else _merge_partials(ws))
 
     @staticmethod
-    def backward(p, scale, lse, a, col_lse, b, need_cols):
-        from ..kernels.contrastive import band_rows, contrastive_dlogits, matmul
+    def grads(opts, q, k, scale, bias, row_state, col_state, a, b, need_q, need_k):
+        from ..kernels.contrastive import band_matmul, band_rows, contrastive_dlogits
 
-        q, k = p.q, p.k
-        cd = scale.dtype
-        m, dim = q.shape
-        n = k.shape[0]
-        # W is stored times band_scale = 1 / max |weight| (|W| <= 2 then), so fp16 bands stay clear of subnormals.
+        sigmoid = opts.kind == "siglip"
+        n_rows, dim = q.shape
+        n_cols = k.shape[0]
+        offset, modulus, self_mask = _positives(opts, n_rows)
+        # W is stored times 1 / max |weight| (|W| <= 2 then), so that fp16 bands stay clear of subnormals.
         top = a.abs().amax() if b is None else torch.maximum(a.abs().amax(), b.abs().amax())
         band_scale = torch.where(top > 0, 1.0 / top, torch.ones_like(top))
-        r = band_rows(m, n, q.dtype)
-        band = _alloc.empty((r, n), dtype=q.dtype, device=q.device)
-        rows_grad = _alloc.empty((m, dim), dtype=cd, device=q.device)
-        cols_grad = _alloc.empty((n, dim), dtype=cd, device=q.device) if need_cols else None
-        sg = torch.zeros((), dtype=cd, device=q.device)
-        for start in range(0, m, r):
-            rows = min(r, m - start)
-            w = band[:rows]
-            contrastive_dlogits(q, k, scale, band_scale, lse, a, col_lse, b, w, row_start=start,
-                                pos_offset=p.pos_offset, pos_modulus=p.pos_modulus, self_mask=p.self_mask)
-            out = rows_grad[start:start + rows]
-            matmul(w, k, out, accumulate=False)
-            sg += torch.linalg.vecdot(out, q[start:start + rows].to(cd), dim=1).sum()
-            if need_cols:
-                matmul(w.t(), q[start:start + rows], cols_grad, accumulate=start > 0)
+        r = band_rows(n_rows, n_cols, q.dtype)
+        band = _alloc.empty((r, n_cols), dtype=q.dtype, device=q.device)
+        dq = _alloc.empty((n_rows, dim), dtype=scale.dtype, device=q.device) if need_q else None
+        dk = _alloc.empty((n_cols, dim), dtype=scale.dtype, device=q.device) if need_k else None
+        for start in range(0, n_rows, r):
+            stop = min(n_rows, start + r)
+            w = band[:stop - start]
+            contrastive_dlogits(q, k, scale, bias if sigmoid else None, band_scale, None if sigmoid else row_state, a,
+                                None if sigmoid else col_state, b, w, row_start=start, pos_offset=offset,
+                                pos_modulus=modulus, self_mask=self_mask, sigmoid=sigmoid)
+            if need_q:
+                band_matmul(w, k, dq[start:stop], accumulate=False)
+            if need_k:
+                band_matmul(w.t(), q[start:stop], dk, accumulate=start > 0)
         factor = scale / band_scale
-        rows_grad.mul_(factor)
-        if need_cols:
-            cols_grad.mul_(factor)
-        return rows_grad, cols_grad, sg / band_scale
+        return (None if dq is None else dq.mul_(factor)), (None if dk is None else dk.mul_(factor))
 
 
 class _TorchEngine:
-    """The same bands in torch ops, in the compute dtype (fp32 / fp64)."""
+    """The same statistics and bands in torch ops, in the compute dtype (fp32 / fp64)."""
 
     @staticmethod
-    def _band(n_cols):
-        return max(1, _TORCH_BAND_ELEMENTS // max(n_cols, 1))
+    def _bands(n_rows, n_cols):
+        step = max(1, _TORCH_BAND_ELEMENTS // max(n_cols, 1))
+        return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
     @staticmethod
-    def _logits(p, kc, scale, start, stop):
-        x = (p.q[start:stop].to(kc.dtype) @ kc.T) * scale
-        if p.self_mask:
-            idx = torch.arange(start, stop, device=x.device)
-            x[idx - start, idx] = float("-inf")
-        return x
+    def _sigmoid_terms(z, is_pos):
+        """Per pair ``softplus(-l z)`` and ``u = -l sigmoid(-l z)`` (kernels' docstring)."""
+        lz = torch.where(is_pos, z, -z)
+        sig = torch.sigmoid(-lz)
+        return -F.logsigmoid(lz), torch.where(is_pos, -sig, sig)
 
     @staticmethod
-    def _positives(p, start, stop, device):
-        return (torch.arange(start, stop, device=device) + p.pos_offset) % p.pos_modulus
+    def _moments(x, c, dim):
+        m = x.amax(dim)
+        p = torch.exp(x - torch.where(m > float("-inf"), m, 0.0).unsqueeze(dim))
+        return m, p.sum(dim), (p * c).sum(dim)
 
     @classmethod
-    def forward(cls, p, scale):
-        cd = scale.dtype
-        kc = p.k.to(cd)
-        m, n = p.q.shape[0], kc.shape[0]
-        lse = torch.empty(m, dtype=cd, device=kc.device)
-        pos = torch.empty(m, dtype=cd, device=kc.device)
-        col_max = col_sum = None
-        r = cls._band(n)
-        for start in range(0, m, r):
-            stop = min(m, start + r)
-            x = cls._logits(p, kc, scale, start, stop)
-            lse[start:stop] = torch.logsumexp(x, dim=1)
-            pos[start:stop] = x.gather(1, cls._positives(p, start, stop, x.device)[:, None]).squeeze(1)
-            if p.col_stats:
-                band_max = x.amax(0)
-                new_max = band_max if col_max is None else torch.maximum(col_max, band_max)
-                band_sum = torch.exp(x - new_max).sum(0)
-                col_sum = band_sum if col_sum is None else col_sum * torch.exp(col_max - new_max) + band_sum
-                col_max = new_max
-        col_lse = col_max + torch.log(col_sum) if p.col_stats else None
-        return lse, pos, col_lse
+    def stats(cls, opts, q, k, scale, bias):
+        n_rows, n_cols = q.shape[0], k.shape[0]
+        offset, modulus, self_mask = _positives(opts, n_rows)
+        kc = k.to(scale.dtype)
+        rows = torch.empty((n_rows, 3 if opts.kind == "siglip" else 4), dtype=scale.dtype, device=q.device)
+        cols = None
+        for start, stop in cls._bands(n_rows, n_cols):
+            c = q[start:stop].to(scale.dtype) @ kc.T
+            local = torch.arange(stop - start, device=c.device)
+            pos = (local + start + offset) % modulus
+            if opts.kind == "siglip":
+                is_pos = torch.arange(n_cols, device=c.device)[None, :] == pos[:, None]
+                loss, u = cls._sigmoid_terms(c * scale + bias, is_pos)
+                rows[start:stop] = torch.stack([loss.sum(1), u.sum(1), (u * c).sum(1)], dim=1)
+                continue
+            x = c * scale
+            x[local, pos] = float("-inf")
+            if self_mask:
+                x[local, local + start] = float("-inf")
+            rows[start:stop, :3] = torch.stack(cls._moments(x, c, 1), dim=1)
+            rows[start:stop, 3] = c[local, pos]
+            if opts.kind == "clip":
+                band = torch.stack(cls._moments(x, c, 0))
+                cols = band if cols is None else _merge_partials(torch.stack([cols, band]))
+        return rows, cols
 
     @classmethod
-    def backward(cls, p, scale, lse, a, col_lse, b, need_cols):
-        cd = scale.dtype
-        kc = p.k.to(cd)
-        m, n = p.q.shape[0], kc.shape[0]
-        rows_grad = torch.empty((m, kc.shape[1]), dtype=cd, device=kc.device)
-        cols_grad = torch.zeros((n, kc.shape[1]), dtype=cd, device=kc.device) if need_cols else None
-        sg = torch.zeros((), dtype=cd, device=kc.device)
-        r = cls._band(n)
-        for start in range(0, m, r):
-            stop = min(m, start + r)
-            x = cls._logits(p, kc, scale, start, stop)
-            w = torch.sub(x, lse[start:stop, None]).exp_().mul_(a[start:stop, None])
-            pos_coef = a[start:stop]
-            if col_lse is not None:
-                w.add_(x.sub_(col_lse[None, :]).exp_().mul_(b[None, :]))
-            del x
-            pos = cls._positives(p, start, stop, kc.device)
-            if col_lse is not None:
-                pos_coef = pos_coef + b[pos]
-            w.scatter_add_(1, pos[:, None], -pos_coef[:, None])
-            qc = p.q[start:stop].to(cd)
-            out = rows_grad[start:stop]
-            torch.matmul(w, kc, out=out)
-            sg += torch.linalg.vecdot(out, qc, dim=1).sum()
-            if need_cols:
-                cols_grad.addmm_(w.T, qc)
-        rows_grad.mul_(scale)
-        if need_cols:
-            cols_grad.mul_(scale)
-        return rows_grad, cols_grad, sg
+    def grads(cls, opts, q, k, scale, bias, row_state, col_state, a, b, need_q, need_k):
+        n_rows, n_cols = q.shape[0], k.shape[0]
+        offset, modulus, self_mask = _positives(opts, n_rows)
+        kc = k.to(scale.dtype)
+        dq = torch.empty((n_rows, kc.shape[1]), dtype=scale.dtype, device=q.device) if need_q else None
+        dk = torch.zeros((n_cols, kc.shape[1]), dtype=scale.dtype, device=q.device) if need_k else None
+        for start, stop in cls._bands(n_rows, n_cols):
+            qc = q[start:stop].to(scale.dtype)
+            c = qc @ kc.T
+            local = torch.arange(stop - start, device=c.device)
+            pos = (local + start + offset) % modulus
+            rows_a = a[start:stop]
+            if opts.kind == "siglip":
+                is_pos = torch.arange(n_cols, device=c.device)[None, :] == pos[:, None]
+                w = rows_a[:, None] * cls._sigmoid_terms(c * scale + bias, is_pos)[1]
+            else:
+                x = c * scale
+                lse, loss = row_state[start:stop, 0], row_state[start:stop, 1]
+                w = torch.exp(x - lse[:, None]) * rows_a[:, None]
+                pos_w = rows_a * torch.expm1(-loss)
+                if col_state is not None:
+                    w += torch.exp(x - col_state[:, 0]) * b
+                    pos_w = pos_w + b[pos] * torch.expm1(-col_state[pos, 1])
+                w[local, pos] = pos_w
+                if self_mask:
+                    w[local, local + start] = 0.0
+            if need_q:
+                torch.matmul(w, kc, out=dq[start:stop])
+            if need_k:
+                dk.addmm_(w.T, qc)
+        return (None if dq is None else dq.mul_(scale)), (None if dk is None else dk.mul_(scale))
 
+
+_ENGINES = {"triton": _TritonEngine, "torch": _TorchEngine}
