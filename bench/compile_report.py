@@ -5,7 +5,8 @@ tensors over every combination of its constexpr flags; here ``JITFunction.run`` 
 the launchers run their real argument and flag logic but launch nothing. Each distinct (kernel, signature,
 constexprs, options) is then compiled with ``triton.compile`` for a ``GPUTarget`` and its cubin read with the
 ``cuobjdump`` that Triton bundles: registers, local memory and stack frame, local loads/stores (LDL/STL: spills)
-in the SASS, shared memory, and how many ``HGMMA`` (wgmma) instructions the SASS holds on sm_90.
+in the SASS, shared memory, and how many ``HGMMA`` (wgmma) and ``UTMALDG`` (tensor-descriptor loads by the bulk
+tensor copy engine) instructions the SASS holds on sm_90.
 
     python bench/compile_report.py [--arch 80 90] [--cubin-dir DIR] [--jobs N] [--only SUBSTRING]
 
@@ -116,14 +117,16 @@ def resource_usage(cubin_path):
 
 
 def sass_counts(cubin_path):
-    """(HGMMA instructions, local-memory loads/stores LDL/STL) in the SASS. ptxas may report a spill as stack
-    frame rather than LOCAL in -res-usage, so the SASS is the spill test: any LDL/STL is local-memory traffic."""
+    """(HGMMA instructions, UTMALDG instructions, local-memory loads/stores LDL/STL) in the SASS. ptxas may report
+    a spill as stack frame rather than LOCAL in -res-usage, so the SASS is the spill test: any LDL/STL is
+    local-memory traffic."""
     out = subprocess.run([cuobjdump(), "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
-    hgmma = local = 0
+    hgmma = tma = local = 0
     for line in out.splitlines():
         hgmma += "HGMMA" in line
+        tma += "UTMALDG" in line
         local += " LDL" in line or " STL" in line
-    return hgmma, local
+    return hgmma, tma, local
 
 
 _ITEMS = []  # filled before the pool forks; workers receive indices (kernels do not pickle)
@@ -147,7 +150,7 @@ def _job(position):
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         row["regs"], row["stack"], row["shared"], row["local"] = resource_usage(path)
-        row["hgmma"], row["ldl_stl"] = sass_counts(path)
+        row["hgmma"], row["utmaldg"], row["ldl_stl"] = sass_counts(path)
     row["shared"] = max(row["shared"], compiled.metadata.shared)
     if cubin_dir:
         # The first variant of each kernel is its default flags; the rest get an index suffix.
@@ -174,6 +177,8 @@ def main(argv=None):
         index = per_kernel.setdefault(key[:2], [])
         index.append(key)
         for arch in args.arch:
+            if variant[3].get("TMA") and arch < 90:
+                continue  # tensor-descriptor variants launch on sm_90 and later only (kernels._gemm.tma_compatible)
             items.append((len(index) - 1, variant, arch, args.cubin_dir))
     print(f"{len(variants)} variants x {len(args.arch)} archs = {len(items)} compiles", flush=True)
     ctx = __import__("multiprocessing").get_context("fork")
@@ -182,7 +187,7 @@ def main(argv=None):
 
     failures = 0
     header = (f"{'kernel':<42} {'arch':>4} {'warps':>5} {'regs':>4} {'local':>5} {'stack':>5} {'ldl/stl':>7} "
-              f"{'shared':>6} {'hgmma':>5}  flags")
+              f"{'shared':>6} {'hgmma':>5} {'utma':>4}  flags")
     print(header)
     print("-" * len(header))
     for row in sorted(rows, key=lambda r: (r["kernel"], r["arch"], str(r["flags"]))):
@@ -195,7 +200,7 @@ def main(argv=None):
         spill = row["local"] > 0 or row["ldl_stl"] > 0
         failures += spill
         print(f"{row['kernel']:<42} {row['arch']:>4} {row['num_warps']!s:>5} {row['regs']:>4} {row['local']:>5} "
-              f"{row['stack']:>5} {row['ldl_stl']:>7} {row['shared']:>6} {row['hgmma']:>5}  {flags}"
+              f"{row['stack']:>5} {row['ldl_stl']:>7} {row['shared']:>6} {row['hgmma']:>5} {row['utmaldg']:>4}  {flags}"
               f"{'  <-- SPILLS' if spill else ''}")
     print(f"\n{len(rows)} compiles, {failures} failed or spilled")
     return 1 if failures else 0

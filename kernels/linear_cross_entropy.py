@@ -14,9 +14,9 @@ multiplies by ``1 - tanh^2``; through the linear layer, with ``G = dloss/dlogits
     dX = G @ W,    dW = G^T @ X,    db = column sums of G.
 
 Forward (two launches, O(N) outputs)
-    ``_lce_fwd_kernel``: a grid of (token tile x vocabulary split) programs; each computes (BLOCK_N x BLOCK_V)
-    logit tiles with ``tl.dot`` over H (fp32 accumulation; fp64 for fp64 inputs), adds the bias, applies the
-    cap, and folds the tile into a per-row online (max, sum-exp), the running smoothing sum
+    ``_lce_fwd_kernel``: (token tile x vocabulary split) work items; each computes (BLOCK_N x BLOCK_V) logit tiles
+    with ``tl.dot`` over H (``kernels._gemm.abt_tile``: fp32 accumulation, fp64 for fp64 inputs), adds the bias,
+    applies the cap, and folds the tile into a per-row online (max, sum-exp), the running smoothing sum
     ``sum_c (x_c - max)`` and the target logit. Each split writes those four numbers per row to a partial
     buffer; ``_lce_combine_kernel`` merges the splits (the log-sum-exp merge of Milakov & Gimelshein) and writes
     the per-row loss, lse and (K1, Kf, Ky, K3). Splitting the vocabulary keeps the GPU full when N is small
@@ -30,14 +30,15 @@ Backward (per vocabulary chunk of ``w`` columns: three launches, no atomics)
     1. ``_lce_dlogits_kernel`` recomputes the (N x w) logit tiles exactly as the forward did, forms G in
        registers from the saved lse and coefficients, and writes it in the input dtype to a workspace, plus the
        per-tile column sums of G (fp32) for db.
-    2. ``_lce_matmul_kernel`` as dW[chunk] = G^T @ X: K = N, the whole token dimension, so every dW row is
-       produced once, in fp32 registers, and written once in the weight's dtype.
-    3. ``_lce_matmul_kernel`` as dX (+)= G @ W[chunk]: K = w; across chunks dX accumulates in an fp32 buffer
-       that each GEMM program loads as its K loop's initial value and stores back (it owns the tile: no
-       atomics); the last chunk applies the gradient's scale and writes the input dtype.
-    G holds the coefficient form times the per-row scale (``grad_output`` for 'none'); the scalar of 'mean'
-    and 'sum' (grad_output / denominator) is applied in the GEMM epilogues, so G keeps its magnitude (fp16
-    does not flush p / N to zero).
+    2. dW[chunk] = G^T @ X (``kernels._gemm.matmul``, or cuBLAS): K = N, the whole token dimension, so every dW
+       row is produced once, in fp32 registers, and written once in the weight's dtype.
+    3. dX (+)= G @ W[chunk] (``kernels._gemm.matmul``): K = w; across chunks dX accumulates in a buffer that each
+       GEMM program loads as its K loop's initial value and stores back (it owns the tile: no atomics); the last
+       chunk applies the gradient's scale and writes the input dtype.
+    G holds the coefficient form times the per-row scale (``grad_output`` for 'none'). The scalar of 'mean' and
+    'sum' (grad_output / denominator) is applied in the GEMM epilogues for fp16, so that G keeps its magnitude
+    (fp16 would flush p / N to zero); bf16, fp32 and fp64 have the exponent range to take it in G, which is how
+    cuBLAS, whose scale would have to come from the host, can run dW.
 
     Why this decomposition. Recomputing the logits once is unavoidable (the softmax of a row needs its lse,
     which needs the whole vocabulary), so backward is 3 GEMMs of 2*N*H*V FLOPs and forward one: 8*N*H*V in all
@@ -47,27 +48,52 @@ Backward (per vocabulary chunk of ``w`` columns: three launches, no atomics)
       Cross-Entropy): (BLOCK_N + BLOCK_V) * H fp32 atomic adds per tile, i.e. N*V*H*(1/BLOCK_V + 1/BLOCK_N)
       ~ 67e9 atomics at N=8192, H=4096, V=128256, BLOCK=128: far more traffic than the GEMMs' own operands;
     - a dX kernel looping over the vocabulary with dX in registers: the (BLOCK_N x H) fp32 accumulator is 2 MB
-      at H=4096, so H must be split and the logit tiles recomputed H/BLOCK_H times.
-    The G round trip costs N*w*s bytes written and read twice per chunk (s = 2 for bf16), and the fp32 dX
-    accumulator 8*N*H bytes per chunk; per chunk the three GEMMs do 6*N*H*w FLOPs, so the extra traffic is
-    3*s/(6*H) + 8/(6*w) bytes/FLOP = 2.4e-4 + 3.3e-4 at H = w = 4096, bf16: a sixth of the H100's ridge point,
-    on top of the GEMMs' own operand reads, so the backward stays bound by the tensor cores. A wider chunk
-    (``LCE_WORKSPACE_BYTES``) trades workspace for less dX-accumulator traffic.
+      at H=4096, so H must be split and the logit tiles recomputed H/BLOCK_H times;
+    - dX formed in the forward per token block (K = V complete, no accumulator) needs that block's G, i.e. its
+      logits kept in fp32 (n_b*V*4 bytes; bf16 logits would put |x| * 2^-9 of error into every exp) or
+      recomputed a third time (10*N*H*V).
+    One of dX (N*H) and dW (V*H) must be summed over chunks of the other's K dimension; dX is the smaller.
+
+Schedules (``configs.lce_schedule``, read from ``FUSEDLOSS_LCE_SCHEDULE``)
+    "pointer" (default): operands through pointer tensors, one program per work item or output tile, Triton GEMMs
+    for dW and dX, dX summed in an fp32 buffer (4*N*H bytes), 64 MiB G chunks.
+
+    "tma" (opt-in until measured on a GPU): the forward and dlogits kernels read X and W through tensor
+    descriptors on a persistent grid (``kernels._gemm``'s module docstring: ~70 fewer registers than the
+    pointer tiles at 128 x 128, the same FLOPs); dW on cuBLAS (``torch.mm``) for bf16, fp32 and fp64; dX in
+    ``kernels._gemm.matmul`` through descriptors, summed for bf16 in a compensated pair: the high half is the bf16
+    dX output itself (a gradient, not workspace), the low half a bf16 buffer (2*N*H bytes), the epilogue adding
+    in fp32 and splitting back: at most 2^-18 of the sum lost per chunk with round-to-nearest conversions
+    (``test_compensated_dx_sum`` measures it against fp64), far below dX's own final rounding to bf16 (2^-9); 32 MiB
+    G chunks. Token tiles whose every row is ignored (padding, masked
+    prompts) are skipped: the forward's and dlogits' work items test their tile's targets, and the dX / dW GEMMs
+    walk only the live tiles of a list built on the device (live first, ``n_live`` read by the kernels: no host
+    sync); dead rows of dX are written as zeros, and of G too when cuBLAS runs dW over every row.
+
+    Traffic of the dX sum, per chunk 8*N*H bytes (fp32 read and written, or the bf16 pair read and written) for
+    2*N*H*w FLOPs: 4/w B/FLOP, 1.0e-3 at w = 4096 (pointer), 2.0e-3 at w = 2048 (tma): a quarter to a half of the
+    H100's measured ridge (2.99 TB/s / 770 TFLOP/s = 3.9e-3), hidden only where other programs' main loops
+    overlap one program's load and store of its tile. The G round trip adds 2*s/(2*H) B/FLOP on each GEMM
+    (2.4e-4 at H = 4096, bf16).
 
 Workspace bound (bytes, beyond inputs, outputs and the gradients themselves), with s the input's itemsize,
-``w = chunk`` from ``configs.linear_cross_entropy_config`` (``LCE_WORKSPACE_BYTES / (N * s)`` rounded to
-the tile, so ``N * w * s <= max(LCE_WORKSPACE_BYTES, N * 256 * s)``), P the forward's vocabulary splits and
-c the compute dtype's itemsize (4, or 8 for fp64):
+``w = chunk`` from ``configs.linear_cross_entropy_config`` (the schedule's workspace budget / (N * s) rounded to
+the tile, so ``N * w * s <= max(budget, N * 256 * s)``), P the forward's vocabulary splits and c the compute
+dtype's itemsize (4, or 8 for fp64):
     forward:  4*c*N*P (partials, P <= LCE_MAX_PARTIAL_BYTES / (16 N))  +  6*c*N (loss, lse, coefficients)
-    backward: N*w*s (G chunk)  +  4*N*H (fp32 dX accumulator: only for 16-bit inputs with V > w)
-              +  4*ceil(N / BLOCK_N)*w + 4*V (db partials and sum, only with a bias that needs grad)
-At N=8192, H=4096, V=128256, bf16: 64 MiB + 128 MiB + ~2.5 MiB, against 2 GiB for the bf16 logits alone.
+    backward: N*w*s (G chunk)  +  the dX sum (only for 16-bit inputs with V > w): 4*N*H (fp32), or 2*N*H (bf16
+              under "tma"), +  4*ceil(N / BLOCK_N)*w + 4*V (db partials and sum, only with a bias that needs
+              grad)  +  8*ceil(N / BLOCK_N) (the live-tile list, "tma")
+At N=8192, H=4096, V=128256, bf16: pointer 64 MiB + 128 MiB + ~2.5 MiB = 9.6% of the 2 GiB of bf16 logits;
+tma 32 MiB + 64 MiB + ~1.3 MiB = 4.8%.
 
-No host syncs: every size above comes from shapes; grad_output, the mean's denominator and the per-row scales
-stay on the device. All offsets that scale with N, V or H are computed in 64 bits.
+No host syncs: every size above comes from shapes; grad_output, the mean's denominator, the per-row scales and
+the live-tile count stay on the device. All offsets that scale with N, V or H are computed in 64 bits.
 """
 
+import contextlib
 import itertools
+import os
 from typing import Optional
 
 import torch
@@ -76,6 +102,7 @@ import triton.language as tl
 
 from . import configs
 from ._common import grouped_tile, join_f64, online_logsumexp_update, soft_cap, split_f64
+from ._gemm import abt_tile, accumulate_dtype, dot_precision, matmul, tma_compatible, use_tensor_descriptors
 from ._launch import custom_launcher, num_sms
 from .cross_entropy import (
     ROW_STATE,
@@ -88,7 +115,6 @@ from .cross_entropy import (
 
 # ---------------------------------------------------------------------------------------------------------------
 # Row helpers of this family (the per-row epilogue and per-element gradient are kernels.cross_entropy's).
-
 
 @triton.jit
 def _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
@@ -110,28 +136,46 @@ def _class_i32(y, n_classes):
 
 
 @triton.jit
-def _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
+def _live_tile(y, row_mask, ignore_index):
+    """Whether a token tile takes part when ignored tokens are skipped: some row of it has a target. The host's
+    live-tile list (``fusedloss.losses.linear_cross_entropy._live_tiles``) applies the same rule."""
+    return tl.max((row_mask & (y != ignore_index)).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _operands(x_ptr, w_ptr, n_rows, n_hidden, n_classes, stride_xr, stride_wv,
+              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, TMA: tl.constexpr):
+    """What ``_logits_tile`` reads X and W through: tensor descriptors over the whole (N, H) and (V, H) (TMA:
+    hidden dimension contiguous, ``tma_compatible``), or the pointers themselves."""
+    if TMA:
+        x_src = tl.make_tensor_descriptor(x_ptr, shape=[n_rows, n_hidden], strides=[stride_xr, 1],
+                                          block_shape=[BLOCK_N, BLOCK_H])
+        w_src = tl.make_tensor_descriptor(w_ptr, shape=[n_classes, n_hidden], strides=[stride_wv, 1],
+                                          block_shape=[BLOCK_V, BLOCK_H])
+    else:
+        x_src, w_src = x_ptr, w_ptr
+    return x_src, w_src
+
+
+@triton.jit
+def _logits_tile(x_src, w_src, bias_ptr, row0, col0, row_mask, col_mask, n_hidden,
                  stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, softcap,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
                  DTYPE: tl.constexpr):
-    """A [BLOCK_N, BLOCK_V] tile of logits ``X[rows] @ W[cols]^T + b[cols]``, accumulated over H in DTYPE (fp32,
-    or fp64 for fp64 inputs) on the tensor cores for 16-bit inputs, soft-capped, with padded columns set to -inf
-    after the cap. W is read as the K-major [BLOCK_H, BLOCK_V] operand straight from its (V, H) layout: no
-    transpose in the loop. The cap's derivative is not returned: ``1 - (x / cap) ** 2`` from the capped tile
-    costs two multiplies where keeping it would cost a second [BLOCK_N, BLOCK_V] fp32 tile of registers (and
-    spills at 128 x 128 on 8 warps)."""
-    offs_h = tl.arange(0, BLOCK_H)
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xr + offs_h[None, :] * stride_xh
-    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wv + offs_h[:, None] * stride_wh
-    acc = tl.zeros([BLOCK_N, BLOCK_V], DTYPE)
-    for h in range(0, tl.cdiv(n_hidden, BLOCK_H)):
-        h_mask = offs_h < n_hidden - h * BLOCK_H
-        x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_H * stride_xh
-        w_ptrs += BLOCK_H * stride_wh
+    """A [BLOCK_N, BLOCK_V] tile of logits ``X[rows] @ W[cols]^T + b[cols]`` (``abt_tile`` over H) for the rows
+    ``row0 + arange(BLOCK_N)`` and columns ``col0 + arange(BLOCK_V)``, soft-capped, with padded columns set to
+    -inf after the cap. The cap's derivative is
+    not returned: ``1 - (x / cap) ** 2`` from the capped tile costs two multiplies where keeping it would cost a
+    second [BLOCK_N, BLOCK_V] fp32 tile of registers (and spills at 128 x 128 on 8 warps)."""
+    cols = col0 + tl.arange(0, BLOCK_V)
+    if TMA:
+        acc = abt_tile(x_src, w_src, row0, col0, row_mask, col_mask, n_hidden, stride_xh, stride_wh,
+                       BLOCK_N, BLOCK_V, BLOCK_H, TMA, PRECISION, DTYPE)
+    else:
+        rows = row0 + tl.arange(0, BLOCK_N)
+        acc = abt_tile(x_src, w_src, rows.to(tl.int64) * stride_xr, cols.to(tl.int64) * stride_wv, row_mask,
+                       col_mask, n_hidden, stride_xh, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, TMA, PRECISION, DTYPE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols.to(tl.int64) * stride_bias, mask=col_mask, other=0.0).to(DTYPE)[None, :]
     if HAS_SOFTCAP:
@@ -141,6 +185,53 @@ def _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidde
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
+
+
+@triton.jit
+def _fwd_item(item, x_src, w_src, bias_ptr, target_ptr, part_ptr,
+              n_rows, n_hidden, n_classes, seq_len, n_tiles, n_splits, split_width, class_offset, plane,
+              stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, stride_target_outer, stride_target_seq,
+              shift, ignore_index, softcap,
+              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+              SKIP_IGNORED: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """One work item of ``_lce_fwd_kernel``."""
+    tile_n, split = grouped_tile(item, n_tiles, n_splits, GROUP_N)
+    rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
+                        ignore_index)
+    y_col = _class_i32(y - class_offset, n_classes)  # the target's column in this shard of the vocabulary
+
+    m = tl.full([BLOCK_N], float("-inf"), DTYPE)
+    s = tl.zeros([BLOCK_N], DTYPE)
+    coef_dot = tl.zeros([BLOCK_N], DTYPE)
+    x_y = tl.zeros([BLOCK_N], DTYPE)
+    col_start = split * split_width
+    col_end = tl.minimum(col_start + split_width, n_classes)
+    if SKIP_IGNORED:
+        col_end = tl.where(_live_tile(y, row_mask, ignore_index), col_end, col_start)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_mask = cols < col_end
+        x = _logits_tile(x_src, w_src, bias_ptr, tile_n * BLOCK_N, start, row_mask, col_mask, n_hidden,
+                         stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, softcap,
+                         BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, TMA, PRECISION, DTYPE)
+        m_old = m
+        m, s, m_ref = online_logsumexp_update(m, s, x, 1)
+        if HAS_SMOOTHING:
+            # sum over the columns seen so far of (x_c - m_ref), re-based when the max moves (as in
+            # _ce_fwd_kernel); the columns seen before this tile are start - col_start
+            seen = (start - col_start).to(DTYPE)
+            coef_dot = tl.where(m_old > float("-inf"), coef_dot + seen * (m_old - m_ref), coef_dot)
+            coef_dot += tl.sum(tl.where(col_mask[None, :], x - m_ref[:, None], 0.0), axis=1)
+        x_y += tl.sum(tl.where(cols[None, :] == y_col[:, None], x, 0.0), axis=1)
+
+    offs = split.to(tl.int64) * n_rows + rows
+    tl.store(part_ptr + offs, m, mask=row_mask)
+    tl.store(part_ptr + plane + offs, s, mask=row_mask)
+    tl.store(part_ptr + 2 * plane + offs, coef_dot, mask=row_mask)
+    tl.store(part_ptr + 3 * plane + offs, x_y, mask=row_mask)
 
 
 @triton.jit
@@ -154,48 +245,34 @@ def _lce_fwd_kernel(
     # constants
     shift, ignore_index, cap_hi, cap_lo,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SKIP_IGNORED: tl.constexpr,
+    TMA: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """One (token tile, vocabulary split): per row, the split's (max m, sum exp(x - m), sum (x_c - m), x_y), into
-    ``part`` laid out (4, n_splits, n_rows) so every store is row-contiguous. x_y is 0 in the splits that do not
-    hold the target; the smoothing sum is kept relative to the running max so that it does not cancel."""
+    """Work item (token tile, vocabulary split): per row, the split's (max m, sum exp(x - m), sum (x_c - m), x_y),
+    into ``part`` laid out (4, n_splits, n_rows) so every store is row-contiguous. x_y is 0 in the splits that do
+    not hold the target; the smoothing sum is kept relative to the running max so that it does not cancel. TMA:
+    a persistent grid, each program taking the items ``program_id + k * num_programs``; otherwise one item per
+    program. SKIP_IGNORED: a tile without a target computes nothing and writes (-inf, 0, 0, 0), which
+    the combine turns into loss 0 and zero coefficients (its lse is meaningless: the caller did not ask for it)."""
     softcap = join_f64(cap_hi, cap_lo, DTYPE)
-    tile_n, split = grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), n_splits, GROUP_N)
-    rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
-                        ignore_index)
-    y_col = _class_i32(y - class_offset, n_classes)  # the target's column in this shard of the vocabulary
-
-    m = tl.full([BLOCK_N], float("-inf"), DTYPE)
-    s = tl.zeros([BLOCK_N], DTYPE)
-    coef_dot = tl.zeros([BLOCK_N], DTYPE)
-    x_y = tl.zeros([BLOCK_N], DTYPE)
-    col_start = split * split_width
-    col_end = tl.minimum(col_start + split_width, n_classes)
-    for start in range(col_start, col_end, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        col_mask = cols < col_end
-        x = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
-                         stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, softcap,
-                         BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
-        m_old = m
-        m, s, m_ref = online_logsumexp_update(m, s, x, 1)
-        if HAS_SMOOTHING:
-            # sum over the columns seen so far of (x_c - m_ref), re-based when the max moves (as in _ce_fwd_kernel);
-            # the columns seen before this tile are start - col_start
-            seen = (start - col_start).to(DTYPE)
-            coef_dot = tl.where(m_old > float("-inf"), coef_dot + seen * (m_old - m_ref), coef_dot)
-            coef_dot += tl.sum(tl.where(col_mask[None, :], x - m_ref[:, None], 0.0), axis=1)
-        x_y += tl.sum(tl.where(cols[None, :] == y_col[:, None], x, 0.0), axis=1)
-
-    offs = split.to(tl.int64) * n_rows + rows
+    x_src, w_src = _operands(x_ptr, w_ptr, n_rows, n_hidden, n_classes, stride_xr, stride_wv, BLOCK_N, BLOCK_V,
+                             BLOCK_H, TMA)
+    n_tiles = tl.cdiv(n_rows, BLOCK_N)
     plane = (tl.zeros([], tl.int64) + n_splits) * n_rows  # n_splits may arrive as the constexpr 1
-    tl.store(part_ptr + offs, m, mask=row_mask)
-    tl.store(part_ptr + plane + offs, s, mask=row_mask)
-    tl.store(part_ptr + 2 * plane + offs, coef_dot, mask=row_mask)
-    tl.store(part_ptr + 3 * plane + offs, x_y, mask=row_mask)
+    if TMA:  # persistent: the items program_id + k * num_programs
+        for item in range(tl.program_id(0), n_tiles * n_splits, tl.num_programs(0)):
+            _fwd_item(item, x_src, w_src, bias_ptr, target_ptr, part_ptr,
+                      n_rows, n_hidden, n_classes, seq_len, n_tiles, n_splits, split_width, class_offset, plane,
+                      stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, stride_target_outer, stride_target_seq,
+                      shift, ignore_index, softcap, BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N, HAS_BIAS, HAS_SOFTCAP,
+                      HAS_SMOOTHING, SKIP_IGNORED, TMA, PRECISION, DTYPE)
+    else:  # one item per program, no loop around it: with one, the pointer dlogits spills 48-96 B on sm_80
+        _fwd_item(tl.program_id(0), x_src, w_src, bias_ptr, target_ptr, part_ptr,
+                  n_rows, n_hidden, n_classes, seq_len, n_tiles, n_splits, split_width, class_offset, plane,
+                  stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, stride_target_outer, stride_target_seq,
+                  shift, ignore_index, softcap, BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N, HAS_BIAS, HAS_SOFTCAP,
+                  HAS_SMOOTHING, SKIP_IGNORED, TMA, PRECISION, DTYPE)
+
 
 
 @triton.jit
@@ -257,42 +334,41 @@ def _lce_combine_kernel(
         _store_row_state(state_ptr, rows, row_mask, m, log_s, k1, kf, ky, k3)
 
 
+
 @triton.jit
-def _lce_dlogits_kernel(
-    # pointers
-    x_ptr, w_ptr, bias_ptr, target_ptr, state_ptr, row_scale_ptr, dlse_ptr, dlogits_ptr, dbias_part_ptr,
-    # shapes
-    n_rows, n_hidden, n_classes, seq_len, col_start, chunk_width, class_offset,
-    # strides (stride_row_scale is 0 for one scale shared by every row)
-    stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, stride_target_outer, stride_target_seq, stride_row_scale,
-    # constants
-    shift, ignore_index, cap_hi, cap_lo,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_DLSE: tl.constexpr,
-    COMPUTE_DBIAS: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
-):
-    """G = dloss/dlogits for one (token tile, vocabulary tile) of the chunk [col_start, col_start + chunk_width):
-    the logits recomputed as in the forward, G from the per-row coefficients times the per-row scale (plus
-    ``dlse * p`` when the returned lse is differentiated), stored (n_rows, chunk_width) in the workspace's dtype;
-    with COMPUTE_DBIAS the tile's fp32 column sums go to row ``tile_n`` of ``dbias_part``."""
-    softcap = join_f64(cap_hi, cap_lo, DTYPE)
-    tile_n, tile_v = grouped_tile(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(chunk_width, BLOCK_V),
-                                   GROUP_N)
+def _dlogits_item(item, x_src, w_src, bias_ptr, target_ptr, state_ptr, row_scale_ptr, dlse_ptr, dlogits_ptr,
+                  dbias_part_ptr, n_rows, n_hidden, n_classes, seq_len, col_start, chunk_width, class_offset,
+                  n_tiles_n, n_tiles_v, stride_xr, stride_xh, stride_wv, stride_wh, stride_bias,
+                  stride_target_outer, stride_target_seq, stride_row_scale, stride_dlogits,
+                  shift, ignore_index, softcap,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                  HAS_DLSE: tl.constexpr, COMPUTE_DBIAS: tl.constexpr, SKIP_IGNORED: tl.constexpr,
+                  ZERO_SKIPPED: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """One work item of ``_lce_dlogits_kernel``."""
+    tile_n, tile_v = grouped_tile(item, n_tiles_n, n_tiles_v, GROUP_N)
     rows = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     local = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = col_start + local
     row_mask = rows < n_rows
     col_mask = local < chunk_width
-    x = _logits_tile(x_ptr, w_ptr, bias_ptr, rows, cols, row_mask, col_mask, n_hidden,
-                     stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, softcap,
-                     BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, PRECISION, DTYPE)
-
+    n_k = n_hidden
+    if SKIP_IGNORED:
+        y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
+                            ignore_index)
+        live = _live_tile(y, row_mask, ignore_index)
+        n_k = tl.where(live, n_hidden, 0)
+    x = _logits_tile(x_src, w_src, bias_ptr, tile_n * BLOCK_N, col_start + tile_v * BLOCK_V, row_mask, col_mask,
+                     n_k, stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, softcap,
+                     BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, TMA, PRECISION, DTYPE)
+    # the row state, the targets and the masks after the K loop, where they hold no registers during it
     scale = tl.load(row_scale_ptr + rows.to(tl.int64) * stride_row_scale, mask=row_mask, other=0.0).to(DTYPE)
     m, log_s, k1, kf, ky, k3 = _load_row_state(state_ptr, rows, row_mask, scale, DTYPE)
     if HAS_DLSE:
         k1 += tl.load(dlse_ptr + rows, mask=row_mask, other=0.0).to(DTYPE)  # d lse / d x_c = p_c
-    y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
-                        ignore_index)
+    if not SKIP_IGNORED:
+        y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
+                            ignore_index)
     p = tl.exp((x - m[:, None]) - log_s[:, None])
     g = _dlogits_from_coefs(p, cols[None, :] == _class_i32(y - class_offset, n_classes)[:, None], k1, kf, ky)
     if HAS_SMOOTHING:
@@ -301,53 +377,62 @@ def _lce_dlogits_kernel(
         t = x * (1.0 / softcap)  # tanh of the uncapped logit; padded columns give -inf here, masked just below
         g *= 1.0 - t * t
     mask = row_mask[:, None] & col_mask[None, :]
-    g = tl.where(mask, g, 0.0)
-    row_ptrs = dlogits_ptr + rows.to(tl.int64) * chunk_width
-    tl.store(row_ptrs[:, None] + local[None, :], g.to(dlogits_ptr.dtype.element_ty), mask=mask)
+    live_mask = mask  # the elements of G that are computed and stored
+    if SKIP_IGNORED:
+        live_mask = mask & (rows * 0 + live.to(tl.int32) > 0)[:, None]  # a vector: see _gemm's SPARSE "m"
+    g = tl.where(live_mask, g, 0.0)
+    row_ptrs = dlogits_ptr + rows.to(tl.int64) * stride_dlogits
+    store_mask = live_mask
+    if ZERO_SKIPPED:
+        store_mask = mask
+    tl.store(row_ptrs[:, None] + local[None, :], g.to(dlogits_ptr.dtype.element_ty), mask=store_mask)
     if COMPUTE_DBIAS:
         tl.store(dbias_part_ptr + tile_n.to(tl.int64) * chunk_width + local, tl.sum(g, axis=0), mask=col_mask)
 
 
 @triton.jit
-def _lce_matmul_kernel(
+def _lce_dlogits_kernel(
     # pointers
-    a_ptr, b_ptr, out_ptr, acc_ptr, scale_ptr,
+    x_ptr, w_ptr, bias_ptr, target_ptr, state_ptr, row_scale_ptr, dlse_ptr, dlogits_ptr, dbias_part_ptr,
     # shapes
-    M, N, K,
-    # strides
-    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_accm, stride_accn,
+    n_rows, n_hidden, n_classes, seq_len, col_start, chunk_width, class_offset,
+    # strides (stride_row_scale is 0 for one scale shared by every row)
+    stride_xr, stride_xh, stride_wv, stride_wh, stride_bias, stride_target_outer, stride_target_seq, stride_row_scale,
+    stride_dlogits,
     # constants
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    LOAD_ACC: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+    shift, ignore_index, cap_hi, cap_lo,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_DLSE: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr, SKIP_IGNORED: tl.constexpr, ZERO_SKIPPED: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """out = scale * (acc + A @ B) (acc only with LOAD_ACC), accumulated in DTYPE and stored in out's dtype. The
-    loaded ``acc`` is the K loop's initial value, so it costs no registers beyond the accumulator. Each program
-    owns one (BLOCK_M x BLOCK_N) output tile, so ``acc`` may alias ``out`` (the fp32 dX accumulator: read, add,
-    write by one program, no atomics). Any strides: A is G (K-major) for dX and G^T (M-major) for dW."""
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    mask = m_mask[:, None] & n_mask[None, :]
-    if LOAD_ACC:
-        acc = tl.load(acc_ptr + offs_m[:, None] * stride_accm + offs_n[None, :] * stride_accn, mask=mask,
-                      other=0.0).to(DTYPE)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], DTYPE)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    acc = acc * tl.load(scale_ptr).to(DTYPE)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    """G = dloss/dlogits for work items (token tile, vocabulary tile) of the chunk [col_start, col_start +
+    chunk_width): the logits recomputed as in the forward, G from the per-row coefficients times the per-row
+    scale (plus ``dlse * p`` when the returned lse is differentiated), stored (n_rows, chunk_width) with row
+    stride ``stride_dlogits`` in the workspace's dtype; with COMPUTE_DBIAS the tile's fp32 column sums go to row
+    ``tile_n`` of ``dbias_part``. Items are scheduled as in ``_lce_fwd_kernel``. SKIP_IGNORED: a tile without a
+    target runs no K loop; its G rows are not written (the GEMMs skip them) unless ZERO_SKIPPED (a GEMM reads every
+    row), its column sums are zeros."""
+    softcap = join_f64(cap_hi, cap_lo, DTYPE)
+    x_src, w_src = _operands(x_ptr, w_ptr, n_rows, n_hidden, n_classes, stride_xr, stride_wv, BLOCK_N, BLOCK_V,
+                             BLOCK_H, TMA)
+    n_tiles_n = tl.cdiv(n_rows, BLOCK_N)
+    n_tiles_v = tl.cdiv(chunk_width, BLOCK_V)
+    if TMA:  # persistent, as _lce_fwd_kernel
+        for item in range(tl.program_id(0), n_tiles_n * n_tiles_v, tl.num_programs(0)):
+            _dlogits_item(item, x_src, w_src, bias_ptr, target_ptr, state_ptr, row_scale_ptr, dlse_ptr, dlogits_ptr,
+                          dbias_part_ptr, n_rows, n_hidden, n_classes, seq_len, col_start, chunk_width, class_offset,
+                          n_tiles_n, n_tiles_v, stride_xr, stride_xh, stride_wv, stride_wh, stride_bias,
+                          stride_target_outer, stride_target_seq, stride_row_scale, stride_dlogits,
+                          shift, ignore_index, softcap, BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N, HAS_BIAS, HAS_SOFTCAP,
+                          HAS_SMOOTHING, HAS_DLSE, COMPUTE_DBIAS, SKIP_IGNORED, ZERO_SKIPPED, TMA, PRECISION, DTYPE)
+    else:  # one item per program (see _lce_fwd_kernel)
+        _dlogits_item(tl.program_id(0), x_src, w_src, bias_ptr, target_ptr, state_ptr, row_scale_ptr, dlse_ptr,
+                      dlogits_ptr, dbias_part_ptr, n_rows, n_hidden, n_classes, seq_len, col_start, chunk_width,
+                      class_offset, n_tiles_n, n_tiles_v, stride_xr, stride_xh, stride_wv, stride_wh, stride_bias,
+                      stride_target_outer, stride_target_seq, stride_row_scale, stride_dlogits,
+                      shift, ignore_index, softcap, BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N, HAS_BIAS, HAS_SOFTCAP,
+                      HAS_SMOOTHING, HAS_DLSE, COMPUTE_DBIAS, SKIP_IGNORED, ZERO_SKIPPED, TMA, PRECISION, DTYPE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,19 +449,17 @@ def target_layout(target):
     return None if outer is None else (target.shape[-1], outer, target.stride(-1))
 
 
-def _compute_dtype(x):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
-
-
-def _precision(x, input_precision):
-    # Only fp32 operands have a choice; 16-bit operands always run on the tensor cores, fp64 on DMMA/FMA.
-    return input_precision if x.dtype.itemsize == 4 else "ieee"
-
-
 def config_for(x2d, weight):
     """The launch configuration (``configs.linear_cross_entropy_config``) for this problem and device."""
     return configs.linear_cross_entropy_config(x2d.shape[0], x2d.shape[1], weight.shape[0], x2d.dtype.itemsize,
                                                num_sms(x2d.device))
+
+
+def gemm_tile(cfg, name):
+    """The ``tile`` argument of ``kernels._gemm.matmul`` for the GEMM config ``name`` (``"gemm_dw"``,
+    ``"gemm_dx"``) of ``cfg``."""
+    g = cfg[name]
+    return [g["BLOCK_M"], g["BLOCK_N"], g["BLOCK_K"], g["GROUP_M"], g["num_warps"], g["num_stages"]]
 
 
 def num_splits(cfg, n_classes):
@@ -387,17 +470,32 @@ def num_splits(cfg, n_classes):
     return triton.cdiv(n_classes, split_width), split_width
 
 
+def _grid(cfg, x2d, weight, items):
+    """(programs, TMA) for a launch of ``items`` work items: under the "tma" schedule, with X and W readable
+    through descriptors (hidden dimension contiguous), a persistent grid of at most ``cfg["programs"]``;
+    otherwise one program per item, pointer loads."""
+    tma = (cfg["schedule"] == "tma" and x2d.stride(1) == 1 and weight.stride(1) == 1
+           and tma_compatible(x2d, weight))
+    if tma:
+        use_tensor_descriptors(x2d.device)
+        return min(items, cfg["programs"]), True
+    return items, False
+
+
 @custom_launcher("linear_cross_entropy_forward", mutates_args=("loss", "row_state"))
 def linear_cross_entropy_forward(
     x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
     loss: torch.Tensor, row_state: torch.Tensor, *, ignore_index: int, label_smoothing: float, focal_gamma: float,
-    z_loss: float, softcap: Optional[float], shift: bool, input_precision: str, class_offset: int = 0,
-    partial: bool = False,
+    z_loss: float, softcap: Optional[float], shift: bool, input_precision: Optional[str], class_offset: int = 0,
+    partial: bool = False, skip_ignored: bool = False,
 ) -> None:
     """Launch the forward: per-row ``loss`` (rows,) and the row state (rows, ROW_STATE) of
     ``kernels.cross_entropy`` (m, log s, K1, Kf, Ky, K3), in the compute dtype (fp32, fp64 for fp64 inputs).
     ``x2d`` (rows, H) and ``weight`` (V, H) with any strides, ``bias`` (V,) with any stride or None, ``target``
     with a ``target_layout``. The per-split partials (``4 * n_splits * rows`` values) are allocated here.
+    ``input_precision``: the fp32 override of ``kernels._gemm.dot_precision``. ``skip_ignored``: token tiles
+    without a target compute nothing (their rows' lse is then meaningless; only for a caller that does not
+    return it).
 
     A shard of a vocabulary-parallel group: ``weight`` holds classes ``class_offset ..``; with ``partial`` the
     launch writes the shard's merged partials (m, s, A, x_y) into ``row_state`` as (4, rows) and no ``loss``;
@@ -409,7 +507,8 @@ def linear_cross_entropy_forward(
     seq_len, stride_target_outer, stride_target_seq = target_layout(target)
     part = torch.empty(4 * n_split * n_rows, dtype=loss.dtype, device=x2d.device)
     c = cfg["fwd"]
-    _lce_fwd_kernel[(triton.cdiv(n_rows, c["BLOCK_N"]) * n_split,)](
+    programs, tma = _grid(cfg, x2d, weight, triton.cdiv(n_rows, c["BLOCK_N"]) * n_split)
+    _lce_fwd_kernel[(programs,)](
         x2d, weight, bias, target, part,
         n_rows, n_hidden, n_classes, seq_len, n_split, split_width, class_offset,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
@@ -417,7 +516,8 @@ def linear_cross_entropy_forward(
         int(shift), ignore_index, *split_f64(softcap or 0.0),
         BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_N=c["GROUP_N"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
-        PRECISION=_precision(x2d, input_precision), DTYPE=_compute_dtype(x2d),
+        SKIP_IGNORED=skip_ignored, TMA=tma, PRECISION=dot_precision(x2d.dtype, input_precision),
+        DTYPE=accumulate_dtype(x2d),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     linear_cross_entropy_combine(part, target, loss, row_state, n_classes=n_classes, split_width=split_width,
@@ -444,7 +544,7 @@ def linear_cross_entropy_combine(
         stride_target_outer, stride_target_seq,
         int(shift), ignore_index, *split_f64(label_smoothing), *split_f64(focal_gamma), *split_f64(z_loss),
         BLOCK_R=block_r, SPLITS=max(triton.next_power_of_2(n_split), 2),
-        HAS_SMOOTHING=label_smoothing > 0.0, PARTIAL=partial, DTYPE=_compute_dtype(part),
+        HAS_SMOOTHING=label_smoothing > 0.0, PARTIAL=partial, DTYPE=accumulate_dtype(part),
         num_warps=configs.LCE_COMBINE_NUM_WARPS,
     )
 
@@ -454,61 +554,45 @@ def linear_cross_entropy_dlogits(
     x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
     row_state: torch.Tensor, row_scale: torch.Tensor, dlse: Optional[torch.Tensor], dlogits: torch.Tensor,
     dbias_part: Optional[torch.Tensor], col_start: int, *, ignore_index: int, label_smoothing: float,
-    softcap: Optional[float], shift: bool, input_precision: str, class_offset: int = 0,
+    softcap: Optional[float], shift: bool, input_precision: Optional[str], class_offset: int = 0,
+    skip_ignored: bool = False, zero_skipped: bool = False,
 ) -> None:
     """Launch ``_lce_dlogits_kernel`` for the vocabulary chunk [col_start, col_start + dlogits.shape[1]):
-    ``dlogits`` (rows, width) contiguous, in the input's dtype. ``row_scale`` is (rows,) or a 0-d tensor (one
-    scale for every row); ``dlse`` (rows,) or None; ``dbias_part`` (ceil(rows / BLOCK_N), width) fp32 or None;
-    ``class_offset`` the first class of ``weight`` in a vocabulary-parallel group."""
+    ``dlogits`` (rows, width), column stride 1, any row stride, in the input's dtype. ``row_scale`` is (rows,) or
+    a 0-d tensor (one scale for every row); ``dlse`` (rows,) or None; ``dbias_part`` (ceil(rows / BLOCK_N),
+    width) fp32 or None; ``class_offset`` the first class of ``weight`` in a vocabulary-parallel group.
+    ``skip_ignored``: token tiles without a target compute nothing and store nothing in ``dlogits`` (zeros with
+    ``zero_skipped``)."""
     n_rows, n_hidden = x2d.shape
     width = dlogits.shape[1]
     seq_len, stride_target_outer, stride_target_seq = target_layout(target)
-    c = config_for(x2d, weight)["dlogits"]
-    _lce_dlogits_kernel[(triton.cdiv(n_rows, c["BLOCK_N"]) * triton.cdiv(width, c["BLOCK_V"]),)](
+    cfg = config_for(x2d, weight)
+    c = cfg["dlogits"]
+    programs, tma = _grid(cfg, x2d, weight, triton.cdiv(n_rows, c["BLOCK_N"]) * triton.cdiv(width, c["BLOCK_V"]))
+    _lce_dlogits_kernel[(programs,)](
         x2d, weight, bias, target, row_state, row_scale, dlse, dlogits, dbias_part,
         n_rows, n_hidden, weight.shape[0], seq_len, col_start, width, class_offset,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
         stride_target_outer, stride_target_seq, 0 if row_scale.dim() == 0 else row_scale.stride(0),
+        dlogits.stride(0),
         int(shift), ignore_index, *split_f64(softcap or 0.0),
         BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_N=c["GROUP_N"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_DLSE=dlse is not None, COMPUTE_DBIAS=dbias_part is not None,
-        PRECISION=_precision(x2d, input_precision), DTYPE=_compute_dtype(x2d),
+        HAS_DLSE=dlse is not None, COMPUTE_DBIAS=dbias_part is not None, SKIP_IGNORED=skip_ignored,
+        ZERO_SKIPPED=zero_skipped, TMA=tma, PRECISION=dot_precision(x2d.dtype, input_precision),
+        DTYPE=accumulate_dtype(x2d),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
 
 
-@custom_launcher("linear_cross_entropy_matmul", mutates_args=("out",))
-def matmul(
-    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, acc: Optional[torch.Tensor], *,
-    gemm: str, input_precision: str,
-) -> None:
-    """``out = scale * (acc + a @ b)`` for 2-D ``a`` (M, K) and ``b`` (K, N) with any strides (a transposed view
-    is read in place), ``out`` (M, N) of any float dtype, ``scale`` a 0-d tensor, ``acc`` None (zero) or (M, N),
-    which may be ``out`` itself. Accumulates in fp32 (fp64 for fp64 operands). ``gemm``: which GEMM config of
-    ``configs.linear_cross_entropy_config``, ``"gemm_dw"`` or ``"gemm_dx"`` (it depends on the dtype only)."""
-    M, K = a.shape
-    N = b.shape[1]
-    g = configs.linear_cross_entropy_config(1, 1, 1, a.dtype.itemsize, 1)[gemm]
-    acc_t = out if acc is None else acc
-    _lce_matmul_kernel[(triton.cdiv(M, g["BLOCK_M"]) * triton.cdiv(N, g["BLOCK_N"]),)](
-        a, b, out, acc_t, scale,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        acc_t.stride(0), acc_t.stride(1),
-        BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"],
-        LOAD_ACC=acc is not None, PRECISION=_precision(a, input_precision), DTYPE=_compute_dtype(a),
-        num_warps=g["num_warps"], num_stages=g["num_stages"],
-    )
-
-
 def compile_variants():
-    """Call the launchers once per constexpr combination they can produce, on small CPU tensors (for
-    ``bench/compile_report.py``, which records the launches instead of running them). The tile config is the
-    one each dtype gets at LLM sizes (it depends on the dtype only, not on the tiny shapes here)."""
+    """Call the launchers once per constexpr combination they can produce, under each schedule, on small CPU
+    tensors (for ``bench/compile_report.py``, which records the launches instead of running them). The tile
+    config is the one each dtype gets at LLM sizes (it depends on the dtype and the schedule only, not on the
+    tiny shapes here). The GEMMs are launched as the backward (``fusedloss.losses.linear_cross_entropy``) does."""
 
-    def launch(dtype, *, bias=False, softcap=False, smoothing=False, dlse=False, bias_grad=None, gemms=False,
-               precision="ieee"):
+    def launch(dtype, *, bias=False, softcap=False, smoothing=False, dlse=False, bias_grad=None, skip=False,
+               precision=None):
         rows, hidden, vocab = 8, 64, 256
         x = torch.zeros(rows, hidden, dtype=dtype)
         w = torch.zeros(vocab, hidden, dtype=dtype)
@@ -517,29 +601,85 @@ def compile_variants():
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         state = torch.zeros(rows, ROW_STATE, dtype=acc)
         opts = dict(ignore_index=-100, label_smoothing=0.1 if smoothing else 0.0, softcap=30.0 if softcap else None,
-                    shift=True, input_precision=precision)
+                    shift=True, input_precision=precision, skip_ignored=skip)
         linear_cross_entropy_forward(x, w, b, t, torch.zeros(rows, dtype=acc), state, focal_gamma=2.0, z_loss=1e-4,
                                      **opts)
         g = torch.zeros(rows, vocab, dtype=dtype)
         part = torch.zeros(1, vocab, dtype=acc) if (bias if bias_grad is None else bias_grad) else None
-        linear_cross_entropy_dlogits(x, w, b, t, state, torch.ones((), dtype=acc),
-                                     torch.zeros(rows, dtype=acc) if dlse else None, g, part, 0, **opts)
-        if gemms:
-            one = torch.ones((), dtype=acc)
-            x32 = torch.zeros(rows, hidden, dtype=acc)
-            for a, b_, out, acc_in, gemm in ((g.t(), x, w, None, "gemm_dw"),     # dW = G^T X
-                                             (g, w, x, None, "gemm_dx"),         # dX, one chunk
-                                             (g, w, x32, None, "gemm_dx"),       # dX, first chunk
-                                             (g, w, x32, x32, "gemm_dx"),        # middle chunk
-                                             (g, w, x, x32, "gemm_dx")):         # last chunk
-                matmul(a, b_, out, one, acc_in, gemm=gemm, input_precision=precision)
+        for zero in (False, True) if skip else (False,):
+            linear_cross_entropy_dlogits(x, w, b, t, state, torch.ones((), dtype=acc),
+                                         torch.zeros(rows, dtype=acc) if dlse else None, g, part, 0,
+                                         zero_skipped=zero, **opts)
 
-    for bias, softcap, smoothing in itertools.product((False, True), repeat=3):
-        for dlse in (False, True):
-            launch(torch.bfloat16, bias=bias, softcap=softcap, smoothing=smoothing, dlse=dlse)
-    launch(torch.bfloat16, bias=True, bias_grad=False)
-    launch(torch.bfloat16, gemms=True)
-    for dtype in (torch.float16, torch.float32, torch.float64):
-        launch(dtype, gemms=True)
-        launch(dtype, bias=True, softcap=True, smoothing=True, dlse=True)
-    launch(torch.float32, gemms=True, precision="tf32")
+    def gemms(dtype, schedule, precision=None):
+        """The backward's GEMM launches (``_recompute``) for ``dtype`` under ``schedule``."""
+        rows, hidden, vocab = 256, 256, 256
+        x = torch.zeros(rows, hidden, dtype=dtype)
+        w = torch.zeros(vocab, hidden, dtype=dtype)
+        g = torch.zeros(rows, vocab, dtype=dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        cfg = config_for(x, w)
+        one = torch.ones((), dtype=acc)
+        x32 = torch.zeros(rows, hidden, dtype=acc)
+        dw_tile, dx_tile = gemm_tile(cfg, "gemm_dw"), gemm_tile(cfg, "gemm_dx")
+        kw = dict(programs=cfg["programs"], input_precision=precision)
+        if schedule == "pointer":
+            matmul(g.t(), x, w, tile=dw_tile, scale=one, **kw)                           # dW = G^T X
+            matmul(g, w, x, tile=dx_tile, scale=one, **kw)                               # dX, one chunk
+            matmul(g, w, x32, tile=dx_tile, **kw)                                        # dX, first chunk
+            matmul(g, w, x32, tile=dx_tile, acc=x32, **kw)                               # middle chunk
+            matmul(g, w, x, tile=dx_tile, acc=x32, scale=one, **kw)                      # last chunk
+            return
+        tile_rows = cfg["dlogits"]["BLOCK_N"]
+        sparse = dict(tile_order=torch.zeros(rows // tile_rows, dtype=torch.int32),
+                      n_live=torch.ones((), dtype=torch.int32), tile_rows=tile_rows, **kw)
+        for live in (False, True):  # the live-tile list is used when rows are skipped (no gradient into the lse)
+            skipped = sparse if live else kw
+            m, k = ("m", "k") if live else ("", "")
+            scale = one if dtype == torch.float16 else None  # the scalar is folded into G but for fp16
+            # dW on Triton: fp16, an fp32 precision override, or every dtype with LCE_DW_ON_CUBLAS = False
+            matmul(g.t(), x, w, tile=dw_tile, scale=scale, sparse=k, **skipped)
+            if dtype == torch.bfloat16:  # compensated dX sum: first, middle, last chunk
+                lo = torch.zeros(rows, hidden, dtype=torch.bfloat16)
+                matmul(g, w, x, tile=dx_tile, lo_out=lo, sparse=m, zero_skipped=live, **skipped)
+                matmul(g, w, x, tile=dx_tile, acc=x, lo_in=lo, lo_out=lo, sparse=m, **skipped)
+                matmul(g, w, x, tile=dx_tile, acc=x, lo_in=lo, sparse=m, **skipped)
+            elif dtype == torch.float16:  # fp32 sum, the scale in the last epilogue
+                matmul(g, w, x32, tile=dx_tile, sparse=m, zero_skipped=live, **skipped)
+                matmul(g, w, x32, tile=dx_tile, acc=x32, sparse=m, **skipped)
+                matmul(g, w, x, tile=dx_tile, acc=x32, scale=scale, sparse=m, **skipped)
+            else:  # dX sums in itself
+                matmul(g, w, x, tile=dx_tile, sparse=m, zero_skipped=live, **skipped)
+                matmul(g, w, x, tile=dx_tile, acc=x, sparse=m, **skipped)
+
+    for schedule in configs.LCE_SCHEDULES:
+        with _schedule(schedule):
+            for bias, softcap, smoothing in itertools.product((False, True), repeat=3):
+                for dlse in (False, True):
+                    launch(torch.bfloat16, bias=bias, softcap=softcap, smoothing=smoothing, dlse=dlse)
+            launch(torch.bfloat16, bias=True, bias_grad=False)
+            for dtype in (torch.float16, torch.float32, torch.float64):
+                launch(dtype)
+                launch(dtype, bias=True, softcap=True, smoothing=True, dlse=True)
+            launch(torch.float32, precision="tf32")
+            for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+                gemms(dtype, schedule)
+            gemms(torch.float32, schedule, precision="tf32")
+            if schedule == "tma":
+                for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    launch(dtype, skip=True)
+                    launch(dtype, bias=True, softcap=True, smoothing=True, skip=True)
+
+
+@contextlib.contextmanager
+def _schedule(schedule):
+    """``configs.lce_schedule()`` returns ``schedule`` within the block (for ``compile_variants``)."""
+    saved = os.environ.get("FUSEDLOSS_LCE_SCHEDULE")
+    os.environ["FUSEDLOSS_LCE_SCHEDULE"] = schedule
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["FUSEDLOSS_LCE_SCHEDULE"]
+        else:
+            os.environ["FUSEDLOSS_LCE_SCHEDULE"] = saved

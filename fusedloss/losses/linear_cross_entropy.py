@@ -4,8 +4,10 @@ optional causal shift) without ever holding the ``(tokens, vocab)`` logits.
 
 Backends:
 - Triton (compiled or interpreted): the kernels of ``fusedloss.kernels.linear_cross_entropy`` (algorithm, FLOP and
-  byte counts and the workspace bound in its docstring). The forward keeps the per-row state of the cross-entropy
-  kernels (O(tokens)); the backward recomputes the logits chunk by chunk of the vocabulary.
+  byte counts, the two schedules and the workspace bound in its docstring). The forward keeps the per-row state of
+  the cross-entropy kernels (O(tokens)); the backward recomputes the logits chunk by chunk of the vocabulary.
+  ``accumulate_in_input_dtype=True`` instead forms the gradient in the forward, token chunk by token chunk, from
+  logits in the input's dtype, with dW summed over the chunks in the weight's dtype (``_fast_forward``).
 - torch: the definition (``_definition``: ``F.linear``, then the cross-entropy definition), on chunks of tokens so
   that at most ``TORCH_CHUNK_BYTES`` of logits exist at a time. For 'mean' and 'sum' the forward differentiates
   each chunk right away (three matmuls per chunk, as eager) and the backward only scales the gradients; 'none'
@@ -42,7 +44,9 @@ class LinearCrossEntropyOptions:
     softcap: Optional[float] = None
     focal_gamma: float = 0.0
     shift: bool = False
-    input_precision: str = "ieee"
+    return_lse: bool = False
+    input_precision: Optional[str] = None
+    accumulate_in_input_dtype: bool = False
     out_dtype: torch.dtype = torch.float32
     # vocabulary parallelism: the weight holds classes class_offset .. of n_classes, split over process_group
     n_classes: int = 0
@@ -60,7 +64,8 @@ class LinearCrossEntropyOptions:
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0, shift=False,
-                         return_lse=False, input_precision="ieee", process_group=None):
+                         return_lse=False, input_precision=None, process_group=None,
+                         accumulate_in_input_dtype=False):
     """Cross-entropy of the logits ``input @ weight.T + bias`` against class indices, without the logits.
 
     Equals ``F.cross_entropy(F.linear(input, weight, bias).reshape(-1, V), target.reshape(-1), ...)`` (reshaped
@@ -89,9 +94,11 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         return_lse: also return the per-row log-sum-exp of the (capped) logits, ``(...)``, in fp32 (fp64 for
             fp64 inputs), differentiable: ``z_loss`` and the perplexity can be logged from it without a second
             pass.
-        input_precision: fp32 inputs only: ``'ieee'`` (default, full fp32 products), ``'tf32'`` or ``'tf32x3'``
-            (tensor cores, Triton's meaning). 16-bit inputs always run on the tensor cores with fp32
-            accumulation; fp64 runs in fp64.
+        input_precision: fp32 inputs only: ``None`` (default) follows torch's fp32 matmul policy, as
+            ``F.linear`` does (IEEE fp32 products unless TF32 is allowed, by
+            ``torch.set_float32_matmul_precision('high')`` or ``torch.backends.cuda.matmul.fp32_precision =
+            'tf32'``); ``'ieee'``, ``'tf32'`` or ``'tf32x3'`` (tensor cores, Triton's meaning) override it.
+            16-bit inputs always run on the tensor cores with fp32 accumulation; fp64 runs in fp64.
         process_group: vocabulary (tensor) parallelism: with a ``torch.distributed`` group of W ranks, ``weight``
             and ``bias`` are this rank's slice of the classes, the r-th of W equal contiguous slices (the LM head
             of a tensor-parallel model), ``input`` and ``target`` (global class indices) are the same on every
@@ -101,6 +108,16 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             per row in the forward (each rank sends ``16 N`` bytes, 32 for fp64, N the rows) and one all-reduce
             of the ``N x H`` input gradient in the compute dtype in the backward (``4 N H`` bytes per rank before
             the collective's own factor, about ``2 (W - 1) / W`` for a ring). Every rank must call it.
+        accumulate_in_input_dtype: trade exactness for speed, with Liger-Kernel's semantics (its default
+            ``accum_dtype``): the forward computes the logits of a chunk of tokens in the input's dtype (cuBLAS),
+            their cross-entropy and gradient in place, then ``dX`` of the chunk and ``dW += G^T X`` summed over the
+            chunks in the weight's dtype, so the backward only scales (6 N H V FLOPs instead of 8 N H V, with
+            ``configs.LCE_FAST_CHUNK_BYTES`` of logits at a time). The loss comes from logits rounded to the
+            input's dtype and dW from bf16 partial sums: for bf16 inputs a relative error of a few 1e-3 against
+            fp64 (tests/test_linear_cross_entropy.py measures it), against ~1e-3 for the exact default (the
+            final rounding to bf16). Applies to 'mean' and 'sum' with a gradient to form; otherwise, and on the
+            torch backend (which computes in fp32 anyway), the result is the exact one. fp32 matmuls follow
+            torch's policy here (``input_precision`` does not apply). Not with ``process_group``.
 
     Returns:
         The loss in ``input``'s dtype (as torch would return it; fp32 under autocast), or ``(loss, lse)`` with
@@ -109,7 +126,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     CPU backends raise ``IndexError`` on an out-of-range class index; on GPU that row's loss is NaN.
     """
     opts = _options(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                    focal_gamma, shift, return_lse, input_precision, process_group)
+                    focal_gamma, shift, return_lse, input_precision, process_group, accumulate_in_input_dtype)
     if torch.is_autocast_enabled(input.device.type):
         # F.linear runs in the autocast dtype under autocast; cast here, differentiably, so that the gradients of
         # fp32 parameters come back in fp32, as autocast's own casts give
@@ -139,7 +156,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
 
 
 def _options(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, focal_gamma,
-             shift, return_lse, input_precision, process_group=None):
+             shift, return_lse, input_precision, process_group=None, accumulate_in_input_dtype=False):
     _checks.check_tensor("input", input, floating=True)
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension (..., H), got a 0-d tensor")
@@ -161,16 +178,20 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     _checks.check_reduction(reduction)
     shift = _checks.check_bool("shift", shift)
-    _checks.check_bool("return_lse", return_lse)
+    return_lse = _checks.check_bool("return_lse", return_lse)
+    accumulate_in_input_dtype = _checks.check_bool("accumulate_in_input_dtype", accumulate_in_input_dtype)
     if shift and input.dim() < 2:
         raise ValueError(f"shift needs a sequence dimension: input must be (..., T, H), got {tuple(input.shape)}")
-    if not isinstance(input_precision, str):
-        raise TypeError(f"input_precision must be a str, got {type(input_precision).__name__}")
-    if input_precision not in _PRECISIONS:
+    if input_precision is not None and not isinstance(input_precision, str):
+        raise TypeError(f"input_precision must be None or a str, got {type(input_precision).__name__}")
+    if input_precision is not None and input_precision not in _PRECISIONS:
         raise ValueError(f"input_precision must be one of {', '.join(map(repr, _PRECISIONS))}, "
                          f"got {input_precision!r}")
     n_classes, class_offset = weight.shape[0], 0
     if process_group is not None:
+        if accumulate_in_input_dtype:
+            raise ValueError("accumulate_in_input_dtype=True forms the gradient per token chunk from the whole "
+                             "vocabulary's logits: it does not combine with process_group (a shard of the classes)")
         rank, world = _distributed.rank_and_size(_distributed.check_group(process_group))
         n_classes, class_offset = n_classes * world, n_classes * rank
     return LinearCrossEntropyOptions(
@@ -182,7 +203,9 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
                                                                    finite=True),
         focal_gamma=_checks.check_number("focal_gamma", focal_gamma, low=0.0, finite=True),
         shift=shift,
+        return_lse=return_lse,
         input_precision=input_precision,
+        accumulate_in_input_dtype=accumulate_in_input_dtype,
         out_dtype=_checks.autocast_fp32(input.device, input.dtype),
         n_classes=n_classes,
         class_offset=class_offset,
@@ -259,18 +282,30 @@ class _LinearCrossEntropy(_family.LossFunction):
     @staticmethod
     def forward(opts, needs, input, weight, bias, target):
         from ..kernels.cross_entropy import ROW_STATE
-        from ..kernels.linear_cross_entropy import linear_cross_entropy_combine, linear_cross_entropy_forward
+        from ..kernels.linear_cross_entropy import (
+            config_for,
+            linear_cross_entropy_combine,
+            linear_cross_entropy_forward,
+        )
 
         x2d, target_k = _kernel_inputs(input, target)
         n_rows = x2d.shape[0]
         dtype = _family.compute_dtype(input)
         rows = _alloc.empty(n_rows, dtype=dtype, device=input.device)
         row_state = _alloc.empty((n_rows, ROW_STATE), dtype=dtype, device=input.device)
+        denominator = _denominator(target, opts, dtype) if opts.reduction == "mean" else None
         kw = dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, focal_gamma=opts.focal_gamma,
                   z_loss=opts.z_loss, shift=opts.shift)
-        if opts.process_group is None:
+        fused = opts.accumulate_in_input_dtype and opts.reduction != "none" and any(needs[:3])
+        if fused:
+            scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, input.device)
+            grads = _fast_forward(opts, needs, x2d, weight, bias, _shifted_target(target, opts), rows, row_state,
+                                  scale)
+        elif opts.process_group is None:
+            # token tiles without a target are skipped under the "tma" schedule unless their lse is returned
+            skip = config_for(x2d, weight)["schedule"] == "tma" and not opts.return_lse
             linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, row_state, softcap=opts.softcap,
-                                         input_precision=opts.input_precision, **kw)
+                                         input_precision=opts.input_precision, skip_ignored=skip, **kw)
         else:  # this shard's statistics, every shard's merged as the splits of one vocabulary
             partial = _alloc.empty((4, n_rows), dtype=dtype, device=input.device)
             linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, partial, softcap=opts.softcap,
@@ -279,80 +314,196 @@ class _LinearCrossEntropy(_family.LossFunction):
             shards = _distributed.all_gather(partial, opts.process_group).transpose(0, 1).contiguous()
             linear_cross_entropy_combine(shards, target_k, rows, row_state, n_classes=opts.n_classes,
                                          split_width=weight.shape[0], **kw)
-        denominator = _denominator(target, opts, dtype) if opts.reduction == "mean" else None
         lead = tuple(input.shape[:-1])
         loss = _family.reduce(rows, opts.reduction, denominator, lead).to(opts.out_dtype)
         lse = (row_state[:, 0] + row_state[:, 1]).reshape(lead)
-        return loss, lse, row_state, denominator
+        if not fused:  # no None outputs: Dynamo's speculation of the backward calls .contiguous() on each
+            return loss, lse, row_state, denominator
+        dx, dw, db = grads
+        return (loss, lse, row_state, denominator, None if dx is None else dx.view(input.shape), dw,
+                None if db is None else db.to(bias.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         opts, needs, input, weight, bias, target = inputs
         ctx.mark_non_differentiable(*(t for t in output[2:] if t is not None))
-        _family.save(ctx, opts, needs, (input, weight, bias, target), state=output[2:])
+        fused = [*output[4:], None] if len(output) > 4 else None
+        _family.save(ctx, opts, needs, (input, weight, bias, target), state=output[2:4], fused=fused,
+                     differentiable=2)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
         return _family.backward(ctx, _recompute, _definition, grad_outputs)
 
 
+def _fast_forward(opts, needs, x2d, weight, bias, y, rows, row_state, scale):
+    """``accumulate_in_input_dtype=True``: Liger-Kernel's schedule. Per chunk of ``fast_rows`` tokens: the chunk's
+    logits in the input dtype (cuBLAS, 2 n H V FLOPs), ``kernels.cross_entropy``'s fused kernel over them (per-row
+    loss and state, the gradient written over the logits, times ``scale``: one read and one write of n V s bytes),
+    dX of the chunk = G @ W (K = V, complete) and dW (+)= G^T X_chunk (in the weight's dtype: the lossy sum), db
+    summed in the compute dtype. 6 N H V FLOPs in all; each chunk also reads and writes dW (2 V H s bytes). fp16
+    keeps G unscaled (p / N would flush to zero) and scales dX and dW at the end. Returns (dX, dW, db), None where
+    not needed."""
+    from ..kernels.cross_entropy import cross_entropy_forward
+    from ..kernels.linear_cross_entropy import config_for
+
+    need_x, need_w, need_b = needs[:3]
+    n_rows = x2d.shape[0]
+    n_classes = weight.shape[0]
+    device = x2d.device
+    step = config_for(x2d, weight)["fast_rows"]
+    dx = _alloc.empty(tuple(x2d.shape), dtype=x2d.dtype, device=device) if need_x else None
+    dw = _alloc.empty(tuple(weight.shape), dtype=weight.dtype, device=device) if need_w else None
+    db = torch.zeros(n_classes, dtype=rows.dtype, device=device) if need_b else None
+    fold = x2d.dtype != torch.float16
+    logits_buffer = _alloc.empty(min(step, n_rows) * n_classes, dtype=x2d.dtype, device=device)
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        x_chunk = x2d[start:stop]
+        logits = logits_buffer[: (stop - start) * n_classes].view(stop - start, n_classes)
+        if bias is None:
+            torch.mm(x_chunk, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, x_chunk, weight.t(), out=logits)
+        cross_entropy_forward(logits, y[start:stop], None, None, scale if fold else torch.ones_like(scale),
+                              rows[start:stop], row_state[start:stop], logits, ignore_index=opts.ignore_index,
+                              label_smoothing=opts.label_smoothing, focal_gamma=opts.focal_gamma, focal_alpha=1.0,
+                              z_loss=opts.z_loss, softcap=opts.softcap)
+        if need_x:
+            torch.mm(logits, weight, out=dx[start:stop])
+        if need_w:
+            if start == 0:
+                torch.mm(logits.t(), x_chunk, out=dw)
+            else:
+                dw.addmm_(logits.t(), x_chunk)
+        if need_b:
+            db += logits.sum(dim=0, dtype=db.dtype)
+    if not fold:
+        for g in (dx, dw, db):
+            if g is not None:
+                g.mul_(scale.to(g.dtype))
+    return dx, dw, db
+
+
+def _fast_recompute(ctx, inputs, denominator, grad_loss):
+    """A second backward of ``accumulate_in_input_dtype=True`` (the fused gradient was handed out): the forward's
+    computation again, then the same in-place scaling by ``grad_output``, so that it gives the first backward's
+    gradient to the bit (gradcheck's reentrancy test), not the exact mode's."""
+    from ..kernels.cross_entropy import ROW_STATE
+
+    input, weight, bias, target = inputs
+    x2d = input.reshape(-1, input.shape[-1])
+    dtype = _family.compute_dtype(input)
+    scale = _family.fused_grad_scale(ctx.opts.reduction, denominator, dtype, input.device)
+    rows = torch.empty(x2d.shape[0], dtype=dtype, device=input.device)
+    row_state = torch.empty((x2d.shape[0], ROW_STATE), dtype=dtype, device=input.device)
+    dx, dw, db = _fast_forward(ctx.opts, ctx.needs, x2d, weight, bias, _shifted_target(target, ctx.opts), rows,
+                               row_state, scale)
+    grads = (None if dx is None else dx.view(input.shape), dw, None if db is None else db.to(bias.dtype))
+    return (*(None if g is None else _family.scale_unless_one(g, grad_loss) for g in grads), None)
+
+
+def _live_tiles(target, opts, n_rows, tile_rows):
+    """(tile_order, n_live): the token tiles of ``tile_rows`` rows that hold a target (the kernels' ``_live_tile``
+    rule) first, each group in ascending order, as int32, and how many there are, a 0-d int32 device tensor. O(N)
+    torch ops on the device, no host sync."""
+    valid = _shifted_target(target, opts) != opts.ignore_index
+    tiles = -(-n_rows // tile_rows)
+    padded = torch.zeros(tiles * tile_rows, dtype=torch.bool, device=valid.device)
+    padded[:n_rows] = valid
+    live = padded.view(tiles, tile_rows).any(dim=1)
+    return torch.argsort((~live).to(torch.uint8), stable=True).to(torch.int32), live.sum(dtype=torch.int32)
+
+
 def _recompute(ctx, inputs, state, grad_outputs):
-    """dX, dW, db by vocabulary chunks: recompute each chunk's logits and G, then two GEMMs (kernels' docstring)."""
-    from ..kernels.linear_cross_entropy import config_for, linear_cross_entropy_dlogits, matmul
+    """dX, dW, db by vocabulary chunks: recompute each chunk's logits and G, then two GEMMs (kernels' docstring,
+    which describes the two schedules this follows)."""
+    from ..kernels import configs
+    from ..kernels._gemm import dot_precision, matmul
+    from ..kernels.linear_cross_entropy import config_for, gemm_tile, linear_cross_entropy_dlogits
 
     input, weight, bias, target = inputs
     row_state, denominator = state
     opts = ctx.opts
     need_x, need_w, need_b = ctx.needs[:3]
+    if opts.accumulate_in_input_dtype and opts.reduction != "none" and grad_outputs[1] is None:
+        return _fast_recompute(ctx, inputs, denominator, grad_outputs[0])
     x2d, target_k = _kernel_inputs(input, target)
     n_rows, n_hidden = x2d.shape
     n_classes = weight.shape[0]
     dtype, device = row_state.dtype, input.device
-    row_scale, dlse = _row_and_lse_scales(grad_outputs, opts, denominator, dtype, device)
-    # G keeps the coefficient form times the per-row scale; a scalar scale ('mean', 'sum') goes to the GEMM
-    # epilogues instead, so that G keeps its magnitude in fp16 (p / N would flush to zero). With a gradient into
-    # the lse, which must not be scaled by it, the scalar goes into the rows.
-    gemm_scale = torch.ones((), dtype=dtype, device=device)
-    if row_scale.dim() == 0 and dlse is None:
-        row_scale, gemm_scale = gemm_scale, row_scale
     cfg = config_for(x2d, weight)
+    tma = cfg["schedule"] == "tma"
+    sharded = opts.process_group is not None
+    row_scale, dlse = _row_and_lse_scales(grad_outputs, opts, denominator, dtype, device)
+    # G holds the coefficient form times the per-row scale. A scalar scale ('mean', 'sum') goes to the GEMM
+    # epilogues under "pointer" and for fp16, so that G keeps its magnitude (fp16 would flush p / N to zero); under
+    # "tma" bf16, fp32 and fp64 take it in G, so that cuBLAS can run dW without a host-side alpha. With a gradient
+    # into the lse, which must not be scaled by it, the scalar goes into the rows.
+    fold = tma and x2d.dtype != torch.float16
+    gemm_scale = None
+    if row_scale.dim() == 0 and dlse is None and not fold:
+        row_scale, gemm_scale = torch.ones((), dtype=dtype, device=device), row_scale
+    dw_on_cublas = (tma and fold and configs.LCE_DW_ON_CUBLAS
+                    and dot_precision(x2d.dtype, opts.input_precision) == dot_precision(x2d.dtype))
+    # Token tiles without a target are skipped (no gradient into the lse, which every row has).
+    skip = tma and dlse is None
+    tile_rows = cfg["dlogits"]["BLOCK_N"]
+    live = dict(zip(("tile_order", "n_live"), _live_tiles(target, opts, n_rows, tile_rows))) if skip else {}
+    gemm_kw = dict(programs=cfg["programs"], input_precision=opts.input_precision)
     chunk = cfg["chunk"]
     n_chunks = -(-n_classes // chunk)
     kw = dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, softcap=opts.softcap,
-              shift=opts.shift, input_precision=opts.input_precision, class_offset=opts.class_offset)
-    sharded = opts.process_group is not None
+              shift=opts.shift, input_precision=opts.input_precision, class_offset=opts.class_offset,
+              skip_ignored=skip, zero_skipped=skip and need_w and dw_on_cublas)
     dx = _alloc.empty((n_rows, n_hidden), dtype=x2d.dtype, device=device) if need_x else None
     dw = _alloc.empty(tuple(weight.shape), dtype=weight.dtype, device=device) if need_w else None
     db = _alloc.empty(n_classes, dtype=dtype, device=device) if need_b else None
-    # dX accumulates over the vocabulary chunks in the compute dtype: in dx itself when that is its dtype,
-    # else in an fp32 buffer whose last chunk writes dx (see the kernels' docstring for the traffic). A shard's
-    # sum is summed over the ranks in the compute dtype before the scale and the cast.
-    dx_acc = dx
+    # dX sums over the vocabulary chunks in the compute dtype: in dx itself when that is its dtype; for bf16 under
+    # "tma" in a compensated pair (dx the high half, dx_lo the low); else in a buffer of the compute dtype whose
+    # last chunk writes dx. A shard's sum is summed over the ranks in the compute dtype before the scale and the
+    # cast. See the kernels' docstring for the traffic.
+    dx_acc, dx_lo = dx, None
     if need_x and (n_chunks > 1 or sharded) and x2d.dtype != dtype:
-        dx_acc = _alloc.empty((n_rows, n_hidden), dtype=dtype, device=device)
-    # One workspace for every chunk: G, and the per-row-tile column sums of G for db.
-    workspace = _alloc.empty(n_rows * min(chunk, n_classes), dtype=x2d.dtype, device=device)
-    n_tiles = -(-n_rows // cfg["dlogits"]["BLOCK_N"])
-    one = torch.ones((), dtype=dtype, device=device)
+        if tma and x2d.dtype == torch.bfloat16 and not sharded:
+            dx_lo = _alloc.empty((n_rows, n_hidden), dtype=torch.bfloat16, device=device)
+        else:
+            dx_acc = _alloc.empty((n_rows, n_hidden), dtype=dtype, device=device)
+    # One workspace for every chunk: G (rows of ``pitch`` elements, a multiple of 16 bytes for tensor
+    # descriptors), and the per-row-tile column sums of G for db.
+    pitch = -(-min(chunk, n_classes) // 8) * 8
+    workspace = _alloc.empty(n_rows * pitch, dtype=x2d.dtype, device=device).view(n_rows, pitch)
+    n_tiles = -(-n_rows // tile_rows)
     bias_parts = _alloc.empty(n_tiles * min(chunk, n_classes), dtype=dtype, device=device) if need_b else None
     for index, col_start in enumerate(range(0, n_classes, chunk)):
         width = min(chunk, n_classes - col_start)
-        g = workspace[: n_rows * width].view(n_rows, width)
+        first, last = index == 0, index == n_chunks - 1
+        g = workspace[:, :width]
         part = bias_parts[: n_tiles * width].view(n_tiles, width) if need_b else None
         linear_cross_entropy_dlogits(x2d, weight, bias, target_k, row_state, row_scale, dlse, g, part, col_start,
                                      **kw)
         if need_b:
             torch.sum(part, dim=0, out=db[col_start:col_start + width])
         if need_w:  # dW rows of this chunk, complete (K = all tokens): written once
-            matmul(g.t(), x2d, dw[col_start:col_start + width], gemm_scale, None, gemm="gemm_dw",
-                   input_precision=opts.input_precision)
-        if need_x:  # the chunks' sums stay unscaled in dx_acc; the last one is scaled into dx
-            last = index == n_chunks - 1 and not sharded
-            matmul(g, weight[col_start:col_start + width], dx if last else dx_acc, gemm_scale if last else one,
-                   None if index == 0 else dx_acc, gemm="gemm_dx", input_precision=opts.input_precision)
+            if dw_on_cublas:
+                torch.mm(g.t(), x2d, out=dw[col_start:col_start + width])
+            else:
+                matmul(g.t(), x2d, dw[col_start:col_start + width], scale=gemm_scale, tile=gemm_tile(cfg, "gemm_dw"),
+                       sparse="k" if skip else "", tile_rows=tile_rows, **live, **gemm_kw)
+        if need_x:  # the chunks' sums stay unscaled in dx_acc (and dx_lo); the last one is scaled into dx
+            final = last and not sharded
+            out = dx if final else dx_acc
+            matmul(g, weight[col_start:col_start + width], out, acc=None if first else dx_acc,
+                   lo_in=None if first else dx_lo, lo_out=None if last else dx_lo,
+                   scale=gemm_scale if final else None, tile=gemm_tile(cfg, "gemm_dx"),
+                   sparse="m" if skip else "", tile_rows=tile_rows, zero_skipped=first or out is not dx_acc,
+                   **live, **gemm_kw)
     if need_x and sharded:
-        dx = _distributed.all_reduce_(dx_acc, opts.process_group).mul_(gemm_scale).to(x2d.dtype)
-    grad_bias = (db * gemm_scale).to(bias.dtype) if need_b else None
+        dx = _distributed.all_reduce_(dx_acc, opts.process_group)
+        dx = (dx if gemm_scale is None else dx.mul_(gemm_scale)).to(x2d.dtype)
+    grad_bias = None
+    if need_b:
+        grad_bias = (db if gemm_scale is None else db * gemm_scale).to(bias.dtype)
     return (dx.view(input.shape) if need_x else None), dw, grad_bias, None
 
 
@@ -434,7 +585,8 @@ class _LinearCrossEntropyTorch(_family.LossFunction):
         _, _, dx, dw, db, denominator = output
         ctx.mark_non_differentiable(*(t for t in output[2:] if t is not None))
         fused = [dx, dw, db, None] if any(t is not None for t in (dx, dw, db)) else None
-        _family.save(ctx, opts, needs, (input, weight, bias, target), state=(denominator,), fused=fused)
+        _family.save(ctx, opts, needs, (input, weight, bias, target), state=(denominator,), fused=fused,
+                     differentiable=2)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
