@@ -144,30 +144,21 @@ class InfoNCELoss(torch.nn.Module):
 
 class LinearCrossEntropyLoss(torch.nn.Module):
     """``fusedloss.linear_cross_entropy`` as a module: the loss of a linear classifier (an LM head) applied to hidden
-    states, without the logits; see it for shapes, dtypes and the extras. The classifier's ``weight`` (and
-    ``bias``) are arguments of ``forward``, not buffers of the loss: they are the model's parameters, e.g.
-    ``lm_head.weight``."""
+    states, without the logits; see it for shapes, dtypes and the extras, which take the keyword arguments (in the
+    order) of ``CrossEntropyLoss``'s. The classifier's ``weight`` (and ``bias``) are arguments of ``forward``, not
+    buffers of the loss: they are the model's parameters, e.g. ``lm_head.weight``."""
 
-    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
-                 focal_gamma=0.0, shift=False, return_lse=False, input_precision="ieee"):
+    def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, focal_gamma=0.0, z_loss=0.0,
+                 softcap=None, shift=False, return_lse=False, input_precision=None, accumulate_in_input_dtype=False,
+                 process_group=None):
         super().__init__()
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.focal_gamma = focal_gamma
-        self.shift = shift
-        self.return_lse = return_lse
-        self.input_precision = input_precision
+        self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                            focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap, shift=shift,
+                            return_lse=return_lse, input_precision=input_precision,
+                            accumulate_in_input_dtype=accumulate_in_input_dtype, process_group=process_group)
 
     def forward(self, input, weight, target, bias=None):
-        return linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
-                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                    z_loss=self.z_loss, softcap=self.softcap, focal_gamma=self.focal_gamma,
-                                    shift=self.shift, return_lse=self.return_lse,
-                                    input_precision=self.input_precision)
-
+        return linear_cross_entropy(input, weight, target, bias, **self.options)
 
 
 class MSELoss(torch.nn.Module):

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers", reason="pip install 'fusedlos
 from fusedloss.integrations.transformers import patch_causal_lm, unpatch_causal_lm  # noqa: E402
 
 FP32 = torch.float32
-DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "transformers.md")
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 VOCAB, BATCH, SEQ = 160, 2, 12
 _COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -63,9 +63,9 @@ class LinearCrossEntropyOptions:
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0, shift=False,
-                         return_lse=False, input_precision=None, process_group=None,
-                         accumulate_in_input_dtype=False):
+                         label_smoothing=0.0, focal_gamma=0.0, z_loss=0.0, softcap=None, shift=False,
+                         return_lse=False, input_precision=None, accumulate_in_input_dtype=False,
+                         process_group=None):
     """Cross-entropy of the logits ``input @ weight.T + bias`` against class indices, without the logits.
 
     Equals ``F.cross_entropy(F.linear(input, weight, bias).reshape(-1, V), target.reshape(-1), ...)`` (reshaped
