@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import fusedloss
 
-from benchutil import at_least_fp32, compiled, row, skip_if_oom
+from benchutil import at_least_fp32, compiled, row, skip_if_oom, with_env
 
 CONFIGS = {
     "plain": {},
@@ -41,23 +41,6 @@ def eager_loss(x, y, label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
     return (ce + z_loss * lse * lse).mean()
 
 
-def single_read(**kw):
-    """fusedloss with the opt-in single-read schedule (``FUSEDLOSS_CE_SCHEDULE=single_read``, read per call): each
-    row read once, so its bytes moved are the count above; forward + backward only (it is the fused path)."""
-    import os
-
-    def loss(x, y):
-        previous = os.environ.get("FUSEDLOSS_CE_SCHEDULE")
-        os.environ["FUSEDLOSS_CE_SCHEDULE"] = "single_read"
-        try:
-            return fusedloss.cross_entropy(x, y, **kw)
-        finally:
-            os.environ.pop("FUSEDLOSS_CE_SCHEDULE") if previous is None else os.environ.update(
-                FUSEDLOSS_CE_SCHEDULE=previous)
-
-    return loss
-
-
 def liger(label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
     """``LigerCrossEntropyLoss``, defaults otherwise (it writes the gradient over the logits, in place)."""
     from liger_kernel.transformers import LigerCrossEntropyLoss
@@ -71,7 +54,9 @@ def liger(label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
 PROVIDERS = {
     "fusedloss": (lambda **kw: lambda x, y: fusedloss.cross_entropy(x, y, **kw),
                   "fusedloss.cross_entropy(x, y, **config)"),
-    "fusedloss-single_read": (single_read, "fusedloss.cross_entropy with FUSEDLOSS_CE_SCHEDULE=single_read"),
+    "fusedloss-single_read": (lambda **kw: with_env(lambda x, y: fusedloss.cross_entropy(x, y, **kw),
+                                                    FUSEDLOSS_CE_SCHEDULE="single_read"),
+                              "fusedloss.cross_entropy with FUSEDLOSS_CE_SCHEDULE=single_read (each row read once)"),
     "eager": (lambda **kw: lambda x, y: eager_loss(x, y, **kw),
               "F.cross_entropy; with z-loss or focal, fp32 log-sum-exp and per-row terms"),
     "torch.compile": (lambda **kw: compiled(lambda x, y: eager_loss(x, y, **kw), ("ce", *sorted(kw.items()))),

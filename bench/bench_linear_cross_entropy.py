@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import fusedloss
 
-from benchutil import at_least_fp32, compiled, row, skip_if_oom
+from benchutil import at_least_fp32, compiled, row, skip_if_oom, with_env
 
 CONFIGS = {
     "plain": {},
@@ -95,6 +95,12 @@ def bare_matmuls(x, w, g):
 PROVIDERS = {
     "fusedloss": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, **kw),
                   "fusedloss.linear_cross_entropy(x, W, y, **config)", None),
+    "fusedloss-tma": (lambda **kw: with_env(lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, **kw),
+                                            FUSEDLOSS_LCE_SCHEDULE="tma"),
+                      "fusedloss.linear_cross_entropy with FUSEDLOSS_LCE_SCHEDULE=tma (opt-in)", "triton"),
+    "fusedloss-fast": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y,
+                                                                                 accumulate_in_input_dtype=True, **kw),
+                       "fusedloss.linear_cross_entropy(..., accumulate_in_input_dtype=True): Liger's accuracy", None),
     "eager": (lambda **kw: lambda x, w, y: eager_loss(x, w, y, **kw),
               "F.cross_entropy(F.linear(x, W).float(), y), soft-cap and z-loss in fp32", None),
     "torch.compile": (lambda **kw: compiled(lambda x, w, y: eager_loss(x, w, y, **kw), ("lce", *sorted(kw.items()))),
@@ -109,7 +115,7 @@ PROVIDERS = {
                   "cut_cross_entropy"),
     "matmul": (None, "x @ W.T; G @ W and G.T @ x (forward + backward)", None),
 }
-GPU_ONLY = ("torch.compile", "liger", "liger_fp32", "cce", "cce_exact")
+GPU_ONLY = ("torch.compile", "liger", "liger_fp32", "cce", "cce_exact", "fusedloss-tma", "fusedloss-fast")
 PLAIN_ONLY = ("torch.compile", "matmul", "cce_exact")  # compile time; the matmuls have no options; one CCE suffices
 
 
@@ -134,6 +140,8 @@ def test_linear_cross_entropy(run_bench, device, quick, provider, config, mode, 
         pytest.importorskip(module, reason=f"{provider} is not installed")
     if provider in PLAIN_ONLY and config != "plain":
         pytest.skip(f"{provider} runs the plain configuration only")
+    if provider in ("fusedloss-tma", "fusedloss-fast") and mode != "fwd_bwd":
+        pytest.skip(f"{provider} differs from the default in its backward (and the fast mode's forward is its step)")
     if provider == "torch.compile" and mode != "fwd_bwd":
         pytest.skip("torch.compile is timed on the forward+backward only (compile time)")
     n, hidden, vocab = sizes[size]
@@ -144,7 +152,9 @@ def test_linear_cross_entropy(run_bench, device, quick, provider, config, mode, 
     w = skip_if_oom(lambda: torch.randn(vocab, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5)
     y = torch.randint(0, vocab, (n,), device=device, generator=gen)
     matmuls = 2 if mode == "fwd" else 6
-    recompute = provider == "fusedloss" and mode == "fwd_bwd" and fusedloss.backend(device) != "torch"
+    # the exact schedules recompute the logits in the backward (8 N H V FLOPs done); the fast mode does not
+    recompute = (provider in ("fusedloss", "fusedloss-tma") and mode == "fwd_bwd"
+                 and fusedloss.backend(device) != "torch")
     common = dict(flops=matmuls * n * hidden * vocab, hw_flops=(8 if recompute else matmuls) * n * hidden * vocab,
                   logits_mb=n * vocab * x.element_size() / 2**20,
                   **row("linear_cross_entropy", provider, mode, f"{n}x{hidden}x{vocab}", config, dtype, settings))

@@ -22,6 +22,8 @@ from statistics import median
 PROVIDERS = {
     "fusedloss": "#1f77b4",
     "fusedloss-single_read": "#aec7e8",
+    "fusedloss-tma": "#aec7e8",
+    "fusedloss-fast": "#c5b0d5",
     "eager": "#7f7f7f",
     "torch.compile": "#9467bd",
     "liger": "#2ca02c",
