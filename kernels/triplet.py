@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 
 from ._common import join_f64, log1p, split_f64, to_element_type
+from ._gemm import dot_precision
 from ._launch import custom_launcher
 from .configs import batch_hard_loss_config, batch_hard_mine_config, triplet_config
 
@@ -298,6 +299,7 @@ def _batch_hard_mine_kernel(
     stride_row, stride_col, stride_label,
     # constants
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """For BLOCK_M anchors: the index of the farthest positive and of the nearest negative (-1 when none),
     over column tiles of BLOCK_N candidates (module docstring). Labels of any integer dtype, compared in int64."""
@@ -337,7 +339,7 @@ def _batch_hard_mine_kernel(
                         mask=anchor_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(embeddings_ptr + col_offs[:, None] + k_offs[None, :],
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            gram = tl.dot(a, tl.trans(b), gram, input_precision="ieee")
+            gram = tl.dot(a, tl.trans(b), gram, input_precision=PRECISION)
             b_acc = b.to(ACC_DTYPE)
             col_sq += tl.sum(b_acc * b_acc, axis=1)
         # ||x_i - x_j||^2 - ||x_i||^2, clamped so that an overflow stays apart from the no-candidate sentinels
@@ -492,7 +494,7 @@ def batch_hard_mine(
         n_rows, dim,
         *embeddings.stride(), labels.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC_DTYPE=_dtype_of(embeddings),
-        num_warps=num_warps, num_stages=num_stages,
+        PRECISION=dot_precision(embeddings.dtype), num_warps=num_warps, num_stages=num_stages,
     )
 
 
