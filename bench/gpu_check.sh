@@ -5,12 +5,17 @@
 #   2. the benchmarks at full size and their report (bench/run.py: the performance targets' files first, every
 #      configuration timed twice, each forward + backward checked against fp64 eager), at most BENCH_BUDGET s;
 #   3. the CUDA test tier (FUSEDLOSS_TEST_DEVICE=cuda), at most TEST_BUDGET s;
-#   4. the large-vocabulary cross-entropy config sweep (bench/sweep_cross_entropy.py), with what is left.
+#   4. the linear cross-entropy's phases, both schedules (bench/phases_linear_cross_entropy.py), at most
+#      PHASES_BUDGET s (default 150);
+#   5. the large-vocabulary cross-entropy config sweep (bench/sweep_cross_entropy.py), with what is left.
+# The opt-in schedules (single-read cross-entropy, "tma" and fast linear cross-entropy, fixed-shift contrastive) are
+# providers of the benchmarks in step 2, timed in the same run and harness as the defaults and the peers.
 # Everything lands in $OUT (the device tool brings it back): gpu.txt, bench.log, results.{json,md,png}, tests.log,
-# sweep_cross_entropy.json.
+# phases.{json,md}, sweep_cross_entropy.json.
 # Knobs: DEADLINE, BENCH_BUDGET (default 300), TEST_BUDGET (default 150), BENCH_FILE_TIMEOUT (seconds per bench
 # file), BENCH_FILES (default: all), BENCH_SELECT / TEST_SELECT (pytest -k), TESTS (paths, default tests),
-# FUSEDLOSS_BENCH_PROBE_S (the largest-batch probe, default 20), SKIP_BENCH=1, SKIP_TESTS=1, SKIP_SWEEP=1.
+# FUSEDLOSS_BENCH_PROBE_S (the largest-batch probe, default 20), SKIP_BENCH=1, SKIP_TESTS=1, SKIP_PHASES=1,
+# SKIP_SWEEP=1.
 # Dry run on a CPU machine: OUT=/tmp/gpu bash bench/gpu_check.sh (the CUDA tier then skips, benchmarks are quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +51,10 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ "$(left 9999)" -gt 30 ]; then
   parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n ${TEST_PROCS:-8}")
   FUSEDLOSS_TEST_DEVICE=cuda timeout "$(left "${TEST_BUDGET:-150}")" $PY -m pytest ${TESTS:-tests} -q \
     -p no:cacheprovider --maxfail=20 $parallel -k "${TEST_SELECT:-}" 2>&1 | tee "$OUT/tests.log" | tail -25
+fi
+if [ "${SKIP_PHASES:-0}" != 1 ] && [ "$(left 9999)" -gt 30 ]; then
+  timeout "$(left "${PHASES_BUDGET:-150}")" $PY bench/phases_linear_cross_entropy.py --out "$OUT" 2>&1 \
+    | tee "$OUT/phases.log" | tail -30
 fi
 if [ "${SKIP_SWEEP:-0}" != 1 ] && [ "$(left 9999)" -gt 30 ]; then
   # The sweep writes its JSON after every configuration, so the time limit keeps what it measured.
