@@ -1,6 +1,7 @@
 """Host-side helpers shared by the launchers of every kernel module."""
 
 import functools
+import warnings
 
 import torch
 
@@ -31,12 +32,14 @@ def custom_launcher(name, mutates_args):
 def _without_fp_warnings(launcher):
     """``launcher`` with numpy's floating-point warnings off: Triton's interpreter evaluates the masked-out lanes of
     a tile too (log(0), inf - inf, ...), which the kernels discard with ``tl.where``, and numpy would warn about
-    each of them."""
+    each of them (through ``errstate``, and as RuntimeWarnings such as "All-NaN slice encountered" from the
+    reductions of a NaN row, whose NaN is the result the kernels want)."""
     import numpy
 
     @functools.wraps(launcher)
     def run(*args, **kwargs):
-        with numpy.errstate(all="ignore"):
+        with numpy.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             return launcher(*args, **kwargs)
 
     return run

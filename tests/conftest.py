@@ -114,6 +114,34 @@ def randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, requires_gr
     return x.requires_grad_(requires_grad)
 
 
+def run_gloo_ranks(tmp_path, worker, backend_name, world, *args):
+    """Run ``tests/<worker> RANK WORLD INIT_FILE OUT_FILE *args`` as ``world`` processes (a gloo group through a file
+    in ``tmp_path``), on the backend ``backend_name`` names (``"interpret"`` or ``"torch"``) with poisoned buffers,
+    and return what each rank saved to its OUT_FILE. A rank that fails or hangs fails the test with its output."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLOSS_BACKEND")}
+    env.update({"TRITON_INTERPRET": "1"} if backend_name == "interpret" else {"FUSEDLOSS_BACKEND": "torch"})
+    env["FUSEDLOSS_POISON"] = "1"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), worker)
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, script, str(r), str(world), str(tmp_path / "init"), str(outs[r]),
+                               *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a gloo rank of {worker} did not finish in 300 s")
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} of {worker} failed (exit {p.returncode}):\n{log[-4000:]}"
+    return [torch.load(o) for o in outs]
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """A loss call for ``test_contract.py``: ``make(gen, dtype) -> (args, kwargs)`` builds fresh CPU inputs in

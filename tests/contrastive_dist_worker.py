@@ -14,6 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+import gloo_rank
+
 
 def dist_batch(world, n_local, dim, seed):
     """(images, texts, logit_scale, logit_bias, grad_outputs) in fp64: the global batch of ``world * n_local``
@@ -49,8 +51,10 @@ def main(rank, world, init_file, out_file, n_local, dim, seed):
             results[kind] = {"loss": loss.detach(), "grads": [g.detach() for g in grads],
                              "create_graph": [g.detach() for g in higher]}
         torch.save(results, out_file)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    gloo_rank.finish(dist)
 
 
 if __name__ == "__main__":

@@ -3,37 +3,10 @@ holding a shard of the classes, reproduce the single-process loss and that shard
 round-off, for every option of both families (tests/vocab_parallel_worker.py lists the cases), on both CPU backends.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import DEVICE, assert_close
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _run_ranks(tmp_path, world, backend_name, seed=2024):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLOSS_BACKEND")}
-    env.update({"TRITON_INTERPRET": "1"} if backend_name == "interpret" else {"FUSEDLOSS_BACKEND": "torch"})
-    env["FUSEDLOSS_POISON"] = "1"
-    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "vocab_parallel_worker.py"), str(r), str(world),
-                               str(tmp_path / "init"), str(outs[r]), str(seed)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(world)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a gloo rank did not finish in 300 s")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, f"rank failed:\n{log[-4000:]}"
-    return [torch.load(o) for o in outs]
+from conftest import DEVICE, assert_close, run_gloo_ranks
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -47,7 +20,7 @@ def test_shards_reproduce_the_single_process_result(tmp_path, world, backend_nam
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    results = _run_ranks(tmp_path, world, backend_name)
+    results = run_gloo_ranks(tmp_path, "vocab_parallel_worker.py", backend_name, world, 2024)
     expected_backend = "triton-interpret" if backend_name == "interpret" else "torch"
     assert {r.pop("backend") for r in results} == {expected_backend}
     assert len(results[0]) == 11, "every case of the worker ran"

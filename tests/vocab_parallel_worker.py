@@ -13,6 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+import gloo_rank
+
 # (name, function, options): classes per rank 7 (23 for the linear loss's vocabulary), every option of each family
 CE_CASES = [
     ("plain-mean", {}),
@@ -115,8 +117,10 @@ def main(rank, world, init_file, out_file, seed):
                 mine, expected = run(opts, gen, rank, world, dist.group.WORLD)
                 results[f"{family}/{name}"] = ([t.detach() for t in mine], [t.detach() for t in expected])
         torch.save(results, out_file)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    gloo_rank.finish(dist)
 
 
 if __name__ == "__main__":
