@@ -1,29 +1,37 @@
 """Contrastive losses: tiled kernels vs eager PyTorch, torch.compile, Inf-CL and the bare matmuls.
 
-Work, per problem (CLIP: N image-text pairs; NT-Xent: M = 2N rows; d features), counted as the matmuls the
-loss needs, whoever computes it:
+Work, per problem (CLIP and SigLIP: N image-text pairs; NT-Xent: M = 2N rows; d features), counted as the matmuls
+the loss needs, whoever computes it:
     forward            flops = 2 N^2 d   (one similarity matrix; CLIP's two directions share it)
     forward + backward flops = 6 N^2 d   (plus the two gradient products, dQ = W K and dK = W^T Q, 2 N^2 d each)
 (NT-Xent: the same with M rows, since dF = W F + W^T F.) The fused kernels do more: the backward recomputes the
-logits (forward + backward 8 N^2 d for CLIP, 6 M^2 d for NT-Xent, recorded as ``hw_flops``); Inf-CL computes the
-logits once per direction and per backward kernel (4 N^2 d forward, 16 N^2 d forward + backward). The ``matmul``
-provider times just the bare matmuls at this shape (``S = Q K^T``, then ``W K`` and ``W^T Q`` with a random
-``W``), the practical ceiling for any implementation.
+logits (forward + backward 8 N^2 d for CLIP and SigLIP, 6 M^2 d for NT-Xent, recorded as ``hw_flops``); Inf-CL
+computes the logits once per direction and per backward kernel (4 N^2 d forward, 16 N^2 d forward + backward). The
+``matmul`` provider times just the bare matmuls at this shape (``S = Q K^T``, then ``W K`` and ``W^T Q`` with a
+random ``W``), the practical ceiling for any implementation.
 
-Sizes: ``--quick`` (CPU, fp32, the torch backend): CLIP N = 1024, NT-Xent 2N = 1024, d = 128. GPU (bf16): CLIP
-N = 65536, d = 768 (the performance target), CLIP N = 16384, d = 512, NT-Xent 2N = 32768, d = 128.
+Providers ``fusedloss`` and ``fusedloss-fixed_shift``: the kernels on the exact schedule (the default) and on the
+opt-in fixed-shift one (``FUSEDLOSS_CONTRASTIVE_SCHEDULE``, kernels/contrastive.py), in the same process and
+harness. Both take the band GEMMs where ``FUSEDLOSS_CONTRASTIVE_GEMM`` says (Triton unless it is ``cublas``), so a
+second run with that variable set times the four combinations (bench/NOTES.md has the command). SigLIP has one
+schedule (the fixed shift leaves its kernels as they are).
+
+Sizes: ``--quick`` (CPU, fp32, the torch backend): CLIP and SigLIP N = 1024, NT-Xent 2N = 1024, d = 128. GPU (bf16):
+CLIP N = 65536, d = 768 (the performance target) and N = 16384, d = 512; SigLIP N = 65536, d = 768 (its target:
+within 1.1x of CLIP's time); NT-Xent 2N = 32768, d = 128.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedloss import clip_loss, nt_xent
+from fusedloss import clip_loss, nt_xent, siglip_loss
 
-from benchutil import compiled, row, skip_if_oom
+from benchutil import compiled, row, skip_if_oom, with_env
 
 TEMPERATURE = 0.1  # NT-Xent
 LOGIT_SCALE = 14.285  # CLIP, 1 / 0.07
+SIGLIP_SCALE, SIGLIP_BIAS = 10.0, -10.0  # SigLIP's initialization
 
 
 def eager_clip(image, text, scale):
@@ -32,6 +40,19 @@ def eager_clip(image, text, scale):
     logits = scale * image @ text.T
     labels = torch.arange(image.shape[0], device=image.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def eager_siglip(image, text, scale, bias):
+    """open_clip's SigLipLoss, single process."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = scale * image @ text.T + bias
+    labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+def fixed_shift(fn):
+    """``fn`` on the fixed-shift schedule (read once per call, in the forward; the backward keeps it)."""
+    return with_env(fn, FUSEDLOSS_CONTRASTIVE_SCHEDULE="fixed_shift")
 
 
 def eager_nt_xent(features):
@@ -73,6 +94,8 @@ def bare_matmuls(q, k, w):
 PROVIDERS = {
     "clip": {
         "fusedloss": (lambda d: clip_loss, "fusedloss.clip_loss(image, text, logit_scale)", None),
+        "fusedloss-fixed_shift": (lambda d: fixed_shift(clip_loss),
+                                  "fusedloss.clip_loss with FUSEDLOSS_CONTRASTIVE_SCHEDULE=fixed_shift", "triton"),
         "eager": (lambda d: eager_clip, "open_clip ClipLoss, single process", None),
         "torch.compile": (lambda d: compiled(eager_clip, "clip"), "torch.compile(eager, dynamic=False)", "torch"),
         "inf_cl": (inf_cl_clip, "inf_cl.flash.cal_flash_loss per direction, inputs normalized", "inf_cl"),
@@ -80,20 +103,27 @@ PROVIDERS = {
     },
     "nt_xent": {
         "fusedloss": (lambda d: lambda f: nt_xent(f, TEMPERATURE), "fusedloss.nt_xent(features, 0.1)", None),
+        "fusedloss-fixed_shift": (lambda d: fixed_shift(lambda f: nt_xent(f, TEMPERATURE)),
+                                  "fusedloss.nt_xent with FUSEDLOSS_CONTRASTIVE_SCHEDULE=fixed_shift", "triton"),
         "eager": (lambda d: eager_nt_xent, "SimCLR info_nce_loss", None),
         "torch.compile": (lambda d: compiled(eager_nt_xent, "nt_xent"), "torch.compile(eager, dynamic=False)",
                           "torch"),
         "matmul": (None, "F @ F.T; W @ F and W.T @ F (forward + backward)", None),
     },
+    "siglip": {
+        "fusedloss": (lambda d: siglip_loss, "fusedloss.siglip_loss(image, text, logit_scale, logit_bias)", None),
+        "eager": (lambda d: eager_siglip, "open_clip SigLipLoss, single process", None),
+        "matmul": (None, "Q @ K.T; W @ K and W.T @ Q (forward + backward)", None),
+    },
 }
-GPU_ONLY = ("torch.compile", "inf_cl")
+GPU_ONLY = ("torch.compile", "inf_cl", "fusedloss-fixed_shift")  # (on CPU the kernels' schedule is not in play)
 TARGET = ("clip", 65536, 768)  # torch.compile runs here only (compile time)
 
 
 def sizes(quick):
     if quick:
-        return {"clip": [(1024, 128)], "nt_xent": [(1024, 128)]}
-    return {"clip": [(65536, 768), (16384, 512)], "nt_xent": [(32768, 128)]}
+        return {"clip": [(1024, 128)], "nt_xent": [(1024, 128)], "siglip": [(1024, 128)]}
+    return {"clip": [(65536, 768), (16384, 512)], "nt_xent": [(32768, 128)], "siglip": [(65536, 768)]}
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -112,6 +142,12 @@ def test_nt_xent(run_bench, device, quick, provider, mode):
     _throughput(run_bench, device, "nt_xent", provider, mode, *sizes(quick)["nt_xent"][0])
 
 
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("provider", list(PROVIDERS["siglip"]))
+def test_siglip(run_bench, device, quick, provider, mode):
+    _throughput(run_bench, device, "siglip", provider, mode, *sizes(quick)["siglip"][0])
+
+
 def _throughput(run_bench, device, family, provider, mode, rows, dim):
     make, settings, module = PROVIDERS[family][provider]
     if device.type == "cpu" and provider in GPU_ONLY:
@@ -123,8 +159,9 @@ def _throughput(run_bench, device, family, provider, mode, rows, dim):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     feats = [skip_if_oom(lambda: torch.randn(rows, dim, device=device, dtype=dtype, generator=gen))
-             for _ in range(2 if family == "clip" else 1)]
-    hw = {"fusedloss": (2 if mode == "fwd" else 8 if family == "clip" else 6),
+             for _ in range(1 if family == "nt_xent" else 2)]
+    fused = 2 if mode == "fwd" else 6 if family == "nt_xent" else 8
+    hw = {"fusedloss": fused, "fusedloss-fixed_shift": fused,
           "inf_cl": (4 if mode == "fwd" else 16)}.get(provider, 2 if mode == "fwd" else 6)
     common = dict(flops=(2 if mode == "fwd" else 6) * rows * rows * dim, hw_flops=hw * rows * rows * dim,
                   **row(family, provider, mode, f"{rows}x{dim}", f"d={dim}", dtype, settings))
@@ -136,4 +173,7 @@ def _throughput(run_bench, device, family, provider, mode, rows, dim):
     inputs, reference = feats, eager_nt_xent
     if family == "clip":
         inputs, reference = feats + [torch.tensor(LOGIT_SCALE, device=device)], eager_clip
+    elif family == "siglip":
+        inputs = feats + [torch.tensor(SIGLIP_SCALE, device=device), torch.tensor(SIGLIP_BIAS, device=device)]
+        reference = eager_siglip
     run_bench(make(dim), inputs, differentiable=inputs if mode == "fwd_bwd" else [], reference=reference, **common)

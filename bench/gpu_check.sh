@@ -14,7 +14,7 @@
 # phases.{json,md}, sweep_cross_entropy.json.
 # Knobs: DEADLINE, BENCH_BUDGET (default 300), TEST_BUDGET (default 150), BENCH_FILE_TIMEOUT (seconds per bench
 # file), BENCH_FILES (default: all), BENCH_SELECT / TEST_SELECT (pytest -k), TESTS (paths, default tests),
-# FUSEDLOSS_BENCH_PROBE_S (the largest-batch probe, default 20), SKIP_BENCH=1, SKIP_TESTS=1, SKIP_PHASES=1,
+# FUSEDLOSS_BENCH_PROBE_S (the largest-batch probe, seconds per provider, default 60), SKIP_BENCH=1, SKIP_TESTS=1, SKIP_PHASES=1,
 # SKIP_SWEEP=1.
 # Dry run on a CPU machine: OUT=/tmp/gpu bash bench/gpu_check.sh (the CUDA tier then skips, benchmarks are quick).
 set -uo pipefail

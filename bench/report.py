@@ -22,6 +22,7 @@ from statistics import median
 PROVIDERS = {
     "fusedloss": "#1f77b4",
     "fusedloss-single_read": "#aec7e8",
+    "fusedloss-fixed_shift": "#393b79",
     "fusedloss-tma": "#aec7e8",
     "fusedloss-fast": "#c5b0d5",
     "eager": "#7f7f7f",

@@ -125,6 +125,20 @@ def distillation_config(n_classes, dtype):
 # rate. Replace with a sweep's winners. fp32 (IEEE, FMA pipes) and fp64 configs are sized for correctness, not speed.
 # The forward holds a [BLOCK_M, BLOCK_N] fp32 logits tile plus per-row state; the band (dlogits) kernel and the band
 # GEMMs are plain GEMM tiles, 128 x 128 x 64 with 3 stages for 16-bit (8 warps, two warpgroups of wgmma m64).
+#
+# Two switches, read once per loss call (the backward keeps the forward's), each opt-in until a GPU measures it:
+# - FUSEDLOSS_CONTRASTIVE_SCHEDULE (``contrastive_schedule``): "exact" (default: online max, with column statistics
+#   two exps per element) or "fixed_shift" (kernels/contrastive.py's docstring: one exp per element in the forward
+#   and in the logit gradient for normalized features, the exact kernels for the rows and columns where its bound
+#   does not hold). Compile report, sm_90, bf16, d = 768, whole-kernel SASS (bench/NOTES.md has every variant):
+#   CLIP forward exact 128 x 64 x 64: 246 registers, 83 MUFU, 304 SHFL, 164 FMNMX per 8192-element tile; fixed
+#   128 x 128 x 32: 255 registers (none spilled), 65 MUFU, 396 SHFL, 0 FMNMX per 16384 elements (MUFU per element
+#   2.6 -> 1, SHFL -35%, half the L2 bytes per flop); CLIP logit gradient 128 x 128: 254 -> 220 registers.
+# - FUSEDLOSS_CONTRASTIVE_GEMM (``contrastive_gemm``): the backward's two band GEMMs on "triton"
+#   (kernels._gemm.matmul, default) or "cublas" (torch.mm / addmm with fp32 output; the design study measured
+#   cuBLAS at 84% of the bf16 matmul rate on these shapes, the Triton GEMMs' share of the calibrated model is ~60%).
+CONTRASTIVE_SCHEDULES = ("exact", "fixed_shift")
+CONTRASTIVE_GEMMS = ("triton", "cublas")
 CONTRASTIVE_FWD_PROGRAMS_PER_SM = 2  # symmetric CLIP: programs ~ 2 x SMs, each a band of consecutive row tiles
 CONTRASTIVE_BAND_BYTES = 1 << 29  # backward band buffer target: 512 MiB (4096 rows at N = 65536 in bf16)
 CONTRASTIVE_BAND_MIN_ROWS = 1024  # never fewer rows per band: the fp32 column-gradient update is 8 N d bytes per band
@@ -133,19 +147,47 @@ CONTRASTIVE_BAND_MIN_ROWS = 1024  # never fewer rows per band: the fp32 column-g
 CONTRASTIVE_FWD_PROGRAMS = None
 
 
-def contrastive_fwd_config(dim, itemsize, heavy_epilogue):
+def _switch(name, choices):
+    value = os.environ.get(name, "") or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def contrastive_schedule():
+    """The contrastive kernels' schedule, from ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` (read here only): ``"exact"``
+    (unset or empty) or ``"fixed_shift"``."""
+    return _switch("FUSEDLOSS_CONTRASTIVE_SCHEDULE", CONTRASTIVE_SCHEDULES)
+
+
+def contrastive_gemm():
+    """Where the contrastive backward's band GEMMs run, from ``FUSEDLOSS_CONTRASTIVE_GEMM`` (read here only):
+    ``"triton"`` (unset or empty) or ``"cublas"``."""
+    return _switch("FUSEDLOSS_CONTRASTIVE_GEMM", CONTRASTIVE_GEMMS)
+
+
+def contrastive_fwd_config(dim, itemsize, col_stats, sigmoid, schedule):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the forward. For d <= 128 (SimCLR heads) BLOCK_D
-    covers d and the row tile stays on chip for the whole column sweep. Otherwise d streams in 64-wide chunks and
-    the row tile is re-read from L2 for every column tile: 128 x 128 tiles double the flops per byte of 128 x 64
-    ((128 + 128) d bytes for 2 * 128 * 128 d flops), but with a heavy epilogue, the column statistics' state
-    (COL_STATS) or the sigmoid loss's terms (SIGMOID), they spill (255 registers and LDL/STL on sm_80 and sm_90),
-    so those variants keep BLOCK_N = 64."""
+    covers d and the row tile stays on chip for the whole column sweep (128 x 128 tiles spill there, on both
+    schedules). Otherwise d streams in chunks and the row tile is re-read from L2 for every column tile: 128 x 128
+    tiles double the flops per byte of 128 x 64 ((128 + 128) d bytes for 2 * 128 * 128 d flops), but with a heavy
+    epilogue, the exact schedule's column statistics or the sigmoid loss's terms, they spill (255 registers and
+    LDL/STL on sm_80 and sm_90), so those variants keep BLOCK_N = 64. The fixed-shift epilogue (one exp2, two sums per
+    direction) fits 128 x 128 with column statistics when d streams in 32-wide chunks (246-255 registers, none
+    spilled; 64-wide chunks spill 4 registers on sm_90), with 4 stages (64 KB of shared memory at one CTA per SM).
+    The sigmoid epilogue does not fit 128 x 128 on either schedule (37-182 LDL/STL at 8 warps, 65-118 at 16).
+    ``"fallback"`` launches are exact ones without column statistics."""
+    if schedule == "fallback":
+        schedule, col_stats = "exact", False
     if itemsize == 2:
         if dim <= 128:
             return 128, 64, max(16, triton.next_power_of_2(dim)), 8, 3
-        return 128, 64 if heavy_epilogue else 128, 64, 8, 3
-    if itemsize == 4:  # IEEE fp32 products run on the FMA pipes: smaller tiles, fewer registers
-        return 64, 32, 16, 4, 2
+        if schedule == "fixed_shift" and not sigmoid:
+            return 128, 128, 32, 8, 4
+        return 128, 64 if col_stats or sigmoid else 128, 64, 8, 3
+    if itemsize == 4:  # IEEE fp32 products run on the FMA pipes: smaller tiles, fewer registers. With the fixed
+        # shift, 64 x 32 x 16 on 2-3 stages lets ptxas settle on 128 registers and spill 2-4 (sm_80 or sm_90).
+        return (64, 64, 16, 4, 2) if schedule == "fixed_shift" and not sigmoid else (64, 32, 16, 4, 2)
     return 32, 32, 16, 4, 1
 
 

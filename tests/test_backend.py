@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from fusedloss.kernels import _common
 
 import fusedloss
 from fusedloss import _backend
-from fusedloss.kernels import _common
 
 
 def test_cpu_backends(monkeypatch):

@@ -17,6 +17,7 @@ from fusedloss import siglip_loss
 from conftest import Case, assert_close, randn, rel_err
 
 small_bands = test_contrastive.small_bands  # the fixture: several bands and forward programs at test sizes
+schedule = test_contrastive.schedule  # the fixture: both kernel schedules
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -25,7 +26,7 @@ small_bands = test_contrastive.small_bands  # the fixture: several bands and for
     (150, 200, 100.0, -5.0),  # d in chunks, a sharp scale
     (1, 16, 10.0, -10.0),  # one pair: only the positive term
 ])
-def test_siglip_matches_open_clip(small_bands, gen, dtype, n, dim, scale, bias):
+def test_siglip_matches_open_clip(small_bands, schedule, gen, dtype, n, dim, scale, bias):
     tier = small_bands
     need_dtype(tier, dtype)
     image, text = randn(gen, n, dim, dtype=torch.float64), randn(gen, n, dim, dtype=torch.float64)
@@ -43,6 +44,31 @@ def test_siglip_matches_open_clip(small_bands, gen, dtype, n, dim, scale, bias):
     assert_close(txt.grad, txt_ref.grad, dtype, "text_features.grad")
     assert_close(s.grad, s_ref.grad, dtype, "logit_scale.grad")
     assert_close(b.grad, b_ref.grad, dtype, "logit_bias.grad")
+
+
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_siglip_schedules_and_band_gemms(small_bands, gen, monkeypatch, gemm):
+    """The fixed-shift schedule leaves SigLIP on the exact schedule's kernels and tiles (its sigmoid epilogue spills
+    at 128 x 128: kernels/configs.py), so its results are bitwise the exact schedule's; the cuBLAS band GEMMs
+    (``FUSEDLOSS_CONTRASTIVE_GEMM=cublas``) give fp64's values and gradients."""
+    tier = small_bands
+    if tier.name == "torch":
+        pytest.skip("the switches are the kernels'")
+    monkeypatch.setenv("FUSEDLOSS_CONTRASTIVE_GEMM", gemm)
+    image, text = randn(gen, 150, 40, dtype=torch.float64), randn(gen, 150, 40, dtype=torch.float64)
+    results = {}
+    for name in ("exact", "fixed_shift"):
+        monkeypatch.setenv("FUSEDLOSS_CONTRASTIVE_SCHEDULE", name)
+        (img, txt, s, b), ref = leaves(tier.device, torch.float32, image, text + image, torch.tensor(10.0),
+                                       torch.tensor(-10.0))
+        loss = siglip_loss(img, txt, s, b)
+        results[name] = [loss.detach(), *torch.autograd.grad(loss, [img, txt, s, b])]
+    for got, want in zip(results["fixed_shift"], results["exact"]):
+        assert torch.equal(got, want)
+    expected = open_clip_siglip(*ref)
+    for got, want, what in zip(results["exact"], [expected.detach(), *torch.autograd.grad(expected, ref)],
+                               ("loss", "image", "text", "logit_scale", "logit_bias")):
+        assert_close(got, want, torch.float32, what)
 
 
 def test_siglip_fp64_exp_scale(small_bands, gen):

@@ -59,10 +59,16 @@ _TORCH_BAND_ELEMENTS = 1 << 22
 class ContrastiveOptions:
     """Everything but the tensors. ``kind``: ``'nt_xent'``, ``'info_nce'``, ``'clip'`` or ``'siglip'``;
     ``engine``: ``'triton'`` (the kernels), ``'torch'`` (the same bands in torch ops) or ``'definition'``;
-    ``rank`` / ``world_size`` those of ``process_group`` (0 / 1 without one)."""
+    ``rank`` / ``world_size`` those of ``process_group`` (0 / 1 without one); ``normalized``: the features are unit
+    vectors (every kind but ``info_nce(normalize=False)``), which the fixed-shift schedule needs; ``schedule`` and
+    ``gemm``: the kernels' switches (``kernels.configs``), read once per call by ``_run`` so that the backward runs
+    on the forward's."""
 
     kind: str
     reduction: str = "mean"
+    normalized: bool = True
+    schedule: str = "exact"
+    gemm: str = "triton"
     out_dtype: torch.dtype = torch.float32
     engine: str = "torch"
     rank: int = 0
@@ -163,7 +169,8 @@ def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean"):
     (x, y), out_dtype = _features((("query", query), ("key", key)), normalize=normalize)
     with _no_autocast(x.device):
         scale = _inverse_temperature(temperature, x)
-        opts = ContrastiveOptions("info_nce", reduction=reduction, out_dtype=out_dtype, engine=_engine(x))
+        opts = ContrastiveOptions("info_nce", reduction=reduction, normalized=normalize, out_dtype=out_dtype,
+                                  engine=_engine(x))
         return _run(opts, x, y, scale, None)
 
 
@@ -277,6 +284,14 @@ def _group_options(kind, process_group, out_dtype, x):
 def _run(opts, x, y, scale, bias):
     if opts.engine == "definition":
         return _definition(opts, x, y, scale, bias)
+    if opts.engine == "triton":
+        from ..kernels import configs
+
+        # The fixed shift needs unit vectors (not info_nce(normalize=False)); fp64 features take the exact kernels.
+        schedule = configs.contrastive_schedule()
+        if not opts.normalized or x.dtype == torch.float64:
+            schedule = "exact"
+        opts = dataclasses.replace(opts, schedule=schedule, gemm=configs.contrastive_gemm())
     return _Contrastive.apply(opts, _family.needs_grad(x, y, scale, bias), x, y, scale, bias)[0]
 
 
@@ -340,13 +355,14 @@ def _definition(opts, x, y, scale, bias):
 
 
 def _finish(m, s, t, pos_dot, scale):
-    """(lse, loss, dloss/ds), stacked as (L, 3), from the negatives' (max, sum-exp, moment) and the positive's dot
-    product of L rows (or columns)."""
+    """(lse, loss, dloss/ds, negatives' lse), stacked as (L, 4), from the negatives' (max, sum-exp, moment) and the
+    positive's dot product of L rows (or columns). The fourth column tells the fixed-shift backward where its bound
+    holds (kernels' docstring)."""
     negatives = torch.where(m > float("-inf"), m, 0.0) + torch.log(s)
     positive = scale * pos_dot
     gap = negatives - positive
     dscale = torch.where(s > 0, torch.sigmoid(gap) * (t / s - pos_dot), 0.0)
-    return torch.stack([torch.logaddexp(negatives, positive), _softplus(gap), dscale], dim=1)
+    return torch.stack([torch.logaddexp(negatives, positive), _softplus(gap), dscale, negatives], dim=1)
 
 
 def _rebase(m, s, t, top):
@@ -405,7 +421,7 @@ def _reduce_scatter(x, group):
 class _Contrastive(_family.LossFunction):
     """Inputs: ``x`` (M, d) the row features (normalized as the loss sees them), ``y`` (N, d) the column features
     (None for NT-Xent), ``scale`` and ``bias`` (SigLIP) 0-d in the compute dtype. State: the rows' (lse, loss,
-    dloss/ds) (softmax) or (loss, sum u, sum u C) (sigmoid), the columns' (lse, loss, dloss/ds) (CLIP), and the
+    dloss/ds, negatives' lse) (softmax) or (loss, sum u, sum u C) (sigmoid), the columns' four (CLIP), and the
     gathered column features across ranks."""
 
     @staticmethod
@@ -509,17 +525,34 @@ class _TritonEngine:
         )
 
         sigmoid = opts.kind == "siglip"
+        schedule = opts.schedule
         n_rows, dim = q.shape
+        n_cols = k.shape[0]
         offset, modulus, self_mask = _positives(opts, n_rows)
         rows = _alloc.empty((n_rows, SIGMOID_ROW_STATS if sigmoid else SOFTMAX_ROW_STATS), dtype=scale.dtype,
                             device=q.device)
         ws = None
         if opts.kind == "clip":
-            programs = forward_programs(n_rows, dim, q.dtype, q.device)[0]
-            ws = _alloc.empty((programs, COL_STATS, k.shape[0]), dtype=scale.dtype, device=q.device)
+            programs = forward_programs(n_rows, dim, q.dtype, q.device, schedule)[0]
+            ws = _alloc.empty((programs, COL_STATS, n_cols), dtype=scale.dtype, device=q.device)
         contrastive_forward(q, k, scale, bias if sigmoid else None, rows, ws, pos_offset=offset, pos_modulus=modulus,
-                            self_mask=self_mask, sigmoid=sigmoid)
-        return rows, (None if ws is None else _merge_partials(ws))
+                            self_mask=self_mask, sigmoid=sigmoid, schedule=schedule)
+        fixed = schedule == "fixed_shift" and not sigmoid
+        if fixed:  # the rows whose negatives the fixed shift could not hold, exactly (kernels' docstring)
+            contrastive_forward(q, k, scale, None, rows, None, pos_offset=offset, pos_modulus=modulus,
+                                self_mask=self_mask, sigmoid=False, schedule="fallback")
+        if ws is None:
+            return rows, None
+        cols = _merge_partials(ws)
+        if fixed:
+            # The columns' likewise: the transposed problem (rows K, columns Q), whose row j has its positive at
+            # column j - offset when that is one of this rank's rows, written over the merged (m, s, t) in an
+            # (N, 4) layout (the fourth column, that problem's positive dot product, is not used).
+            stats = torch.cat([cols, torch.zeros_like(cols[:1])]).t().contiguous()
+            contrastive_forward(k, q, scale, None, stats, None, pos_offset=n_cols - offset, pos_modulus=n_cols,
+                                self_mask=False, sigmoid=False, schedule="fallback")
+            cols = stats[:, :COL_STATS].t()
+        return rows, cols
 
     @staticmethod
     def grads(opts, q, k, scale, bias, row_state, col_state, a, b, need_q, need_k):
@@ -534,6 +567,7 @@ class _TritonEngine:
         band_scale = torch.where(top > 0, 1.0 / top, torch.ones_like(top))
         r = band_rows(n_rows, n_cols, q.dtype)
         band = _alloc.empty((r, n_cols), dtype=q.dtype, device=q.device)
+        cublas = opts.gemm == "cublas"
         dq = _alloc.empty((n_rows, dim), dtype=scale.dtype, device=q.device) if need_q else None
         dk = _alloc.empty((n_cols, dim), dtype=scale.dtype, device=q.device) if need_k else None
         for start in range(0, n_rows, r):
@@ -541,11 +575,11 @@ class _TritonEngine:
             w = band[:stop - start]
             contrastive_dlogits(q, k, scale, bias if sigmoid else None, band_scale, None if sigmoid else row_state, a,
                                 None if sigmoid else col_state, b, w, row_start=start, pos_offset=offset,
-                                pos_modulus=modulus, self_mask=self_mask, sigmoid=sigmoid)
+                                pos_modulus=modulus, self_mask=self_mask, sigmoid=sigmoid, schedule=opts.schedule)
             if need_q:
-                band_matmul(w, k, dq[start:stop], accumulate=False)
+                band_matmul(w, k, dq[start:stop], accumulate=False, cublas=cublas)
             if need_k:
-                band_matmul(w.t(), q[start:stop], dk, accumulate=start > 0)
+                band_matmul(w.t(), q[start:stop], dk, accumulate=start > 0, cublas=cublas)
         factor = scale / band_scale
         return (None if dq is None else dq.mul_(factor)), (None if dk is None else dk.mul_(factor))
 
