@@ -164,4 +164,5 @@ def pytest_collection_finish(session):
     for item in session.items:
         if item.nodeid.endswith("test_every_kernel_variant_compiles_without_spills"):
             item.module.start()
+            session.config.add_cleanup(item.module.stop)
             return

@@ -37,6 +37,16 @@ def start():
                                        env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
+def stop():
+    """Kill the report if it still runs (a session that ends before its test, e.g. ``-x``) and close its log."""
+    if _report:
+        if _report["proc"].poll() is None:
+            _report["proc"].kill()
+            _report["proc"].wait()
+        _report["log"].close()
+        _report.clear()
+
+
 def test_every_kernel_variant_compiles_without_spills():
     pytest.importorskip("triton")
     if not _runs_here():
@@ -45,10 +55,10 @@ def test_every_kernel_variant_compiles_without_spills():
     try:
         code = _report["proc"].wait(timeout=1800)
     except subprocess.TimeoutExpired:
-        _report["proc"].kill()
+        stop()
         pytest.fail("the compile report did not finish in 30 minutes")
-    log = _report["log"]
-    log.seek(0)
-    report = log.read()
+    _report["log"].seek(0)
+    report = _report["log"].read()
+    stop()
     assert code == 0, f"compile report failed:\n{report[-20000:]}"
     assert " 0 failed or spilled" in report, report[-5000:]
