@@ -39,4 +39,4 @@ __all__ = [
     "smooth_l1_loss",
     "triplet_margin_loss",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -46,7 +46,8 @@ _kernels, _unavailable = _load_kernels()
 
 def backend(device):
     """The backend that runs a loss whose tensors live on ``device`` (a ``torch.device`` or a string)."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     forced = os.environ.get("FUSEDLOSS_BACKEND", "")
     if forced not in ("", "auto", "torch"):
         raise ValueError(f"FUSEDLOSS_BACKEND must be 'torch' or 'auto', got {forced!r}")

@@ -42,10 +42,12 @@ def _scalar(name, value, kind):
 
 def check_number(name, value, *, low=None, high=None, low_open=False, finite=False):
     """A real number within [low, high] (or (low, high] with ``low_open``), finite if asked, returned as float."""
-    if isinstance(value, torch.Tensor):
-        value = _scalar(name, value, "a number")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    # (exact float / int first: the numbers.Real ABC check costs a microsecond, a tenth of a small loss's call)
+    if type(value) is not float and type(value) is not int:
+        if isinstance(value, torch.Tensor):
+            value = _scalar(name, value, "a number")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if value != value:
         raise ValueError(f"{name} must not be NaN")
@@ -60,6 +62,8 @@ def check_number(name, value, *, low=None, high=None, low_open=False, finite=Fal
 
 def check_int(name, value):
     """An integer (Python, NumPy or a 0-d integer tensor; not a bool), returned as int."""
+    if type(value) is int:
+        return value
     if isinstance(value, torch.Tensor):
         if value.is_floating_point():
             raise TypeError(f"{name} must be an int, got a {value.dtype} tensor")

@@ -98,10 +98,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     # (on the torch backend F.cross_entropy raises IndexError itself, but not across the shards of a group)
     if not target.is_floating_point() and target.device.type == "cpu" and not (on_torch and process_group is None):
         _checks.check_class_range(target, opts.n_classes, ignore_index)
-    needs = _family.needs_grad(input, target, weight, alpha)
     # The torch backend is the definition itself; so are inputs the kernels do not cover: empty ones, and a
     # differentiable class weight (probability targets), whose gradient the kernels do not produce.
-    if on_torch or input.numel() == 0 or needs[2]:
+    if on_torch:
+        return _definition(opts, input, target, weight, alpha)
+    needs = _family.needs_grad(input, target, weight, alpha)
+    if input.numel() == 0 or needs[2]:
         return _definition(opts, input, target, weight, alpha)
     return _CrossEntropy.apply(opts, needs, input, target, weight, alpha)[0]
 
@@ -221,7 +223,7 @@ def _definition(opts, input, target, weight, alpha):
     if not opts.has_extras and alpha is None:
         out = F.cross_entropy(input, target, weight=weight, ignore_index=opts.ignore_index, reduction=opts.reduction,
                               label_smoothing=opts.label_smoothing)
-        return out.to(opts.out_dtype)
+        return _family.cast(out, opts.out_dtype)
     dtype = _family.compute_dtype(input, target)
     class_dim = 0 if input.dim() == 1 else 1
     x = input.to(dtype)

@@ -239,10 +239,10 @@ def _definition(opts, input, target, weight, margin):
         u = input.to(dtype) - target.to(dtype) - (opts.margin if margin is None else margin.to(dtype))
         rows = -F.logsigmoid(u)
         out = rows.mean() if opts.reduction == "mean" else rows.sum() if opts.reduction == "sum" else rows
-        return _cast(out, opts.out_dtype)
+        return _family.cast(out, opts.out_dtype)
     if opts.loss in ("kl", "kl_log_target"):
         out = torch.kl_div(input, target, REDUCTION_ENUM[opts.reduction], log_target=opts.loss == "kl_log_target")
-        return _cast(out / opts.batch if opts.batch != 1 else out, opts.out_dtype)
+        return _family.cast(out / opts.batch if opts.batch != 1 else out, opts.out_dtype)
     if input.shape != target.shape:
         input, target = torch.broadcast_tensors(input, target)
     if opts.loss == "huber" and input.dtype != target.dtype:
@@ -251,18 +251,13 @@ def _definition(opts, input, target, weight, margin):
         input, target = input.to(dtype), target.to(dtype)
     args = (opts.delta,) if opts.loss in ("huber", "smooth_l1") else ()
     if weight is None:
-        return _cast(_ATEN[opts.loss](input, target, REDUCTION_ENUM[opts.reduction], *args), opts.out_dtype)
+        return _family.cast(_ATEN[opts.loss](input, target, REDUCTION_ENUM[opts.reduction], *args), opts.out_dtype)
     rows = _ATEN[opts.loss](input, target, REDUCTION_ENUM["none"], *args) * weight
     if opts.reduction == "sum":
         rows = rows.sum()
     elif opts.reduction == "mean":
         rows = rows.sum() / weight.sum() if opts.weight_mean else rows.mean()
-    return _cast(rows, opts.out_dtype)
-
-
-def _cast(t, dtype):
-    """``t.to(dtype)`` without the call when it already has that dtype (a no-op ``to`` costs a microsecond)."""
-    return t if t.dtype == dtype else t.to(dtype)
+    return _family.cast(rows, opts.out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
