@@ -7,9 +7,13 @@
   semantics.
 """
 
+import importlib.util
 import os
 
 import torch
+
+_NEEDS_NUMPY = ("TRITON_INTERPRET=1 asks for Triton's interpreter, which needs numpy: "
+                "pip install numpy (or fusedloss[test])")
 
 
 def _interpreter_requested():
@@ -24,19 +28,19 @@ def _load_kernels():
         import triton  # noqa: F401
     except ImportError as error:
         if getattr(error, "name", None) == "numpy" and _interpreter_requested():
-            raise ImportError("TRITON_INTERPRET=1 asks for Triton's interpreter, which needs numpy: "
-                              "pip install numpy (or fusedloss[test])") from error
+            raise ImportError(_NEEDS_NUMPY) from error
         return None, "triton is not installed (a Linux-only dependency of fusedloss)"
+    # (checked before the import: a missing submodule of a package being initialized surfaces as "cannot import
+    # name 'kernels' from partially initialized module", which reads like a circular import)
+    if importlib.util.find_spec(f"{__package__}.kernels") is None:
+        raise ImportError("fusedloss.kernels is missing: the kernels live in the repository's kernels/ folder and are "
+                          "installed as fusedloss.kernels; install the package (pip install -e .) instead of importing "
+                          "it from the source tree")
     try:
         from . import kernels
     except ModuleNotFoundError as error:
-        if error.name == "fusedloss.kernels":
-            raise ImportError("fusedloss.kernels is missing: the kernels live in the repository's kernels/ folder "
-                              "and are installed as fusedloss.kernels; install the package (pip install -e .) "
-                              "instead of importing it from the source tree") from error
         if error.name == "numpy" and _interpreter_requested():
-            raise ImportError("TRITON_INTERPRET=1 asks for Triton's interpreter, which needs numpy: "
-                              "pip install numpy (or fusedloss[test])") from error
+            raise ImportError(_NEEDS_NUMPY) from error
         raise
     return kernels, None
 

@@ -1,5 +1,10 @@
 """Backend choice: per call, from the device and the environment."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from fusedloss.kernels import _common
@@ -32,3 +37,28 @@ def test_fp64_matmul_families_fall_back_where_triton_cannot_compile_fp64_dot(mon
     assert _backend.matmul_backend("cpu", torch.float32) == "triton-interpret"
     monkeypatch.setattr(_common, "FP64_DOT_MIN_TRITON", (0, 0))
     assert _backend.matmul_backend("cpu", torch.float64) == "triton-interpret"
+
+
+def _import_fusedloss(code, cwd, **env):
+    """Run ``code`` (which imports fusedloss) in a fresh interpreter; its (return code, stderr)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLOSS_BACKEND")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env={**environ, **env}, capture_output=True,
+                          text=True, timeout=120)
+    return done.returncode, done.stderr
+
+
+def test_interpreter_without_numpy_is_an_import_error_that_says_so(tmp_path):
+    code, err = _import_fusedloss("import sys; sys.modules['numpy'] = None; import fusedloss", tmp_path,
+                                  TRITON_INTERPRET="1")
+    assert code != 0 and "needs numpy" in err, err
+
+
+def test_source_tree_without_the_kernels_names_them(monkeypatch):
+    # importing from a checkout that was not installed: fusedloss/ is found, fusedloss.kernels (kernels/) is not
+    # (an editable install maps it, so the subprocess form of this test could not see the failure here)
+    pytest.importorskip("triton")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fusedloss.kernels"
+                        else find_spec(name, *a))
+    with pytest.raises(ImportError, match="fusedloss.kernels is missing"):
+        _backend._load_kernels()
