@@ -31,7 +31,9 @@ import torch
 
 from . import _alloc
 
-REDUCTIONS = ("none", "mean", "sum")
+# torch's reduction enum (``torch.nn._reduction.get_enum``), the last argument of its ATen loss functions: the
+# torch paths call those directly, as ``torch.nn.functional`` does
+REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 
 def compute_dtype(*tensors):

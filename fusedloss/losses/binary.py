@@ -15,9 +15,6 @@ import torch
 from .. import _alloc, _checks, _family
 from .._backend import backend
 
-# torch's reduction enum (torch.nn._reduction.get_enum), the last argument of its ATen loss functions
-REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
-
 
 @dataclasses.dataclass(frozen=True)
 class BinaryOptions:
@@ -126,10 +123,10 @@ def _definition(opts, input, target, weight, pos_weight):
     where ``1 - p_t == 0`` (``fusedloss.kernels.binary``'s docstring)."""
     if not opts.focal:
         return torch.binary_cross_entropy_with_logits(input, target, weight, pos_weight,
-                                                      REDUCTION_ENUM[opts.reduction])
+                                                      _family.REDUCTION_ENUM[opts.reduction])
     dtype = _family.compute_dtype(input, target)
     x, t = input.to(dtype), target.to(dtype)
-    ce = torch.binary_cross_entropy_with_logits(x, t, reduction=REDUCTION_ENUM["none"])
+    ce = torch.binary_cross_entropy_with_logits(x, t, reduction=_family.REDUCTION_ENUM["none"])
     q = torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t
     positive = q > 0
     # q * 0 where q == 0: the limit 0 of q ** gamma, with a zero derivative that still passes a NaN ce on (as

@@ -213,16 +213,16 @@ def _out_dtype(input, target):
 
 
 def _definition(opts, input, target, weight, alpha):
-    """``cross_entropy`` in torch ops. Without extras it is ``F.cross_entropy`` itself (ATen's fused kernel);
+    """``cross_entropy`` in torch ops. Without extras it is ATen's fused kernel, the one ``F.cross_entropy`` calls;
     the extras are composed on top, in fp32 (fp64 for fp64 inputs)."""
     if opts.process_group is not None:
         rows, _ = _sharded_rows_and_lse(opts, input, target, weight, alpha)
         dtype = rows.dtype
         denominator = _mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
         return _family.reduce(rows.reshape(-1), opts.reduction, denominator, rows.shape).to(opts.out_dtype)
-    if not opts.has_extras and alpha is None:
-        out = F.cross_entropy(input, target, weight=weight, ignore_index=opts.ignore_index, reduction=opts.reduction,
-                              label_smoothing=opts.label_smoothing)
+    if not opts.has_extras and alpha is None:  # ATen's function, the one F.cross_entropy calls
+        out = torch._C._nn.cross_entropy_loss(input, target, weight, _family.REDUCTION_ENUM[opts.reduction],
+                                              opts.ignore_index, opts.label_smoothing)
         return _family.cast(out, opts.out_dtype)
     dtype = _family.compute_dtype(input, target)
     class_dim = 0 if input.dim() == 1 else 1

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from .. import _alloc, _checks, _family
 from .._backend import backend
-from .binary import REDUCTION_ENUM
 
 KL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
 # The ATen function of each regression loss (the ones torch.nn.functional calls), with its extra argument.
@@ -241,7 +240,8 @@ def _definition(opts, input, target, weight, margin):
         out = rows.mean() if opts.reduction == "mean" else rows.sum() if opts.reduction == "sum" else rows
         return _family.cast(out, opts.out_dtype)
     if opts.loss in ("kl", "kl_log_target"):
-        out = torch.kl_div(input, target, REDUCTION_ENUM[opts.reduction], log_target=opts.loss == "kl_log_target")
+        out = torch.kl_div(input, target, _family.REDUCTION_ENUM[opts.reduction],
+                           log_target=opts.loss == "kl_log_target")
         return _family.cast(out / opts.batch if opts.batch != 1 else out, opts.out_dtype)
     if input.shape != target.shape:
         input, target = torch.broadcast_tensors(input, target)
@@ -251,8 +251,9 @@ def _definition(opts, input, target, weight, margin):
         input, target = input.to(dtype), target.to(dtype)
     args = (opts.delta,) if opts.loss in ("huber", "smooth_l1") else ()
     if weight is None:
-        return _family.cast(_ATEN[opts.loss](input, target, REDUCTION_ENUM[opts.reduction], *args), opts.out_dtype)
-    rows = _ATEN[opts.loss](input, target, REDUCTION_ENUM["none"], *args) * weight
+        out = _ATEN[opts.loss](input, target, _family.REDUCTION_ENUM[opts.reduction], *args)
+        return _family.cast(out, opts.out_dtype)
+    rows = _ATEN[opts.loss](input, target, _family.REDUCTION_ENUM["none"], *args) * weight
     if opts.reduction == "sum":
         rows = rows.sum()
     elif opts.reduction == "mean":
