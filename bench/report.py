@@ -588,7 +588,7 @@ def _bars(ax, run, problems, metric, several_families):
 def compare(path_a, path_b):
     """Each configuration's time in two runs: do they agree within the larger of the two stated spreads? Also after
     dividing out the machine's drift between the runs, the median ratio over all configurations: a shared CPU can
-    run a whole run 20-40% slower than another minutes later (seen on this project's 2-core machines), which no
+    run a whole run 19% slower than an hour earlier (seen on this project's 2-core machines), which no
     spread measured within one run can state."""
     a, b = load(path_a)[1], load(path_b)[1]
     b = {(_problem(c), c["provider"]): c for c in b}
