@@ -283,8 +283,8 @@ def header(run, configs):
                   "only add time), mean of two runs of each configuration minutes apart; `spread`: the larger of the "
                   "two runs' difference and, in each run, how far the median round lies above the fastest, relative "
                   "to the time. `report.py A.json --compare B.json` checks that a rerun agrees within it (also "
-                  "after dividing out the machine's drift between the runs: a shared CPU can run a whole run 20-40% "
-                  "slower)."]
+                  "after dividing out the machine's drift between the runs: on a shared CPU a whole run can be ~20% "
+                  "slower than another)."]
     lines += ["- **peak memory**: the most memory allocated at any moment of one call beyond what was allocated "
               "before it (inputs, weights) and beyond the gradients the step leaves in `.grad` (a gradient written "
               "over its input allocates nothing): what the loss costs on top of what any implementation holds. "
