@@ -31,6 +31,13 @@ def fp64_dot_supported():
     return _triton_version() >= FP64_DOT_MIN_TRITON
 
 
+def math_dtype(*tensors):
+    """The precision the kernels compute in, as their ``DTYPE`` constexpr: fp64 when a tensor argument is fp64, fp32
+    otherwise (16-bit inputs are widened on load). The host's ``fusedloss._family.compute_dtype`` in Triton's
+    terms; ``None`` arguments (absent optional operands) are skipped."""
+    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
+
+
 def split_f64(v):
     """A Python float as an fp32 (hi, lo) pair, rebuilt on the device by ``join_f64``: Triton passes Python floats
     as fp32, which would round e.g. label_smoothing=0.1 by 1.5e-8, too coarse for fp64 inputs."""
@@ -141,8 +148,7 @@ def scale_unless_one(grad: torch.Tensor, scale: torch.Tensor) -> None:
     numel = grad.numel()
     if numel:
         programs = min(triton.cdiv(numel, SCALE_BLOCK), SCALE_PROGRAMS_PER_SM * num_sms(grad.device))
-        dtype = tl.float64 if grad.dtype == torch.float64 else tl.float32
-        _scale_unless_one_kernel[(programs,)](grad, scale, numel, BLOCK=SCALE_BLOCK, DTYPE=dtype,
+        _scale_unless_one_kernel[(programs,)](grad, scale, numel, BLOCK=SCALE_BLOCK, DTYPE=math_dtype(grad),
                                               num_warps=SCALE_NUM_WARPS)
 
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import grouped_tile
+from ._common import grouped_tile, math_dtype
 from ._launch import custom_launcher
 
 
@@ -275,11 +275,6 @@ def _matmul_kernel(
                      PRECISION, DTYPE)
 
 
-def accumulate_dtype(t):
-    """The accumulator of ``tl.dot`` on operands like ``t``: fp64 for fp64, fp32 otherwise."""
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
 @custom_launcher("matmul", mutates_args=("out", "lo_out"))
 def matmul(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, acc: Optional[torch.Tensor] = None,
@@ -315,6 +310,6 @@ def matmul(
         LOAD_ACC=acc is not None, LOAD_LO=lo_in is not None, STORE_LO=lo_out is not None,
         HAS_SCALE=scale is not None, ZERO_SKIPPED=zero_skipped, TMA=tma,
         A_TRANS=tma and _storage_order(a), B_TRANS=tma and _storage_order(b),
-        PRECISION=dot_precision(a.dtype, input_precision), DTYPE=accumulate_dtype(a),
+        PRECISION=dot_precision(a.dtype, input_precision), DTYPE=math_dtype(a),
         num_warps=num_warps, num_stages=num_stages,
     )

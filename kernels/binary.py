@@ -31,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import join_f64, log1p, split_f64, to_element_type
+from ._common import join_f64, log1p, math_dtype, split_f64, to_element_type
 from ._launch import custom_launcher
 from .configs import BINARY_BLOCK, BINARY_NUM_WARPS, BINARY_NUM_WARPS_FP64
-from .pointwise import compute_dtype, flat_offsets, launch_strides, load_operand, walkable
+from .pointwise import flat_offsets, launch_strides, load_operand, walkable
 
 
 @triton.jit
@@ -139,7 +139,7 @@ def binary_forward(
     shape = input.shape
     operands = [walkable(t, shape) for t in (input, target, weight, pos_weight, grad_scale)]
     strided, strides, ones = launch_strides(operands, shape)
-    dtype = compute_dtype(input, target, weight, pos_weight)
+    dtype = math_dtype(input, target, weight, pos_weight)
     _binary_kernel[(num_programs(shape.numel()),)](
         *operands,
         loss, partial, grad_input, grad_target,

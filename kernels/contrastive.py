@@ -116,8 +116,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import expm1, grouped_tile, log1p
-from ._gemm import abt_tile, accumulate_dtype, dot_precision, matmul
+from ._common import expm1, grouped_tile, log1p, math_dtype
+from ._gemm import abt_tile, dot_precision, matmul
 from ._launch import custom_launcher, num_sms
 
 # Per-row statistics the forward writes: softmax (max and sum-exp of the negatives, their moment, the positive's dot
@@ -462,7 +462,7 @@ def contrastive_forward(
         col_stats.stride(0) if col else 0, col_stats.stride(1) if col else 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ONE_D_CHUNK=dim <= block_d,
         SELF_MASK=self_mask, COL_STATS=col, SIGMOID=sigmoid, SCHEDULE="exact" if sigmoid else schedule,
-        PRECISION=dot_precision(q.dtype), DTYPE=accumulate_dtype(q),
+        PRECISION=dot_precision(q.dtype), DTYPE=math_dtype(q),
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -493,7 +493,7 @@ def contrastive_dlogits(
         w.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, GROUP_M=group_m,
         SELF_MASK=self_mask, COL_TERM=col_term, SIGMOID=sigmoid, SCHEDULE="exact" if sigmoid else schedule,
-        PRECISION=dot_precision(q.dtype), DTYPE=accumulate_dtype(q),
+        PRECISION=dot_precision(q.dtype), DTYPE=math_dtype(q),
         num_warps=num_warps, num_stages=num_stages,
     )
 

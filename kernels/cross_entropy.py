@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import expm1, join_f64, online_logsumexp_update, pow_nonneg, soft_cap, split_f64
+from ._common import expm1, join_f64, math_dtype, online_logsumexp_update, pow_nonneg, soft_cap, split_f64
 from ._launch import custom_launcher
 from .configs import cross_entropy_config
 
@@ -475,10 +475,6 @@ def _target_layout(target):
     return class_layout(target)[2] if target.is_floating_point() else index_layout(target)
 
 
-def _dtype_of(*tensors):
-    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
-
-
 def _layout_and_config(logits):
     n_rows, inner, strides = class_layout(logits)
     n_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
@@ -515,7 +511,7 @@ def cross_entropy_forward(
         PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0 and not prob_target,
         HAS_SOFTCAP=softcap is not None, HAS_ALPHA=alpha is not None, COMPUTE_GRAD=grad is not None and not partial,
-        PARTIAL=partial, DTYPE=_dtype_of(logits, target),
+        PARTIAL=partial, DTYPE=math_dtype(logits, target),
         num_warps=num_warps,
     )
 
@@ -543,7 +539,7 @@ def cross_entropy_finish(
         *split_f64(z_loss),
         BLOCK_R=block_r, PROB_TARGET=prob_target, HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0 and not prob_target, HAS_ALPHA=alpha is not None,
-        DTYPE=_dtype_of(stats), num_warps=4,
+        DTYPE=math_dtype(stats), num_warps=4,
     )
 
 
@@ -571,7 +567,7 @@ def cross_entropy_backward(
         HAS_SMOOTHING=label_smoothing > 0.0 and not prob_target,
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_INPUT_GRAD=grad is not None, COMPUTE_TARGET_GRAD=grad_target is not None,
-        DTYPE=_dtype_of(logits, target),
+        DTYPE=math_dtype(logits, target),
         num_warps=num_warps,
     )
 

@@ -89,7 +89,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED
-from ._common import join_f64, split_f64
+from ._common import join_f64, math_dtype, split_f64
 from ._launch import custom_launcher, num_sms
 from .cross_entropy import (
     ROW_STATE,
@@ -421,7 +421,7 @@ def cross_entropy_single_read(
             *split_f64(softcap or 0.0),
             CHUNK=chunk, MAX_CHUNKS=triton.next_power_of_2(num_chunks), MODE=launch_mode,
             HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0.0, HAS_SOFTCAP=softcap is not None,
-            HAS_ALPHA=alpha is not None, DTYPE=tl.float64 if logits.dtype == torch.float64 else tl.float32,
+            HAS_ALPHA=alpha is not None, DTYPE=math_dtype(logits),
             num_warps=num_warps,
         )
 

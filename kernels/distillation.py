@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import join_f64, online_logsumexp_update, split_f64, to_element_type
+from ._common import join_f64, math_dtype, online_logsumexp_update, split_f64, to_element_type
 from ._launch import custom_launcher
 from .configs import distillation_config
 
@@ -188,10 +188,9 @@ def _common_args(student, teacher, target, grad_student, grad_teacher):
             0 if grad_student is None else grad_student.stride(0),
             0 if grad_teacher is None else grad_teacher.stride(0),
             0 if target is None else target.stride(0))
-    dtype = tl.float64 if wide.dtype.itemsize == 8 else tl.float32
     flags = {"BLOCK_R": block_r, "BLOCK_V": block_v, "HAS_TARGET": target is not None,
              "COMPUTE_STUDENT_GRAD": grad_student is not None, "COMPUTE_TEACHER_GRAD": grad_teacher is not None,
-             "DTYPE": dtype}
+             "DTYPE": math_dtype(wide)}
     return grid, args, flags, num_warps
 
 

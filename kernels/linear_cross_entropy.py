@@ -101,8 +101,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from ._common import grouped_tile, join_f64, online_logsumexp_update, soft_cap, split_f64
-from ._gemm import abt_tile, accumulate_dtype, dot_precision, matmul, tma_compatible, use_tensor_descriptors
+from ._common import grouped_tile, join_f64, math_dtype, online_logsumexp_update, soft_cap, split_f64
+from ._gemm import abt_tile, dot_precision, matmul, tma_compatible, use_tensor_descriptors
 from ._launch import custom_launcher, num_sms
 from .cross_entropy import (
     ROW_STATE,
@@ -517,7 +517,7 @@ def linear_cross_entropy_forward(
         BLOCK_N=c["BLOCK_N"], BLOCK_V=c["BLOCK_V"], BLOCK_H=c["BLOCK_H"], GROUP_N=c["GROUP_N"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
         SKIP_IGNORED=skip_ignored, TMA=tma, PRECISION=dot_precision(x2d.dtype, input_precision),
-        DTYPE=accumulate_dtype(x2d),
+        DTYPE=math_dtype(x2d),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
     linear_cross_entropy_combine(part, target, loss, row_state, n_classes=n_classes, split_width=split_width,
@@ -544,7 +544,7 @@ def linear_cross_entropy_combine(
         stride_target_outer, stride_target_seq,
         int(shift), ignore_index, *split_f64(label_smoothing), *split_f64(focal_gamma), *split_f64(z_loss),
         BLOCK_R=block_r, SPLITS=max(triton.next_power_of_2(n_split), 2),
-        HAS_SMOOTHING=label_smoothing > 0.0, PARTIAL=partial, DTYPE=accumulate_dtype(part),
+        HAS_SMOOTHING=label_smoothing > 0.0, PARTIAL=partial, DTYPE=math_dtype(part),
         num_warps=configs.LCE_COMBINE_NUM_WARPS,
     )
 
@@ -580,7 +580,7 @@ def linear_cross_entropy_dlogits(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,
         HAS_DLSE=dlse is not None, COMPUTE_DBIAS=dbias_part is not None, SKIP_IGNORED=skip_ignored,
         ZERO_SKIPPED=zero_skipped, TMA=tma, PRECISION=dot_precision(x2d.dtype, input_precision),
-        DTYPE=accumulate_dtype(x2d),
+        DTYPE=math_dtype(x2d),
         num_warps=c["num_warps"], num_stages=c["num_stages"],
     )
 

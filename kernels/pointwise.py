@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import join_f64, log1p, split_f64, to_element_type
+from ._common import join_f64, log1p, math_dtype, split_f64, to_element_type
 from ._launch import custom_launcher
 from .configs import POINTWISE_BLOCK, POINTWISE_NUM_WARPS, POINTWISE_NUM_WARPS_FP64
 
@@ -241,11 +241,6 @@ def _flat_stride(pair, rows, n_cols):
     return None
 
 
-def compute_dtype(*tensors):
-    """The kernels' math: fp64 when a floating operand is fp64, fp32 otherwise."""
-    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
-
-
 def num_programs(numel):
     """The grid of ``_pointwise_kernel``, and so the length of its ``partial`` buffer."""
     return triton.cdiv(numel, POINTWISE_BLOCK)
@@ -273,7 +268,7 @@ def pointwise_forward(
     numel = shape.numel()
     operands = [walkable(t, shape) for t in (input, target, weight, margin, grad_scale)]
     strided, strides, ones = launch_strides(operands, shape)
-    dtype = compute_dtype(input, target, weight, margin)
+    dtype = math_dtype(input, target, weight, margin)
     _pointwise_kernel[(num_programs(numel),)](
         *operands,
         loss, partial, grad_input, grad_target, grad_weight, grad_margin,

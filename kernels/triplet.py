@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import join_f64, log1p, split_f64, to_element_type
+from ._common import join_f64, log1p, math_dtype, split_f64, to_element_type
 from ._gemm import dot_precision
 from ._launch import custom_launcher
 from .configs import batch_hard_loss_config, batch_hard_mine_config, triplet_config
@@ -451,10 +451,6 @@ def _batch_hard_loss_kernel(
 # Launchers: derive every constexpr flag from the arguments, and write into caller-allocated outputs.
 
 
-def _dtype_of(*tensors):
-    return tl.float64 if any(t.dtype.itemsize == 8 for t in tensors) else tl.float32
-
-
 @custom_launcher("triplet_forward", mutates_args=("loss", "grad_anchor", "grad_positive", "grad_negative"))
 def triplet_forward(
     anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, grad_scale: Optional[torch.Tensor],
@@ -476,7 +472,7 @@ def triplet_forward(
         BLOCK_R=block_r, BLOCK_D=block_d, NORM=norm_kind(p), SWAP=bool(swap),
         WRITE_LOSS=loss is not None, SCALE_PER_ROW=grad_scale is not None and grad_scale.dim() > 0,
         COMPUTE_ANCHOR_GRAD=grad_anchor is not None, COMPUTE_POSITIVE_GRAD=grad_positive is not None,
-        COMPUTE_NEGATIVE_GRAD=grad_negative is not None, DTYPE=_dtype_of(anchor, positive, negative),
+        COMPUTE_NEGATIVE_GRAD=grad_negative is not None, DTYPE=math_dtype(anchor, positive, negative),
         num_warps=num_warps,
     )
 
@@ -493,7 +489,7 @@ def batch_hard_mine(
         embeddings, labels, hardest_positive, hardest_negative,
         n_rows, dim,
         *embeddings.stride(), labels.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC_DTYPE=_dtype_of(embeddings),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC_DTYPE=math_dtype(embeddings),
         PRECISION=dot_precision(embeddings.dtype), num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -517,7 +513,7 @@ def batch_hard_loss(
         *split_f64(margin),
         BLOCK_R=block_r, BLOCK_D=block_d, SOFT_MARGIN=bool(soft_margin), WRITE_LOSS=loss is not None,
         SCALE_PER_ROW=grad_scale is not None and grad_scale.dim() > 0, COMPUTE_GRAD=grad is not None,
-        DTYPE=_dtype_of(embeddings),
+        DTYPE=math_dtype(embeddings),
         num_warps=num_warps,
     )
 
