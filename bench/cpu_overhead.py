@@ -65,7 +65,7 @@ def main():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     print(f"fusedloss backend: {fusedloss.backend('cpu')}, torch {torch.__version__}, 1 thread")
-    x, eager, ours = _ce(8, 10)
+    _, eager, ours = _ce(8, 10)
     times = _interleaved(eager, ours, None, 20000)
     per_call = {k: statistics.median(v) * 1e6 for k, v in times.items()}
     print(f"cross_entropy 8x10 forward, median of 20000 calls: eager {per_call['eager']:.1f} us, "
@@ -73,8 +73,7 @@ def main():
     print("\nforward + backward | calls | eager ms | fusedloss ms | eager / fusedloss: median | 10th percentile")
     for name, make in CASES.items():
         leaf, eager, ours = make()
-        for _ in range(5):
-            _seconds(eager, leaf), _seconds(ours, leaf)
+        _interleaved(eager, ours, leaf, 5)  # warm-up
         calls = max(50, min(600, int(1.5 / _seconds(eager, leaf))))  # ~3 s per case
         times = _interleaved(eager, ours, leaf, calls)
         med = {k: statistics.median(v) for k, v in times.items()}
