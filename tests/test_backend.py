@@ -62,3 +62,14 @@ def test_source_tree_without_the_kernels_names_them(monkeypatch):
                         else find_spec(name, *a))
     with pytest.raises(ImportError, match="fusedloss.kernels is missing"):
         _backend._load_kernels()
+
+
+def test_top_level_kernels_name_is_left_to_its_owner():
+    # Python puts the working directory on sys.path, and the repository root holds kernels/ (installed as
+    # fusedloss.kernels): a top-level "import kernels" there must reach the distribution that owns the name
+    # (Hugging Face's, which transformers imports), or fail as if the folder were not there
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code, err = _import_fusedloss(
+        "import kernels, os; assert os.path.dirname(kernels.__file__) != os.path.join(os.getcwd(), 'kernels'); "
+        "import fusedloss.kernels as k; assert k.__file__ != kernels.__file__ and hasattr(k, 'INTERPRETED')", root)
+    assert code == 0 or "ModuleNotFoundError: No module named 'kernels' (the folder" in err, err
