@@ -29,6 +29,38 @@ def rank_and_size(process_group):
     return dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
+# dtypes named by their index in the metadata every rank sends (``shard_classes``)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool)
+
+
+def shard_classes(process_group, local_classes, device, **must_agree):
+    """(n_classes, class_offset): the class count of the whole vocabulary and the first class of this rank's
+    contiguous slice, from every rank's slice width, so that shards need not be even (11 classes on 2 ranks: 6
+    and 5). ``must_agree``: name -> an int or a dtype that every rank must hold the same (rows, hidden size, dtypes);
+    a disagreement raises the same ValueError on every rank, before the loss's own collectives, instead of a
+    one-sided abort or a wrong answer. One all-gather of a few int64 per rank, read on the host: on a GPU group a
+    host sync, the price of offsets that no rank can know alone."""
+    names = list(must_agree)
+    values = [_DTYPES.index(v) if isinstance(v, torch.dtype) else int(v) for v in must_agree.values()]
+    import torch.distributed as dist
+
+    if dist.get_backend(process_group) == "gloo":
+        device = torch.device("cpu")
+    table = all_gather(torch.tensor([local_classes] + values, dtype=torch.int64, device=device),
+                       process_group).tolist()
+    rank, _ = rank_and_size(process_group)
+    for column, name in enumerate(names, start=1):
+        seen = [row[column] for row in table]
+        if len(set(seen)) > 1:
+            shown = [_DTYPES[v] if isinstance(must_agree[name], torch.dtype) else v for v in seen]
+            raise ValueError(f"process_group: the ranks disagree on {name} ("
+                             + ", ".join(f"{v} on rank {r}" for r, v in enumerate(shown))
+                             + "); every rank must call the loss on the same rows with the same dtypes")
+    widths = [row[0] for row in table]
+    return sum(widths), sum(widths[:rank])
+
+
 def all_gather(t, process_group):
     """(world, *t.shape): every rank's ``t`` in rank order, one collective, not differentiable."""
     import torch.distributed as dist

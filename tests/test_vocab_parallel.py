@@ -23,7 +23,14 @@ def test_shards_reproduce_the_single_process_result(tmp_path, world, backend_nam
     results = run_gloo_ranks(tmp_path, "vocab_parallel_worker.py", backend_name, world, 2024)
     expected_backend = "triton-interpret" if backend_name == "interpret" else "torch"
     assert {r.pop("backend") for r in results} == {expected_backend}
-    assert len(results[0]) == 11, "every case of the worker ran"
+    from vocab_parallel_worker import CE_CASES, DISAGREEMENTS, LCE_CASES
+
+    assert len(results[0]) == len(CE_CASES) + len(LCE_CASES) + len(DISAGREEMENTS), "every case of the worker ran"
+    for what, _ in DISAGREEMENTS:  # the same error on every rank, naming what differs, not a one-sided abort
+        messages = [r.pop(f"disagree/{what}") for r in results]
+        for message in messages[0]:
+            assert f"ranks disagree on {what}" in message, message
+        assert all(m == messages[0] for m in messages), messages
     for rank, result in enumerate(results):
         for case, (mine, single) in result.items():
             assert len(mine) == len(single)

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 import gloo_rank
 
-# (name, function, options): classes per rank 7 (23 for the linear loss's vocabulary), every option of each family
+# (name, options): classes per rank 7 (23 for the linear loss's vocabulary), every option of each family; "uneven":
+# the odd ranks hold one class fewer (shards of 7 and 6: the offsets and the class count come from every rank)
 CE_CASES = [
     ("plain-mean", {}),
     ("smoothing-weight-ignore-mean", {"label_smoothing": 0.1, "weight": True, "ignore": True}),
@@ -26,20 +27,35 @@ CE_CASES = [
     ("k_dim-smoothing-mean", {"label_smoothing": 0.1, "k_dim": True}),
     ("probabilities-weight-smoothing-mean", {"prob": True, "weight": True, "label_smoothing": 0.1, "z_loss": 1e-2}),
     ("probabilities-none", {"prob": True, "reduction": "none", "softcap": 4.0}),
+    ("uneven-smoothing-weight-focal-mean", {"uneven": True, "label_smoothing": 0.1, "weight": True, "ignore": True,
+                                            "focal_gamma": 1.0, "alpha": "tensor", "z_loss": 1e-2}),
+    ("uneven-probabilities-smoothing-sum", {"uneven": True, "prob": True, "label_smoothing": 0.2,
+                                            "reduction": "sum"}),
 ]
 LCE_CASES = [
     ("plain-mean", {}),
     ("shift-bias-smoothing-mean", {"shift": True, "bias": True, "label_smoothing": 0.1}),
     ("focal-z-softcap-sum", {"focal_gamma": 1.0, "z_loss": 1e-3, "softcap": 4.0, "reduction": "sum"}),
     ("lse-none", {"return_lse": True, "reduction": "none", "bias": True}),
+    ("uneven-bias-smoothing-lse-mean", {"uneven": True, "bias": True, "label_smoothing": 0.1, "return_lse": True}),
 ]
+# (name, what this rank changes): ranks that disagree get the same ValueError on every rank, naming what differs
+DISAGREEMENTS = [("rows", "one row fewer on rank 1"), ("input_dtype", "float32 input on rank 1")]
+
+
+def _shards(n_local, world, uneven):
+    """Each rank's slice of the classes: ``n_local`` each, or one fewer on the odd ranks when ``uneven``."""
+    widths = [n_local - (r % 2 if uneven else 0) for r in range(world)]
+    starts = [sum(widths[:r]) for r in range(world)]
+    return [slice(a, a + w) for a, w in zip(starts, widths)]
 
 
 def _cross_entropy_case(opts, gen, rank, world, group):
     import fusedloss
 
     n_local, n_rows = 7, 9
-    n_classes = n_local * world
+    shards = _shards(n_local, world, opts.get("uneven"))
+    n_classes = shards[-1].stop
     shape = (n_rows, n_classes, 3) if opts.get("k_dim") else (n_rows, n_classes)
     logits = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
     if opts.get("prob"):
@@ -55,7 +71,7 @@ def _cross_entropy_case(opts, gen, rank, world, group):
         kw["focal_alpha"] = torch.rand(n_classes, generator=gen, dtype=torch.float64) + 0.5
     elif "alpha" in opts:
         kw["focal_alpha"] = opts["alpha"]
-    shard = slice(rank * n_local, (rank + 1) * n_local)
+    shard = shards[rank]
     grad_out = torch.rand(fusedloss.cross_entropy(logits, target, **kw).shape, generator=gen, dtype=torch.float64)
 
     def run(x, t, group=None):
@@ -75,14 +91,15 @@ def _linear_cross_entropy_case(opts, gen, rank, world, group):
     import fusedloss
 
     n_local, hidden = 23, 16
-    vocab = n_local * world
+    shards = _shards(n_local, world, opts.get("uneven"))
+    vocab = shards[-1].stop
     x = torch.randn(3, 5, hidden, generator=gen, dtype=torch.float64)
     w = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) / hidden ** 0.5
     b = torch.randn(vocab, generator=gen, dtype=torch.float64) if opts.get("bias") else None
     target = torch.randint(0, vocab, (3, 5), generator=gen)
     target[torch.rand(target.shape, generator=gen) < 0.2] = -100
-    kw = {k: v for k, v in opts.items() if k not in ("bias",)}
-    shard = slice(rank * n_local, (rank + 1) * n_local)
+    kw = {k: v for k, v in opts.items() if k not in ("bias", "uneven")}
+    shard = shards[rank]
     out_shape = (3, 5) if opts.get("reduction") == "none" else ()
     grad_out = torch.rand(out_shape, generator=gen, dtype=torch.float64)
     grad_lse = torch.rand((3, 5), generator=gen, dtype=torch.float64)
@@ -104,6 +121,27 @@ def _linear_cross_entropy_case(opts, gen, rank, world, group):
     return mine, expected
 
 
+def _disagreement(what, gen, rank, group):
+    """The ValueError message each family raises when rank 1 differs from the others in ``what``."""
+    import fusedloss
+
+    rows = 9 - (what == "rows" and rank == 1)
+    dtype = torch.float32 if what == "input_dtype" and rank == 1 else torch.float64
+    logits = torch.randn(rows, 7, generator=gen, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, 7 * dist.get_world_size(group), (rows,), generator=gen)
+    hidden = torch.randn(rows, 16, generator=gen, dtype=torch.float64).to(dtype)
+    messages = []
+    for call in (lambda: fusedloss.cross_entropy(logits, target, process_group=group),
+                 lambda: fusedloss.linear_cross_entropy(hidden, torch.randn(7, 16, generator=gen, dtype=dtype),
+                                                        target, process_group=group)):
+        try:
+            call()
+            messages.append("no error")
+        except ValueError as error:
+            messages.append(str(error))
+    return messages
+
+
 def main(rank, world, init_file, out_file, seed):
     import fusedloss
 
@@ -116,6 +154,9 @@ def main(rank, world, init_file, out_file, seed):
                 gen = torch.Generator().manual_seed(seed)  # the same problem on every rank
                 mine, expected = run(opts, gen, rank, world, dist.group.WORLD)
                 results[f"{family}/{name}"] = ([t.detach() for t in mine], [t.detach() for t in expected])
+        for what, _ in DISAGREEMENTS:
+            results[f"disagree/{what}"] = _disagreement(what, torch.Generator().manual_seed(seed), rank,
+                                                        dist.group.WORLD)
         torch.save(results, out_file)
     except BaseException:
         dist.destroy_process_group()

@@ -77,7 +77,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             once: ``retain_graph`` and higher-order gradients need the logits.
         process_group: vocabulary (tensor) parallelism, Megatron's and flash-attention's convention: with a
             ``torch.distributed`` group of W ranks, ``input`` is this rank's slice of the classes, the r-th of W
-            equal contiguous slices (``C = W * input.shape[1]`` classes in all); ``target`` holds global class
+            contiguous slices in rank order, of any widths (``C`` = the sum of the ranks' ``input.shape[1]``, agreed
+            with one all-gather of a few integers per call, read on the host); ``target`` holds global class
             indices, ``weight`` and a per-class ``focal_alpha`` all ``C`` entries, a probability ``target`` this
             rank's slice. Every rank returns the loss of the whole problem, and the gradient of its slice is that
             slice of the single-process gradient. Communication: one all-gather of 5 numbers per row in the
@@ -139,8 +140,9 @@ def _options(input, target, weight, ignore_index, reduction, label_smoothing, fo
     _checks.check_reduction(reduction)
     n_classes, class_offset = _n_classes(input), 0
     if process_group is not None:
-        rank, world = _distributed.rank_and_size(_distributed.check_group(process_group))
-        n_classes, class_offset = n_classes * world, n_classes * rank
+        n_classes, class_offset = _distributed.shard_classes(
+            _distributed.check_group(process_group), n_classes, input.device, rows=input.numel() // max(n_classes, 1),
+            dimensions=input.dim(), input_dtype=input.dtype, target_dtype=target.dtype)
     prob_target = target.is_floating_point()
     ignore_index = _checks.check_int("ignore_index", ignore_index)
     if prob_target:

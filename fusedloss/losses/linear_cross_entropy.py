@@ -100,12 +100,13 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             'tf32'``); ``'ieee'``, ``'tf32'`` or ``'tf32x3'`` (tensor cores, Triton's meaning) override it.
             16-bit inputs always run on the tensor cores with fp32 accumulation; fp64 runs in fp64.
         process_group: vocabulary (tensor) parallelism: with a ``torch.distributed`` group of W ranks, ``weight``
-            and ``bias`` are this rank's slice of the classes, the r-th of W equal contiguous slices (the LM head
-            of a tensor-parallel model), ``input`` and ``target`` (global class indices) are the same on every
-            rank. Every rank returns the loss (and lse) of the whole problem; ``weight`` and ``bias`` get their
+            and ``bias`` are this rank's slice of the classes, the r-th of W contiguous slices in rank order, of
+            any widths (the LM head of a tensor-parallel model; the offsets agreed with one all-gather of a few
+            integers per call, read on the host), ``input`` and ``target`` (global class indices) are the same on
+            every rank. Every rank returns the loss (and lse) of the whole problem; ``weight`` and ``bias`` get their
             slice of the single-process gradient and ``input`` the whole single-process gradient (summed over the
-            ranks inside, so no collective is needed around the call). Communication: one all-gather of 4 numbers
-            per row in the forward (each rank sends ``16 N`` bytes, 32 for fp64, N the rows) and one all-reduce
+            ranks inside, so no collective is needed around the call). Communication: one all-gather of 5 numbers
+            per row in the forward (each rank sends ``20 N`` bytes, 40 for fp64, N the rows) and one all-reduce
             of the ``N x H`` input gradient in the compute dtype in the backward (``4 N H`` bytes per rank before
             the collective's own factor, about ``2 (W - 1) / W`` for a ring). Every rank must call it.
         accumulate_in_input_dtype: trade exactness for speed, with Liger-Kernel's semantics (its default
@@ -192,8 +193,9 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
         if accumulate_in_input_dtype:
             raise ValueError("accumulate_in_input_dtype=True forms the gradient per token chunk from the whole "
                              "vocabulary's logits: it does not combine with process_group (a shard of the classes)")
-        rank, world = _distributed.rank_and_size(_distributed.check_group(process_group))
-        n_classes, class_offset = n_classes * world, n_classes * rank
+        n_classes, class_offset = _distributed.shard_classes(
+            _distributed.check_group(process_group), n_classes, input.device, rows=input.numel() // input.shape[-1],
+            hidden_size=input.shape[-1], input_dtype=input.dtype, weight_dtype=weight.dtype, bias=bias is not None)
     return LinearCrossEntropyOptions(
         ignore_index=_checks.check_int("ignore_index", ignore_index),
         reduction=reduction,
@@ -306,14 +308,18 @@ class _LinearCrossEntropy(_family.LossFunction):
             skip = config_for(x2d, weight)["schedule"] == "tma" and not opts.return_lse
             linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, row_state, softcap=opts.softcap,
                                          input_precision=opts.input_precision, skip_ignored=skip, **kw)
-        else:  # this shard's statistics, every shard's merged as the splits of one vocabulary
-            partial = _alloc.empty((4, n_rows), dtype=dtype, device=input.device)
-            linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, partial, softcap=opts.softcap,
+        else:  # this shard's statistics (m, s, A, x_y), with its width, every shard's merged in torch ops
+            partial = _alloc.empty((5, n_rows), dtype=dtype, device=input.device)
+            linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, partial[:4], softcap=opts.softcap,
                                          input_precision=opts.input_precision, class_offset=opts.class_offset,
                                          partial=True, **kw)
-            shards = _distributed.all_gather(partial, opts.process_group).transpose(0, 1).contiguous()
-            linear_cross_entropy_combine(shards, target_k, rows, row_state, n_classes=opts.n_classes,
-                                         split_width=weight.shape[0], **kw)
+            # merged as cross-entropy merges its shards: (m, s, B, A, x_y) with B the shard's width, since the
+            # shards may differ in width (the kernel's own split merge assumes equal splits)
+            partial[4] = weight.shape[0]
+            m, s, a, x_y, width = _distributed.all_gather(partial, opts.process_group).unbind(1)
+            merged = ce.merge_partial_stats(torch.stack([m, s, width, a, x_y], dim=-1))
+            linear_cross_entropy_combine(merged[:, [0, 1, 3, 4]].T.contiguous(), target_k, rows, row_state,
+                                         n_classes=opts.n_classes, split_width=opts.n_classes, **kw)
         lead = tuple(input.shape[:-1])
         loss = _family.reduce(rows, opts.reduction, denominator, lead).to(opts.out_dtype)
         lse = (row_state[:, 0] + row_state[:, 1]).reshape(lead)
