@@ -72,11 +72,30 @@ def backend(device):
 
 def matmul_backend(device, dtype):
     """``backend(device)`` for the families built on ``tl.dot`` (linear cross-entropy, contrastive, batch-hard
-    mining): fp64 takes the torch path where this Triton cannot compile an fp64 ``tl.dot``."""
+    mining), or ``"torch"`` where this Triton's ``tl.dot`` is not exact for ``dtype``: fp64 where it cannot compile
+    it, bf16 in an interpreter that multiplies bf16 bit patterns (upstream triton issue 11584: losses of 1e9)."""
     which = backend(device)
-    if which != "torch" and dtype == torch.float64:
-        from .kernels._common import fp64_dot_supported
+    if which == "torch" or dtype not in (torch.float64, torch.bfloat16):
+        return which
+    from .kernels._common import fp64_dot_supported, interpreter_bf16_dot_exact
 
-        if not fp64_dot_supported():
-            return "torch"
+    if dtype == torch.float64 and not fp64_dot_supported():
+        return "torch"
+    if dtype == torch.bfloat16 and which == "triton-interpret" and not interpreter_bf16_dot_exact():
+        return "torch"
     return which
+
+
+def runs_definition(t):
+    """Whether a call on ``t`` must run its loss's definition in torch ops, whatever the backend: ``t`` is a meta
+    tensor or a fake one outside ``torch.compile`` (shape propagation, as for meta-initialized FSDP: the definition
+    gives torch's shapes and dtypes), or a ``torch.func`` transform is active (``vmap``, ``jvp``, ``jacrev``,
+    ``hessian``, ``grad``: they transform torch ops, and kernels would need a rule of their own for each). Under
+    ``torch.compile`` the kernels are custom ops with fake implementations, so they stay."""
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "meta" or torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)

@@ -6,6 +6,7 @@ import paths differ. Near 0, where ``exp(u) - 1`` and ``log(1 + v)`` cancel, the
 series; away from 0 the direct formula's relative error is at most a few ulps divided by the threshold.
 """
 
+import functools
 import math
 import struct
 
@@ -29,6 +30,24 @@ FP64_DOT_MIN_TRITON = (3, 9)
 def fp64_dot_supported():
     """Whether this Triton can compile the fp64 ``tl.dot`` variants of the matmul-based kernels."""
     return _triton_version() >= FP64_DOT_MIN_TRITON
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_bf16_dot_exact():
+    """Whether Triton's interpreter computes a bf16 ``tl.dot`` right: up to at least Triton 3.9 it multiplies the
+    operands' bit patterns (upstream triton issue 11584), so the matmul families take their torch path for bf16
+    there. Probed once on a 16 x 16 product, so a fixed interpreter is used again without a release to follow."""
+    a = torch.arange(256, dtype=torch.float32).reshape(16, 16).remainder(7).sub(3).to(torch.bfloat16)
+    out = torch.empty(16, 16, dtype=torch.float32)
+    _bf16_dot_probe[(1,)](a, out)
+    return torch.equal(out, a.float() @ a.float().T)
+
+
+@triton.jit
+def _bf16_dot_probe(a_ptr, out_ptr):
+    offs = tl.arange(0, 16)
+    a = tl.load(a_ptr + offs[:, None] * 16 + offs[None, :])
+    tl.store(out_ptr + offs[:, None] * 16 + offs[None, :], tl.dot(a, tl.trans(a)))
 
 
 def math_dtype(*tensors):

@@ -39,6 +39,19 @@ def test_fp64_matmul_families_fall_back_where_triton_cannot_compile_fp64_dot(mon
     assert _backend.matmul_backend("cpu", torch.float64) == "triton-interpret"
 
 
+def test_bf16_matmul_families_leave_an_interpreter_whose_bf16_dot_is_wrong(monkeypatch):
+    # the interpreter multiplied bf16 bit patterns in tl.dot (losses of 1e9-1e11): the probe decides, per process
+    if fusedloss.backend("cpu") != "triton-interpret":
+        pytest.skip("needs the kernels (interpreter) as the default CPU backend")
+    exact = _common.interpreter_bf16_dot_exact()
+    assert _backend.matmul_backend("cpu", torch.bfloat16) == ("triton-interpret" if exact else "torch")
+    monkeypatch.setattr(_common, "interpreter_bf16_dot_exact", lambda: False)
+    assert _backend.matmul_backend("cpu", torch.bfloat16) == "torch"
+    assert _backend.matmul_backend("cpu", torch.float16) == "triton-interpret"
+    monkeypatch.setattr(_common, "interpreter_bf16_dot_exact", lambda: True)
+    assert _backend.matmul_backend("cpu", torch.bfloat16) == "triton-interpret"
+
+
 def _import_fusedloss(code, cwd, **env):
     """Run ``code`` (which imports fusedloss) in a fresh interpreter; its (return code, stderr)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLOSS_BACKEND")}

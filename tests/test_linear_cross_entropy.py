@@ -27,10 +27,10 @@ from fusedloss.losses.linear_cross_entropy import linear_cross_entropy
 from conftest import TOL, Case, assert_close, peak_allocated_bytes, randn, rel_err
 
 try:
-    from fusedloss.kernels import configs
+    from fusedloss.kernels import _common, configs
     from fusedloss.kernels import linear_cross_entropy as kernels
 except ImportError:  # no triton: only the torch tier runs
-    configs = kernels = None
+    _common = configs = kernels = None
 
 _TILE = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16)
 _GEMM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
@@ -151,9 +151,8 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_values_and_grads(small, gen, case, dtype):
-    """Each extra alone and all together, on sizes that are not multiples of any tile."""
-    if dtype == torch.bfloat16 and small.name == "interpret":
-        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly (DESIGN.md); bf16 runs in the CUDA tier")
+    """Each extra alone and all together, on sizes that are not multiples of any tile. (bf16 in the interpreter
+    tier runs the torch path, as a user's call there does: the interpreter's bf16 tl.dot is wrong.)"""
     kw = dict(CASES[case])
     bias, ignore_frac = kw.pop("bias", False), kw.pop("ignore_frac", 0.0)
     lead, hidden, vocab = sizes(small)
@@ -295,9 +294,10 @@ def test_no_logits_allocated(tier, gen, monkeypatch, schedule, dtype):
     """Triton backends: every buffer the loss allocates, summed (so at least its peak), stays within the
     workspace bound of fusedloss.kernels.linear_cross_entropy (no rows x vocab buffer), with a vocabulary 10
     chunks wide (5 on CUDA). bf16 in the interpreter: only the allocations are checked (its tl.dot values are
-    wrong there), which is where the compensated dX sum's bf16 low half shows."""
+    wrong there, so the kernels are forced), which is where the compensated dX sum's bf16 low half shows."""
     if tier.name == "torch":
         pytest.skip("the torch backend's bound is measured by test_torch_backend_peak_memory")
+    monkeypatch.setattr(_common, "interpreter_bf16_dot_exact", lambda: True)
     use_schedule(monkeypatch, tier, schedule)
     monkeypatch.setattr(configs, "LCE_OVERRIDE", dict(SMALL, chunk=64) if tier.name == "interpret" else None)
     sizes_seen = []
@@ -495,10 +495,6 @@ def test_accumulate_in_input_dtype(small, gen, case, dtype):
     if dtype == torch.bfloat16 and small.name == "torch":
         pytest.skip("the torch tier's bf16 is the exact path, tested above")
     kw = dict(FAST_CASES[case])
-    if dtype == torch.bfloat16 and small.name == "interpret" and (kw.get("reduction") == "none" or
-                                                                  kw.get("return_lse")):
-        pytest.skip("'none' and a gradient into the lse take the exact kernels, whose bf16 tl.dot the interpreter "
-                    "computes wrongly")
     bias, ignore_frac = kw.pop("bias", False), kw.pop("ignore_frac", 0.0)
     lead, hidden, vocab = ((5, 15), 24, 100) if small.name != "cuda" else ((4, 1000), 256, 32000)
     x, w, b, t = make_inputs(gen, small, lead, hidden, vocab, dtype, bias=bias, ignore_frac=ignore_frac)
@@ -510,9 +506,10 @@ def test_accumulate_in_input_dtype_accuracy(tier, gen, capsys, monkeypatch):
     """The trade, measured: relative error against fp64 of the loss, dX and dW for bf16 inputs, exact mode and
     accumulate_in_input_dtype=True on the same inputs, printed side by side (bench/NOTES.md quotes them). On the
     CPU tiers the exact mode's bf16 runs on the torch backend (fp32 math, as the kernels'), since the
-    interpreter's bf16 tl.dot is wrong."""
+    interpreter's bf16 tl.dot is wrong; the fast mode's GEMMs are torch's, so its kernels are forced there."""
     if tier.name == "torch":
         pytest.skip("compares the Triton fast path")
+    monkeypatch.setattr(_common, "interpreter_bf16_dot_exact", lambda: True)
     n, hidden, vocab = (256, 64, 2000) if tier.name != "cuda" else (4096, 512, 32000)
     x, w, _, t = make_inputs(gen, tier, (n,), hidden, vocab, torch.bfloat16)
     leaves = [a.detach().double().cpu().requires_grad_() for a in (x, w)]
