@@ -2,11 +2,14 @@
 any launch on every backend, and raise ``ValueError`` / ``TypeError`` naming the argument. Numbers are accepted
 in every form torch's own argument parser takes: Python and NumPy scalars, and 0-d tensors (bools: Python's)."""
 
+import contextlib
 import math
 import numbers
 import warnings
 
 import torch
+
+from ._backend import runs_definition
 
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -93,19 +96,32 @@ def legacy_reduction(size_average, reduce, reduction):
     return "mean" if size_average else "sum"
 
 
+def autocast_enabled(device):
+    """``torch.is_autocast_enabled`` for ``device``'s type; False where autocast does not exist (meta tensors, whose
+    shapes a definition propagates: torch raises there)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def autocast_off(device):
+    """A context with autocast off for ``device``'s type (a loss whose own math runs in fp32 / fp64, as in torch's
+    fp32 autocast list); nothing to turn off where autocast does not exist."""
+    return torch.autocast(device.type, enabled=False) if autocast_enabled(device) else contextlib.nullcontext()
+
+
 def autocast_fp32(device, dtype):
     """The result dtype of a loss that torch's autocast runs in fp32 (cross-entropy, the softmax family): fp32
     for 16-bit inputs while autocast is on for ``device``, ``dtype`` otherwise."""
-    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device.type):
+    if dtype in (torch.float16, torch.bfloat16) and autocast_enabled(device):
         return torch.float32
     return dtype
 
 
 def check_class_range(target, n_classes, ignore_index):
     """CPU targets: an out-of-range class index raises IndexError, as torch does (a host read is free there).
-    Skipped while ``torch.compile`` traces, where a read of a tensor's value would break the graph; the kernels
-    then give that row a NaN loss, as on GPU."""
-    if torch.compiler.is_compiling() or target.numel() == 0:
+    Skipped while ``torch.compile`` traces, where a read of a tensor's value would break the graph (the kernels
+    then give that row a NaN loss, as on GPU), and where the call runs its definition (fake tensors, torch.func
+    transforms: torch's own ops then report the index)."""
+    if torch.compiler.is_compiling() or target.numel() == 0 or runs_definition(target):
         return
     y = target.to(torch.int64)
     bad = (y != ignore_index) & ((y < 0) | (y >= n_classes))

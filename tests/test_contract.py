@@ -164,6 +164,77 @@ def test_torch_func_grad(tier, gen, case):
     assert_close(torch.func.grad(loss_of)(x), expected, torch.float64, "torch.func.grad")
 
 
+TRANSFORMS = ("vjp", "jacrev", "jvp", "hessian", "vmap")
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_torch_func_transforms(tier, gen, case, transform):
+    """Each ``torch.func`` transform gives what plain autograd gives for the same call (its Jacobian, its
+    Jacobian-vector product, its Hessian, a Python loop for ``vmap``), in fp64, differentiating the first
+    differentiable argument."""
+    args, kwargs = case.make(gen, torch.float64)
+    args = [a.to(tier.device) if isinstance(a, torch.Tensor) else a for a in args]
+    kwargs = {k: (v.to(tier.device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    first = case.grad_args[0]
+
+    def f(x):
+        full = list(args)
+        full[first] = x
+        return case.fn(*full, **kwargs)
+
+    x = args[first].detach()
+    out = f(x)
+    if transform == "vjp":
+        go = _grad_output(out, gen)
+        _, vjp_fn = torch.func.vjp(f, x)
+        leaf = x.clone().requires_grad_(True)
+        assert_close(vjp_fn(go)[0], torch.autograd.grad(f(leaf), leaf, go)[0], torch.float64, "vjp")
+    elif transform == "jacrev":
+        assert_close(torch.func.jacrev(f)(x), torch.autograd.functional.jacobian(f, x), torch.float64, "jacrev")
+    elif transform == "jvp":
+        v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        value, tangent = torch.func.jvp(f, (x,), (v,))
+        jacobian = torch.autograd.functional.jacobian(f, x).reshape(out.numel(), x.numel())
+        assert_close(value, out, torch.float64, "jvp value")
+        assert_close(tangent, (jacobian @ v.reshape(-1)).reshape(out.shape), torch.float64, "jvp tangent")
+    elif transform == "hessian":
+        total = lambda x: f(x).sum()  # noqa: E731
+        assert_close(torch.func.hessian(total)(x), torch.autograd.functional.hessian(total, x), torch.float64,
+                     "hessian")
+    else:  # per-sample values and gradients over a new leading dimension of the argument
+        other = (x + torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device) * 0.1).detach()
+        stacked = torch.stack([x, other])
+        loop = [f(t) for t in (x, other)]
+        assert_close(torch.func.vmap(f)(stacked), torch.stack(loop), torch.float64, "vmap value")
+        grads = []
+        for t in (x, other):
+            leaf = t.clone().requires_grad_(True)
+            grads.append(torch.autograd.grad(f(leaf).sum(), leaf)[0])
+        per_sample = torch.func.vmap(torch.func.grad(lambda t: f(t).sum()))(stacked)
+        assert_close(per_sample, torch.stack(grads), torch.float64, "per-sample gradients")
+
+
+@pytest.mark.parametrize("device", ["meta", "fake"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_meta_and_fake_tensors_give_torch_shapes_and_dtypes(gen, case, device):
+    """Shape propagation without data (meta-initialized FSDP, FakeTensorMode): the output's shape and dtype are
+    those of the call on real tensors, on every backend (``case.make`` builds CPU tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args, kwargs = case.make(gen, torch.float32)
+    real = case.fn(*args, **kwargs)
+    if device == "meta":
+        move = lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v  # noqa: E731
+        out = case.fn(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+    else:
+        with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+            move = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+            out = case.fn(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+    assert (out.shape, out.dtype) == (real.shape, real.dtype)
+    assert out.device.type == ("meta" if device == "meta" else "cpu")
+
+
 def _noncontiguous(t):
     """The same values in a non-contiguous layout: every other element of a doubled last dimension."""
     if t.dim() == 0:

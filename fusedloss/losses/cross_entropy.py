@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _alloc, _checks, _distributed, _family
-from .._backend import backend
+from .._backend import backend, runs_definition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     opts, alpha = _options(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
                            focal_alpha, z_loss, softcap, inplace_backward, process_group)
-    on_torch = backend(input.device) == "torch"
+    definition = runs_definition(input)
+    if definition and target.dtype == torch.uint8:
+        target = target.long()  # the decompositions torch.func runs (scatter, gather) index with int64 only
+    on_torch = definition or backend(input.device) == "torch"
     # (on the torch backend F.cross_entropy raises IndexError itself, but not across the shards of a group)
     if not target.is_floating_point() and target.device.type == "cpu" and not (on_torch and process_group is None):
         _checks.check_class_range(target, opts.n_classes, ignore_index)

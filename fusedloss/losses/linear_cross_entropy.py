@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _alloc, _checks, _distributed, _family
-from .._backend import matmul_backend
+from .._backend import matmul_backend, runs_definition
 from . import cross_entropy as ce
 
 # torch backend: the logits of at most this many bytes (in the compute dtype) exist at once. Differentiating the
@@ -128,7 +128,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     """
     opts = _options(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
                     focal_gamma, shift, return_lse, input_precision, process_group, accumulate_in_input_dtype)
-    if torch.is_autocast_enabled(input.device.type):
+    if _checks.autocast_enabled(input.device):
         # F.linear runs in the autocast dtype under autocast; cast here, differentiably, so that the gradients of
         # fp32 parameters come back in fp32, as autocast's own casts give
         dtype = torch.get_autocast_dtype(input.device.type)
@@ -140,11 +140,12 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     if target.device.type == "cpu":
         _checks.check_class_range(target[..., 1:] if shift else target, opts.n_classes, opts.ignore_index)
     needs = _family.needs_grad(input, weight, bias, target)
-    if matmul_backend(input.device, input.dtype) != "torch" and input.numel() > 0:
+    definition = runs_definition(input)
+    if not definition and matmul_backend(input.device, input.dtype) != "torch" and input.numel() > 0:
         loss, lse = _LinearCrossEntropy.apply(opts, needs, input, weight, bias, target)[:2]
-    elif torch.compiler.is_compiling() or process_group is not None:
-        # the chunked torch engine differentiates chunk by chunk with torch.autograd.grad, which Dynamo does not
-        # trace: a compiled graph gets the definition itself (its logits materialized, as eager torch's are);
+    elif definition or torch.compiler.is_compiling() or process_group is not None:
+        # the chunked torch engine differentiates chunk by chunk with torch.autograd.grad, which Dynamo and
+        # torch.func do not trace: they get the definition itself (its logits materialized, as eager torch's are);
         # so does a vocabulary-parallel call, whose shard's logits are a 1 / W slice
         loss, lse = _definition(opts, input, weight, bias, target)
     else:
