@@ -52,9 +52,13 @@ is largest. With ``z = d(i, pos) - d(i, neg)``, ``loss = max(margin + z, 0)`` (`
     dloss/dx_pos = -c (x_i - x_pos) / d_pos,      dloss/dx_neg = c (x_i - x_neg) / d_neg
 
 (a term is 0 where its distance is 0: the subgradient of ``||v||`` at ``v = 0``; NaN and inf distances
-propagate as torch's ``norm_backward`` propagates them). Several anchors may select the same row, so the three
-terms are accumulated with atomic adds into an fp32 (fp64) buffer: the gradient is O(B d) but its summation
-order, and so its last bits, vary between runs.
+propagate as torch's ``norm_backward`` propagates them). Several anchors may select the same row, so by default the
+three terms are accumulated with atomic adds into an fp32 (fp64) buffer: the gradient is O(B d) but its summation
+order, and so its last bits, vary between runs. The deterministic route (``deterministic=True``, which the host
+takes under ``torch.use_deterministic_algorithms(True)``) has no atomics: the program of anchor ``i`` writes
+``dloss/dx_i`` to row ``i`` and its two partner terms to rows ``i`` and ``B + i`` of a (2B, d) workspace, and
+torch's ``index_add_`` adds the workspace into the partners' rows (deterministic on CUDA under that flag, serial on
+CPU): 2 B d more memory, the same sum in a fixed order.
 An anchor without a positive or without a negative gets index -1, loss 0 and no gradient. Ties (identical
 rows) go to the lowest index, so the whole gradient follows one of them.
 """
@@ -372,18 +376,20 @@ def _batch_hard_mine_kernel(
 def _batch_hard_loss_kernel(
     # pointers
     embeddings_ptr, hardest_positive_ptr, hardest_negative_ptr, grad_scale_ptr,
-    loss_ptr, grad_ptr,
+    loss_ptr, grad_ptr, partner_grad_ptr,
     # shapes
     n_rows, dim,
-    # strides (in elements; grad is contiguous)
+    # strides (in elements; grad and partner_grad are contiguous)
     stride_row, stride_col,
     # constants
     margin_hi, margin_lo,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SOFT_MARGIN: tl.constexpr, WRITE_LOSS: tl.constexpr,
-    SCALE_PER_ROW: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DTYPE: tl.constexpr,
+    SCALE_PER_ROW: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr, DTYPE: tl.constexpr,
 ):
     """Per-anchor loss from the mined indices (``WRITE_LOSS``), and its gradient times ``grad_scale`` (scalar,
-    or per row with ``SCALE_PER_ROW``) atomically added into the zeroed (rows, dim) ``grad`` (compute dtype).
+    or per row with ``SCALE_PER_ROW``) atomically added into the zeroed (rows, dim) ``grad`` (compute dtype); with
+    ``DETERMINISTIC``, the anchor terms written to ``grad`` and the positive / negative terms to rows ``i`` /
+    ``rows + i`` of the (2 rows, dim) ``partner_grad``, every row of both (zeros for excluded anchors).
     NaN and inf propagate as in torch's ``clamp_min`` / ``softplus`` and ``norm_backward``."""
     margin = join_f64(margin_hi, margin_lo, DTYPE)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -442,9 +448,15 @@ def _batch_hard_loss_kernel(
             g_neg = coef_neg[:, None] * (
                 a - tl.load(embeddings_ptr + neg_base[:, None] + col_offs, mask=mask, other=0.0).to(DTYPE))
             grad_cols = cols.to(tl.int64)[None, :]
-            tl.atomic_add(grad_ptr + rows[:, None] * dim + grad_cols, g_pos - g_neg, mask=mask, sem="relaxed")
-            tl.atomic_add(grad_ptr + pos[:, None] * dim + grad_cols, -g_pos, mask=mask, sem="relaxed")
-            tl.atomic_add(grad_ptr + neg[:, None] * dim + grad_cols, g_neg, mask=mask, sem="relaxed")
+            if DETERMINISTIC:  # rows this program owns: plain stores (the loads' masked lanes give the zeros)
+                own = row_mask[:, None] & (cols < dim)[None, :]
+                tl.store(grad_ptr + rows[:, None] * dim + grad_cols, g_pos - g_neg, mask=own)
+                tl.store(partner_grad_ptr + rows[:, None] * dim + grad_cols, -g_pos, mask=own)
+                tl.store(partner_grad_ptr + (rows + n_rows)[:, None] * dim + grad_cols, g_neg, mask=own)
+            else:
+                tl.atomic_add(grad_ptr + rows[:, None] * dim + grad_cols, g_pos - g_neg, mask=mask, sem="relaxed")
+                tl.atomic_add(grad_ptr + pos[:, None] * dim + grad_cols, -g_pos, mask=mask, sem="relaxed")
+                tl.atomic_add(grad_ptr + neg[:, None] * dim + grad_cols, g_neg, mask=mask, sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,24 +510,31 @@ def batch_hard_mine(
 def batch_hard_loss(
     embeddings: torch.Tensor, hardest_positive: torch.Tensor, hardest_negative: torch.Tensor,
     grad_scale: Optional[torch.Tensor], loss: Optional[torch.Tensor], grad: Optional[torch.Tensor], *,
-    margin: float, soft_margin: bool,
+    margin: float, soft_margin: bool, deterministic: bool,
 ) -> None:
     """Launch ``_batch_hard_loss_kernel``: per-anchor ``loss`` (B,) in the compute dtype (may be None) and the
-    gradient added into the zeroed contiguous (B, d) ``grad`` of the compute dtype (may be None), times
-    ``grad_scale`` (0-d or contiguous (B,))."""
+    gradient, times ``grad_scale`` (0-d or contiguous (B,)), into the contiguous (B, d) ``grad`` of the compute
+    dtype (may be None): added with atomics into a zeroed ``grad``, or, with ``deterministic``, written over any
+    contents without atomics (a (2B, d) workspace, then ``index_add_``; module docstring)."""
     n_rows, dim = embeddings.shape
     block_r, block_d, num_warps = batch_hard_loss_config(dim, embeddings.dtype)
+    deterministic = bool(deterministic) and grad is not None
+    partner_grad = torch.empty((2 * n_rows, dim), dtype=grad.dtype, device=grad.device) if deterministic else None
     _batch_hard_loss_kernel[(triton.cdiv(n_rows, block_r),)](
         embeddings, hardest_positive, hardest_negative, grad_scale,
-        loss, grad,
+        loss, grad, partner_grad,
         n_rows, dim,
         *embeddings.stride(),
         *split_f64(margin),
         BLOCK_R=block_r, BLOCK_D=block_d, SOFT_MARGIN=bool(soft_margin), WRITE_LOSS=loss is not None,
         SCALE_PER_ROW=grad_scale is not None and grad_scale.dim() > 0, COMPUTE_GRAD=grad is not None,
-        DTYPE=math_dtype(embeddings),
+        DETERMINISTIC=deterministic, DTYPE=math_dtype(embeddings),
         num_warps=num_warps,
     )
+    if deterministic:
+        # an excluded anchor's index is -1 and its terms are zeros: any row may take them, row 0 does
+        partners = torch.cat((hardest_positive, hardest_negative)).clamp_min(0)
+        grad.index_add_(0, partners, partner_grad)
 
 
 def compile_variants():
@@ -549,9 +568,13 @@ def compile_variants():
             batch_hard_mine(x, torch.zeros(64, dtype=labels_dtype), index, index)
         for soft_margin in (False, True):
             for mode in ("fused", "none", "backward"):
-                if dtype != torch.bfloat16 and (soft_margin or mode != "fused"):
-                    continue
-                scale = None if mode == "none" else torch.ones(64 if mode == "backward" else (), dtype=acc)
-                loss = torch.zeros(64, dtype=acc) if mode != "backward" else None
-                grad = torch.zeros(64, 128, dtype=acc) if mode != "none" else None
-                batch_hard_loss(x, index, index, scale, loss, grad, margin=1.0, soft_margin=soft_margin)
+                for deterministic in (False, True):
+                    if dtype != torch.bfloat16 and (soft_margin or mode != "fused" or deterministic):
+                        continue
+                    if deterministic and mode == "none":  # no gradient: the flag is dropped
+                        continue
+                    scale = None if mode == "none" else torch.ones(64 if mode == "backward" else (), dtype=acc)
+                    loss = torch.zeros(64, dtype=acc) if mode != "backward" else None
+                    grad = torch.zeros(64, 128, dtype=acc) if mode != "none" else None
+                    batch_hard_loss(x, index, index, scale, loss, grad, margin=1.0, soft_margin=soft_margin,
+                                    deterministic=deterministic)

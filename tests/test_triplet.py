@@ -1,6 +1,7 @@
 """triplet_margin_loss against torch's own in fp64, and batch_hard_triplet_loss against a direct reference
 (``torch.cdist`` + label masks), in every tier."""
 
+import contextlib
 import math
 import warnings
 
@@ -476,10 +477,12 @@ def test_batch_hard_torch_mining_in_chunks(tier, gen, monkeypatch):
     check_batch_hard(tier, gen, x, labels_with_a_singleton(gen, 70, 5), torch.float32, margin=0.5, reduction="none")
 
 
-def test_batch_hard_torch_backend_peak_memory(tier):
-    """B = 4096, d = 64, fp32, forward + backward on the torch backend: the peak of live memory beyond the inputs
-    and the gradient stays under a third of the 64 MiB B x B distance matrix (measured: ~20 MiB, the mining
-    chunk's scores, keys and masks), which eager mining must hold whole, several times over."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batch_hard_torch_backend_peak_memory(tier, compiled):
+    """B = 4096, d = 64, fp32, forward + backward on the torch backend, eager and under ``torch.compile`` (where
+    the chunked mining is one custom op): the peak of live memory beyond the inputs and the gradient stays under a
+    third of the 64 MiB B x B distance matrix (measured: ~11 MiB both ways, the mining chunk's scores, one key
+    block and the masks), which eager mining must hold whole, several times over."""
     if tier.name != "torch":
         pytest.skip("measures the torch backend (CPU)")
 
@@ -487,10 +490,140 @@ def test_batch_hard_torch_backend_peak_memory(tier):
     n, dim = 4096, 64
     x = torch.randn(n, dim, generator=gen, requires_grad=True)
     labels = torch.randint(0, 100, (n,), generator=gen)
-    peak = peak_allocated_bytes(lambda: batch_hard_triplet_loss(x, labels).backward())
+    loss = batch_hard_triplet_loss
+    if compiled:
+        torch._dynamo.reset()
+        loss = torch.compile(batch_hard_triplet_loss, fullgraph=True, backend="aot_eager")
+        loss(x, labels).backward()  # compile outside the measurement
+    peak = peak_allocated_bytes(lambda: loss(x, labels).backward())
     matrix = n * n * 4
     print(f"\npeak allocated: {peak / 2**20:.0f} MiB; the distance matrix alone {matrix / 2**20:.0f} MiB")
     assert peak - 2 * n * dim * 4 <= matrix / 3
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` within the block, the caller's setting restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batch_hard_deterministic_algorithms(tier, gen, monkeypatch, reduction):
+    """Under ``torch.use_deterministic_algorithms(True)`` the gradient is bitwise the same over repeated runs, and
+    the fp64 reference's. The Triton path reads the flag once per call into its options and takes the route
+    without atomics in every gradient launch (the fused forward for 'mean', the backward's recompute for 'none'),
+    even when the flag is off again by the backward; without the flag it keeps the atomic adds. The interpreter
+    runs programs one after another, so its atomics would repeat too: the launches' route is what is checked
+    there. 70 rows in 4 labels: many anchors share a hardest negative, whose gradient row sums their terms."""
+    x = randn(gen, 70, 33)
+    labels = labels_with_a_singleton(gen, 70, 4)
+    ref_x = x.double().requires_grad_(True)
+    ref = batch_hard_reference(ref_x, labels, margin=0.5, reduction=reduction)
+    grad_out = torch.rand(ref.shape, generator=gen, dtype=torch.float64) + 0.5
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, grad_out)
+    routes = []  # the ``deterministic`` argument of every launch that writes a gradient
+    if tier.backend != "torch":
+        from fusedloss.kernels import triplet as kernels
+
+        launch = kernels.batch_hard_loss
+
+        def spy(*args, **kwargs):
+            if args[5] is not None:
+                routes.append(kwargs["deterministic"])
+            return launch(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, "batch_hard_loss", spy)
+
+    def run():
+        ours = x.to(tier.device).requires_grad_(True)
+        with deterministic_algorithms():
+            out = batch_hard_triplet_loss(ours, labels.to(tier.device), margin=0.5, reduction=reduction)
+        if tier.backend != "torch":
+            assert out.grad_fn.opts.deterministic
+        (grad,) = torch.autograd.grad(out, ours, grad_out.float().to(tier.device))  # the flag off again
+        return out.detach(), grad
+
+    (out, grad), (again, grad_again) = run(), run()
+    assert torch.equal(out, again) and torch.equal(grad, grad_again)
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "d embeddings")
+    if tier.backend != "torch":
+        assert routes and all(routes), f"gradient launches' deterministic flags: {routes}"
+        routes.clear()
+        out = batch_hard_triplet_loss(x.to(tier.device).requires_grad_(True), labels.to(tier.device), margin=0.5,
+                                      reduction=reduction)
+        assert not out.grad_fn.opts.deterministic
+        out.backward(grad_out.float().to(tier.device))
+        assert routes and not any(routes), f"default route's deterministic flags: {routes}"
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+@pytest.mark.parametrize("loss", ["batch_hard", "triplet_margin"])
+def test_compile_over_batch_sizes(tier, gen, monkeypatch, loss, dynamic):
+    """``torch.compile(fullgraph=True)`` over 12 batch sizes compiles at most twice (static for the first size,
+    then one dynamic graph), past Dynamo's recompile limit of 8 where a graph per size would fail; with
+    ``dynamic=True`` once. Graphs are counted by Dynamo's ``unique_graphs``, not by calls of the backend: with
+    ``dynamic=True`` Dynamo traces the float arguments (margin, p, eps) symbolically, then restarts the analysis
+    once to specialize them, and the discarded attempt reaches the backend too. Values and gradients are the fp64
+    reference's at every size. The torch path's mining runs in chunks of 256 bytes (one chunk at 4 rows, 37 chunks
+    of a row at 37): the graph must not depend on their count."""
+    monkeypatch.setattr(triplet_module, "TORCH_MINING_CHUNK_BYTES", 16 * 4 * 4)
+    torch._dynamo.reset()
+    stats = torch._dynamo.utils.counters["stats"]
+    before = stats["unique_graphs"]
+    fn = batch_hard_triplet_loss if loss == "batch_hard" else triplet_margin_loss
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    sizes = range(4, 40, 3)
+    assert len(sizes) == 12 > torch._dynamo.config.recompile_limit
+    for rows in sizes:
+        if loss == "batch_hard":
+            inputs = [randn(gen, rows, 8), torch.randint(0, 3, (rows,), generator=gen)]
+            reference = batch_hard_reference
+        else:
+            inputs = [randn(gen, rows, 8) for _ in range(3)]
+            reference = F.triplet_margin_loss
+        ours = [inputs[0].to(tier.device).requires_grad_(True)] + [t.to(tier.device) for t in inputs[1:]]
+        refs = [inputs[0].double().requires_grad_(True)] + [t.double() if t.is_floating_point() else t
+                                                             for t in inputs[1:]]
+        out, ref = compiled(*ours), reference(*refs)
+        assert_close(out, ref, torch.float32, f"loss at {rows} rows")
+        (grad,) = torch.autograd.grad(out, ours[0])
+        (ref_grad,) = torch.autograd.grad(ref, refs[0])
+        assert_close(grad, ref_grad, torch.float32, f"gradient at {rows} rows")
+    graphs = stats["unique_graphs"] - before
+    assert graphs <= (1 if dynamic else 2), f"{graphs} graphs for {len(sizes)} batch sizes"
+
+
+@pytest.mark.parametrize("in_dims", [(0, 0), (0, None), (None, 0)], ids=["both", "embeddings", "labels"])
+def test_batch_hard_unchunked_definition_under_vmap(tier, gen, in_dims):
+    """``_batch_hard_unchunked_definition`` (the definition for the ``torch.func`` transforms) under ``vmap`` and
+    ``vmap(grad)``, batching embeddings, labels or both: each batch's fp64 reference value and gradient. It also
+    propagates shapes on meta tensors (which have no autocast to turn off)."""
+    n, rows, dim = 3, 20, 6
+    xs = randn(gen, n, rows, dim, dtype=torch.float64)
+    ys = torch.stack([labels_with_a_singleton(gen, rows, 4) for _ in range(n)])
+    opts = triplet_module._batch_hard_options(xs[0], ys[0], 0.5, False, "mean")
+
+    def loss(x, y):
+        return triplet_module._batch_hard_unchunked_definition(opts, x, y)
+
+    args = [t.to(tier.device) if in_dim == 0 else t[0].to(tier.device) for t, in_dim in zip((xs, ys), in_dims)]
+    values = torch.func.vmap(loss, in_dims=in_dims)(*args)
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=in_dims)(*args)
+    for i in range(n):
+        x = (xs[i] if in_dims[0] == 0 else xs[0]).clone().requires_grad_(True)
+        ref = batch_hard_reference(x, ys[i] if in_dims[1] == 0 else ys[0], margin=0.5)
+        (ref_grad,) = torch.autograd.grad(ref, x)
+        assert_close(values[i], ref, torch.float64, f"loss of batch {i}")
+        assert_close(grads[i], ref_grad, torch.float64, f"gradient of batch {i}")
+    meta = loss(xs[0].to("meta"), ys[0].to("meta"))
+    assert (meta.shape, meta.dtype, meta.device.type) == ((), torch.float64, "meta")
 
 
 # ---------------------------------------------------------------------------------------------------------------

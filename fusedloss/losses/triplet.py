@@ -11,8 +11,13 @@ Triton path computes the three distances, the hinge and, for ``mean``/``sum``, t
 Triton path, row chunks of ``TORCH_MINING_CHUNK_BYTES`` on the torch path (peak memory beyond the inputs and the
 gradient at B = 4096, d = 64, fp32: under a third of the B x B distance matrix alone,
 ``test_batch_hard_torch_backend_peak_memory``). The loss is then the definition on the selected pairs
-(``_batch_hard_definition``), O(B d): in torch ops under plain autograd on the torch backend (which
-``torch.compile`` traces as it is), in one kernel with atomically accumulated gradients on the Triton path.
+(``_batch_hard_definition``), O(B d): in torch ops under plain autograd on the torch backend, in one kernel with
+atomically accumulated gradients on the Triton path, or without atomics under
+``torch.use_deterministic_algorithms(True)`` (``BatchHardOptions.deterministic``). While ``torch.compile`` traces,
+the torch path's chunked mining is one registered custom op (``fusedloss::batch_hard_mine_chunked``): its Python
+loop over row chunks would make Dynamo specialize on the batch size. ``_batch_hard_unchunked_definition`` is the
+same loss in plain torch ops on the whole ``B x B`` matrix (no loop, no custom op, no writes into a buffer), for
+the ``torch.func`` transforms.
 """
 
 import dataclasses
@@ -22,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _alloc, _checks, _family
-from .._backend import backend, matmul_backend
+from .._backend import backend, matmul_backend, runs_definition
 
 # The torch path of batch-hard mining holds (chunk, B) blocks of at most this many bytes (in the compute dtype) at
-# a time; a chunk's scores, keys, masks and argmax / argmin temporaries peak at ~5 such blocks (measured).
+# a time; a chunk's scores, one key block and their bool masks peak at under 3 such blocks (measured at B = 4096).
 TORCH_MINING_CHUNK_BYTES = 4 << 20
 
 
@@ -50,6 +55,9 @@ class BatchHardOptions:
     soft_margin: bool = False
     reduction: str = "mean"
     out_dtype: torch.dtype = torch.float32  # the embeddings' dtype, or fp32 under autocast
+    # torch.are_deterministic_algorithms_enabled() at the call: the Triton gradient without atomic adds (its forward
+    # and every recompute), bitwise reproducible; the torch path is torch's ops, which read the flag themselves
+    deterministic: bool = False
 
 
 def triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6, swap=False, size_average=None,
@@ -77,7 +85,7 @@ def triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6,
     """
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     opts = _triplet_options(anchor, positive, negative, margin, p, eps, swap, reduction)
-    if backend(anchor.device) == "torch" or math.prod(opts.shape) == 0:
+    if runs_definition(anchor) or backend(anchor.device) == "torch" or math.prod(opts.shape) == 0:
         return _triplet_definition(opts, anchor, positive, negative)
     needs = _family.needs_grad(anchor, positive, negative)
     return _Triplet.apply(opts, needs, anchor, positive, negative)[0]
@@ -108,7 +116,8 @@ def batch_hard_triplet_loss(embeddings, labels, margin=1.0, *, soft_margin=False
         several rows tie for the farthest positive or the nearest negative (identical rows), the first one gets
         the whole gradient, where the definition's ``amax`` / ``amin`` would split it. Mining costs O(B^2 d) time
         and O(B d) memory. On the Triton backends the gradient is accumulated with fp32 (fp64) atomic adds, so
-        its last bits may differ from run to run.
+        its last bits may differ from run to run, unless ``torch.use_deterministic_algorithms(True)`` is on at the
+        call: then it is summed in a fixed order, without atomics (2 B d more memory), bitwise reproducible.
 
     Non-finite embeddings: the loss is the definition's (the full distance matrix, ``amax`` / ``amin`` over the
     candidates): a row holding a NaN makes the loss NaN for every anchor it is a candidate of (every valid
@@ -118,6 +127,8 @@ def batch_hard_triplet_loss(embeddings, labels, margin=1.0, *, soft_margin=False
     spread it to every row.
     """
     opts = _batch_hard_options(embeddings, labels, margin, soft_margin, reduction)
+    if runs_definition(embeddings):  # (torch.func transforms, meta and fake tensors: no chunk loop)
+        return _batch_hard_unchunked_definition(opts, embeddings, labels)
     if matmul_backend(embeddings.device, embeddings.dtype) == "torch" or embeddings.numel() == 0:
         return _batch_hard_definition(opts, embeddings, labels)
     needs = _family.needs_grad(embeddings, labels)
@@ -167,6 +178,7 @@ def _batch_hard_options(embeddings, labels, margin, soft_margin, reduction):
         soft_margin=_checks.check_bool("soft_margin", soft_margin),
         reduction=reduction,
         out_dtype=_checks.autocast_fp32(embeddings.device, embeddings.dtype),
+        deterministic=torch.are_deterministic_algorithms_enabled(),
     )
 
 
@@ -182,42 +194,76 @@ def _triplet_definition(opts, anchor, positive, negative):
                                  reduction=opts.reduction)
 
 
-@torch.no_grad()
-def _mine(x, labels):
-    """(hardest positive, hardest negative) indices of the (B, d) ``x`` (compute dtype), -1 where none, in row
-    chunks: the kernel's criterion and its ranking of non-finite rows (module docstring of
-    ``fusedloss.kernels.triplet``), ``||x_j||^2 - 2 x_i . x_j`` for finite rows."""
-    n_rows = x.shape[0]
-    y = labels.to(torch.int64)
+def _first_extreme(score, candidate, nan_col, largest):
+    """Per row of a (rows, B) ``score`` block, the first column of the largest (``largest``) or smallest score among
+    the ``candidate`` columns, a NaN candidate (``nan_col``) winning either; -1 for a row without candidates. The
+    key block comes out of a ``torch.where`` over the scores and the candidates, so it is batched under
+    ``torch.func.vmap`` whenever either is, before the in-place fill."""
+    fill = -math.inf if largest else math.inf
+    key = torch.where(candidate, score, fill).masked_fill_(nan_col & candidate, -fill)
+    return torch.where(candidate.any(1), key.argmax(1) if largest else key.argmin(1), -1)
+
+
+def _mine_rows(x, sq, y, rows):
+    """(hardest positive, hardest negative) indices (int64, -1 where none) of the anchors ``x[rows]`` (a slice)
+    among all B rows of ``x`` (compute dtype), with ``sq`` the rows' squared norms and ``y`` the int64 labels: the
+    kernel's criterion and its ranking of non-finite rows (module docstring of ``fusedloss.kernels.triplet``),
+    ``||x_j||^2 - 2 x_i . x_j`` for finite anchors. Holds a few (rows, B) blocks."""
     big = torch.finfo(x.dtype).max
-    sq = (x * x).sum(1)
     nan_col, inf_col = torch.isnan(sq)[None, :], torch.isinf(sq)[None, :]
-    anchors = torch.where(torch.isfinite(sq)[:, None], x, 0.0)  # a non-finite anchor is mined as zeros
-    cols = torch.arange(n_rows, device=x.device)
+    anchors = torch.where(torch.isfinite(sq[rows])[:, None], x[rows], 0.0)  # a non-finite anchor is mined as zeros
+    cols = torch.arange(x.shape[0], device=x.device)
+    # the scores and one key block are the only blocks of the compute dtype alive at once (the clamp's input dies at
+    # once: it is out of place because vmap has no batching rule for clamp_)
+    score = torch.addmm(sq[None, :], anchors, x.T, alpha=-2.0).clamp(-big, big).masked_fill_(inf_col, big)
+    same = y[rows, None] == y[None, :]
+    positive = _first_extreme(score, same & (cols[rows, None] != cols[None, :]), nan_col, largest=True)
+    return positive, _first_extreme(score, ~same, nan_col, largest=False)
+
+
+@torch.no_grad()
+def _mine_chunked(x, labels):
+    """``_mine_rows`` over row chunks of ``TORCH_MINING_CHUNK_BYTES``, written into the two (B,) int64 results."""
+    n_rows = x.shape[0]
+    y, sq = labels.to(torch.int64), (x * x).sum(1)
+    positive = torch.empty(n_rows, dtype=torch.int64, device=x.device)
+    negative = torch.empty_like(positive)
     step = max(1, TORCH_MINING_CHUNK_BYTES // (max(1, n_rows) * x.element_size()))
-    positive, negative = [], []
     for start in range(0, n_rows, step):
-        block = slice(start, start + step)
-        # in place where possible: the scores and one key block are the chunk's only fp32 blocks alive at once
-        score = torch.addmm(sq[None, :], anchors[block], x.T, alpha=-2.0).clamp_(-big, big).masked_fill_(inf_col, big)
-        same = y[block, None] == y[None, :]
-        is_pos = same & (cols[block, None] != cols[None, :])
-        key_pos = torch.where(nan_col, math.inf, score).masked_fill_(~is_pos, -math.inf)
-        positive.append(torch.where(is_pos.any(1), key_pos.argmax(1), -1))
-        key_neg = score.masked_fill_(nan_col, -math.inf).masked_fill_(same, math.inf)
-        negative.append(torch.where((~same).any(1), key_neg.argmin(1), -1))
-    if not positive:
-        return cols, cols
-    return torch.cat(positive), torch.cat(negative)
+        rows = slice(start, start + step)
+        positive[rows], negative[rows] = _mine_rows(x, sq, y, rows)
+    return positive, negative
 
 
-def _batch_hard_definition(opts, embeddings, labels):
-    """``batch_hard_triplet_loss`` in torch ops: mine (no gradient), then the loss of the selected pairs under
-    plain autograd, in fp32 (fp64 for fp64 embeddings) with autocast off, cast to the result dtype."""
-    with torch.autocast(embeddings.device.type, enabled=False):
+@torch.library.custom_op("fusedloss::batch_hard_mine_chunked", mutates_args=())
+def _mine_chunked_op(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_mine_chunked`` as one opaque node for ``torch.compile``, which would otherwise unroll its loop and guard on
+    the batch size (a recompile per size, and ``fullgraph=True`` fails past the recompile limit)."""
+    return _mine_chunked(x, labels)
+
+
+@_mine_chunked_op.register_fake
+def _(x, labels):
+    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.int64)
+
+
+@torch.no_grad()
+def _mine_whole(x, labels):
+    """``_mine_rows`` on all B anchors at once: O(B^2) memory, but neither a loop nor writes into a result buffer
+    (``torch.func.vmap`` refuses batched values written into an unbatched one)."""
+    if x.shape[0] == 0:  # argmax needs a column
+        return labels.new_empty(0, dtype=torch.int64), labels.new_empty(0, dtype=torch.int64)
+    return _mine_rows(x, (x * x).sum(1), labels.to(torch.int64), slice(None))
+
+
+def _selected_pairs_loss(opts, embeddings, labels, mine):
+    """``batch_hard_triplet_loss`` in torch ops with the miner ``mine(x, labels)``: mine (no gradient), then the loss
+    of the selected pairs under plain autograd, in fp32 (fp64 for fp64 embeddings) with autocast off, cast to the
+    result dtype."""
+    with _checks.autocast_off(embeddings.device):
         dtype = _family.compute_dtype(embeddings)
         x = embeddings.to(dtype)
-        positive, negative = _mine(x, labels)
+        positive, negative = mine(x.detach(), labels)
         valid = (positive >= 0) & (negative >= 0)
         index = torch.arange(x.shape[0], device=x.device)
         # An excluded anchor's differences are zeros (its partner index is itself), cut off by a where so that
@@ -229,6 +275,21 @@ def _batch_hard_definition(opts, embeddings, labels):
         rows = torch.where(valid, rows, 0.0)
         denominator = valid.sum().to(dtype) if opts.reduction == "mean" else None
         return _family.reduce(rows, opts.reduction, denominator, rows.shape).to(opts.out_dtype)
+
+
+def _batch_hard_definition(opts, embeddings, labels):
+    """``batch_hard_triplet_loss`` on the torch backend (and the higher-order gradients of the Triton one), mined
+    in row chunks: memory O(B d) plus the chunks, never the ``B x B`` matrix."""
+    mine = _mine_chunked_op if torch.compiler.is_compiling() else _mine_chunked
+    return _selected_pairs_loss(opts, embeddings, labels, mine)
+
+
+def _batch_hard_unchunked_definition(opts, embeddings, labels):
+    """``_batch_hard_definition`` mined on the whole ``B x B`` matrix in plain torch ops (O(B^2) memory): no Python
+    loop, custom op or in-place write into a buffer, so that the ``torch.func`` transforms (``vmap``, ``grad``,
+    ``jacrev``) run it. The same indices as the chunked mining (up to the last bits of the Gram scores, which
+    only decide near-exact ties)."""
+    return _selected_pairs_loss(opts, embeddings, labels, _mine_whole)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,10 +387,9 @@ class _BatchHard(_family.LossFunction):
         grad = scale = None
         if needs[0] and opts.reduction != "none":
             scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, device)
-            # an accumulator (the kernel adds into it), so zeros, never poisoned
-            grad = torch.zeros((n_rows, dim), dtype=dtype, device=device)
+            grad = _gradient_buffer(opts, (n_rows, dim), dtype, device)
         batch_hard_loss(embeddings, positive, negative, scale, rows, grad, margin=opts.margin,
-                        soft_margin=opts.soft_margin)
+                        soft_margin=opts.soft_margin, deterministic=opts.deterministic)
         loss = _family.reduce(rows, opts.reduction, denominator, (n_rows,)).to(opts.out_dtype)
         return loss, None if grad is None else grad.to(embeddings.dtype), positive, negative, denominator
 
@@ -355,7 +415,15 @@ def _batch_hard_recompute(ctx, inputs, state, grad_outputs):
     opts = ctx.opts
     dtype = _family.compute_dtype(embeddings)
     scale = _family.grad_scale(grad_outputs[0].to(dtype), opts.reduction, denominator)
-    grad = torch.zeros(embeddings.shape, dtype=dtype, device=embeddings.device)
+    grad = _gradient_buffer(opts, embeddings.shape, dtype, embeddings.device)
     batch_hard_loss(embeddings, positive, negative, _per_row(scale, embeddings.shape[0]), None, grad,
-                    margin=opts.margin, soft_margin=opts.soft_margin)
+                    margin=opts.margin, soft_margin=opts.soft_margin, deterministic=opts.deterministic)
     return grad.to(embeddings.dtype), None
+
+
+def _gradient_buffer(opts, shape, dtype, device):
+    """The gradient buffer of ``batch_hard_loss``: zeros for the atomic adds, or, on the deterministic route, which
+    writes every row, a poisonable empty buffer."""
+    if opts.deterministic:
+        return _alloc.empty(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
