@@ -54,7 +54,9 @@ def check_number(name, value, *, low=None, high=None, low_open=False, finite=Fal
     value = float(value)
     if value != value:
         raise ValueError(f"{name} must not be NaN")
-    if finite and math.isinf(value):
+    # (comparisons, not math.isinf: under torch.compile(dynamic=True) a float argument may be a SymFloat, which
+    # compares into a guard but has no math.isinf)
+    if finite and (value == math.inf or value == -math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
