@@ -27,6 +27,8 @@ The backward contract, identical to a composition of torch ops:
   right higher-order gradient, at eager's memory cost, never a constant.
 """
 
+import functools
+
 import torch
 
 from . import _alloc
@@ -179,6 +181,26 @@ def _interpreted():
     from ._backend import backend
 
     return backend("cpu") == "triton-interpret"
+
+
+def opaque_op(name, fake):
+    """Register ``fn`` as the functional custom op ``fusedloss::<name>`` (fresh outputs, whose shapes ``fake``
+    gives) and return a function that calls the op while ``torch.compile`` traces and ``fn`` itself otherwise (an
+    eager call would only pay the dispatcher). Traced, ``fn``'s Python (launch arithmetic, the loop over bands) would
+    specialize the graph to each batch size; as one opaque node its sizes stay symbolic and that Python runs on the
+    concrete sizes when the graph runs."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"fusedloss::{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return (op if torch.compiler.is_compiling() else fn)(*args, **kwargs)
+
+        return call
+
+    return register
 
 
 def empty(shape, *, dtype, device):

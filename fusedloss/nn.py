@@ -8,7 +8,7 @@ import torch
 
 from . import _checks
 from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
-from .losses.contrastive import clip_loss, info_nce, nt_xent, siglip_loss
+from .losses.contrastive import check_open_clip_ranks, clip_loss, info_nce, nt_xent, siglip_loss
 from .losses.cross_entropy import cross_entropy
 from .losses.distillation import kl_div_with_logits
 from .losses.linear_cross_entropy import linear_cross_entropy
@@ -16,7 +16,18 @@ from .losses.pointwise import bradley_terry_loss, huber_loss, kl_div, l1_loss, m
 from .losses.triplet import batch_hard_triplet_loss, triplet_margin_loss
 
 
-class CrossEntropyLoss(torch.nn.Module):
+class _Loss(torch.nn.Module):
+    """The base of fusedloss's modules: what they share beyond ``nn.Module``."""
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: the forward calls Triton launchers and Python-level argument checks,
+        # which TorchScript cannot compile, and its own error would point deep inside them
+        raise RuntimeError(f"fusedloss.nn.{type(self).__name__} cannot be compiled by torch.jit.script (its forward "
+                           "runs Triton kernels and Python argument checks); use torch.compile, which traces it, or "
+                           "script the rest of the model and call the loss outside it")
+
+
+class CrossEntropyLoss(_Loss):
     """``fusedloss.cross_entropy`` as a module; see it for shapes, dtypes and the extras."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
@@ -54,7 +65,7 @@ class FocalLoss(CrossEntropyLoss):
                          label_smoothing=label_smoothing, focal_gamma=gamma, focal_alpha=alpha)
 
 
-class BCEWithLogitsLoss(torch.nn.Module):
+class BCEWithLogitsLoss(_Loss):
     """``fusedloss.binary_cross_entropy_with_logits`` as a module, with torch's constructor."""
 
     def __init__(self, weight=None, size_average=None, reduce=None, reduction="mean", pos_weight=None):
@@ -68,7 +79,7 @@ class BCEWithLogitsLoss(torch.nn.Module):
                                                 pos_weight=self.pos_weight)
 
 
-class SigmoidFocalLoss(torch.nn.Module):
+class SigmoidFocalLoss(_Loss):
     """``fusedloss.sigmoid_focal_loss`` as a module (torchvision's defaults: alpha 0.25, gamma 2, 'none')."""
 
     def __init__(self, alpha=0.25, gamma=2.0, reduction="none"):
@@ -79,7 +90,7 @@ class SigmoidFocalLoss(torch.nn.Module):
         return sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction)
 
 
-class NTXentLoss(torch.nn.Module):
+class NTXentLoss(_Loss):
     """``fusedloss.nt_xent`` as a module: SimCLR's NT-Xent over ``(2N, d)`` features, rows ``i`` and ``i + N`` the
     positive pairs, self-similarity excluded."""
 
@@ -91,7 +102,7 @@ class NTXentLoss(torch.nn.Module):
         return nt_xent(features, self.temperature)
 
 
-class ClipLoss(torch.nn.Module):
+class ClipLoss(_Loss):
     """``fusedloss.clip_loss`` as a module, called as open_clip calls its ``ClipLoss``:
     ``loss(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``, with the scale (already
     exponentiated) and the bias coming from the model, so that ``losses = loss(**model_out, output_dict=True)`` in
@@ -100,10 +111,40 @@ class ClipLoss(torch.nn.Module):
     The features are L2-normalized inside: for the normalized features open_clip's models return the loss is
     unchanged and their gradient is open_clip's minus its radial part (``g - x <x, g>``), which the model's own
     normalization removes anyway, so every parameter's gradient is open_clip's. ``process_group``: open_clip's
-    ``local_loss=True, gather_with_grad=True`` across the group's ranks (see ``fusedloss.clip_loss``)."""
+    ``local_loss=True, gather_with_grad=True`` across the group's ranks (see ``fusedloss.clip_loss``).
 
-    def __init__(self, *, process_group=None):
+    open_clip's constructor arguments, in its order, honoured or refused by name (ValueError / TypeError):
+
+    - ``cache_labels``: a speed hint of open_clip's (it keeps its label tensors); accepted and ignored, since no
+      labels are built here.
+    - ``rank`` / ``world_size``: must be ``process_group``'s (None: the group's; without a group 0 and 1, open_clip's
+      defaults). ``world_size > 1`` without ``process_group`` raises: fusedloss communicates through that group.
+    - ``local_loss`` / ``gather_with_grad``: across ranks this loss is open_clip's ``True, True`` result (None takes
+      it). ``local_loss=False`` (every rank the global batch's loss; DDP's averaged gradients would be the same, the
+      loss value is not) and ``gather_with_grad=False`` (no gradient through the gathered features: different
+      gradients) raise with a group of more than one rank; in a single process every value gives the same loss.
+    - ``use_horovod=True`` raises: fusedloss communicates through ``torch.distributed`` only."""
+
+    def __init__(self, local_loss=None, gather_with_grad=None, cache_labels=False, rank=None, world_size=None,
+                 use_horovod=False, *, process_group=None):
         super().__init__()
+        for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad)):
+            if value is not None:
+                _checks.check_bool(name, value)
+        _checks.check_bool("cache_labels", cache_labels)
+        if _checks.check_bool("use_horovod", use_horovod):
+            raise ValueError("use_horovod=True: fusedloss communicates through torch.distributed only; pass the "
+                             "group as process_group=")
+        self.rank, self.world_size = check_open_clip_ranks(process_group, rank, world_size)
+        if self.world_size > 1 and local_loss is False:
+            raise ValueError("local_loss=False: across ranks fusedloss computes open_clip's local_loss=True loss "
+                             "(each rank's rows against the gathered batch; their mean over the ranks is the global "
+                             "batch's loss, and DDP's averaged gradients are local_loss=False's); pass local_loss=True")
+        if self.world_size > 1 and gather_with_grad is False:
+            raise ValueError("gather_with_grad=False: across ranks fusedloss gives open_clip's gather_with_grad=True "
+                             "gradients (every rank's loss differentiated through the gathered features); pass "
+                             "gather_with_grad=True")
+        self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.process_group = process_group
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
@@ -111,7 +152,7 @@ class ClipLoss(torch.nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class SigLipLoss(torch.nn.Module):
+class SigLipLoss(_Loss):
     """``fusedloss.siglip_loss`` as a module, called as open_clip calls its ``SigLipLoss``:
     ``loss(image_features, text_features, logit_scale, logit_bias, output_dict=False)``, so that
     ``losses = loss(**model_out, output_dict=True)`` runs unchanged; ``output_dict=True`` returns
@@ -119,10 +160,24 @@ class SigLipLoss(torch.nn.Module):
 
     The features are L2-normalized inside, as in ``ClipLoss``: every parameter's gradient is open_clip's.
     ``process_group``: what open_clip's ``SigLipLoss(rank=r, world_size=W)`` gives on each rank (see
-    ``fusedloss.siglip_loss``)."""
+    ``fusedloss.siglip_loss``).
 
-    def __init__(self, *, process_group=None):
+    open_clip's constructor arguments, in its order: ``cache_labels`` (a speed hint of open_clip's) is accepted and
+    ignored; ``rank`` / ``world_size`` as in ``ClipLoss`` (the group's); ``dist_impl``, open_clip's choice of
+    exchange across ranks (None, which is ``'bidir'``, ``'shift'``, ``'reduce'`` or ``'gather'``), is checked and
+    stored, and changes nothing: every one gives the same loss, and fusedloss communicates its own way (one
+    all-gather, ``fusedloss.siglip_loss``)."""
+
+    DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+    def __init__(self, cache_labels=False, rank=None, world_size=None, dist_impl=None, *, process_group=None):
         super().__init__()
+        _checks.check_bool("cache_labels", cache_labels)
+        if dist_impl is not None and dist_impl not in self.DIST_IMPLS:
+            raise ValueError(f"dist_impl must be None or one of {', '.join(map(repr, self.DIST_IMPLS))}, "
+                             f"got {dist_impl!r}")
+        self.rank, self.world_size = check_open_clip_ranks(process_group, rank, world_size)
+        self.cache_labels, self.dist_impl = cache_labels, dist_impl or "bidir"
         self.process_group = process_group
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
@@ -130,7 +185,7 @@ class SigLipLoss(torch.nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class InfoNCELoss(torch.nn.Module):
+class InfoNCELoss(_Loss):
     """``fusedloss.info_nce`` as a module: query row ``i`` against every key, its positive at key ``i``."""
 
     def __init__(self, temperature=0.07, *, normalize=True, reduction="mean"):
@@ -142,7 +197,7 @@ class InfoNCELoss(torch.nn.Module):
 
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(_Loss):
     """``fusedloss.linear_cross_entropy`` as a module: the loss of a linear classifier (an LM head) applied to hidden
     states, without the logits; see it for shapes, dtypes and the extras, which take the keyword arguments (in the
     order) of ``CrossEntropyLoss``'s. The classifier's ``weight`` (and ``bias``) are arguments of ``forward``, not
@@ -161,7 +216,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return linear_cross_entropy(input, weight, target, bias, **self.options)
 
 
-class MSELoss(torch.nn.Module):
+class MSELoss(_Loss):
     """``fusedloss.mse_loss`` as a module, with torch's constructor; ``weight`` (optional, the input's size, as
     ``F.mse_loss`` takes it) is registered as a buffer."""
 
@@ -181,7 +236,7 @@ class L1Loss(MSELoss):
         return l1_loss(input, target, reduction=self.reduction, weight=self.weight)
 
 
-class HuberLoss(torch.nn.Module):
+class HuberLoss(_Loss):
     """``fusedloss.huber_loss`` as a module, with torch's constructor; optional ``weight`` buffer."""
 
     def __init__(self, reduction="mean", delta=1.0, *, weight=None):
@@ -193,7 +248,7 @@ class HuberLoss(torch.nn.Module):
         return huber_loss(input, target, reduction=self.reduction, delta=self.delta, weight=self.weight)
 
 
-class SmoothL1Loss(torch.nn.Module):
+class SmoothL1Loss(_Loss):
     """``fusedloss.smooth_l1_loss`` as a module, with torch's constructor."""
 
     def __init__(self, size_average=None, reduce=None, reduction="mean", beta=1.0):
@@ -205,7 +260,7 @@ class SmoothL1Loss(torch.nn.Module):
         return smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
 
 
-class KLDivLoss(torch.nn.Module):
+class KLDivLoss(_Loss):
     """``fusedloss.kl_div`` as a module, with torch's constructor (``'mean'`` warns at each call, as torch's)."""
 
     def __init__(self, size_average=None, reduce=None, reduction="mean", log_target=False):
@@ -217,7 +272,7 @@ class KLDivLoss(torch.nn.Module):
         return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
 
 
-class BradleyTerryLoss(torch.nn.Module):
+class BradleyTerryLoss(_Loss):
     """``fusedloss.bradley_terry_loss`` as a module: a fixed ``margin`` (None or a number) here, or a per-pair
     margin tensor given to ``forward``."""
 
@@ -230,7 +285,7 @@ class BradleyTerryLoss(torch.nn.Module):
                                   reduction=self.reduction)
 
 
-class TripletMarginLoss(torch.nn.Module):
+class TripletMarginLoss(_Loss):
     """``fusedloss.triplet_margin_loss`` as a module, with torch's constructor."""
 
     def __init__(self, margin=1.0, p=2.0, eps=1e-6, swap=False, size_average=None, reduce=None, reduction="mean"):
@@ -243,7 +298,7 @@ class TripletMarginLoss(torch.nn.Module):
                                    swap=self.swap, reduction=self.reduction)
 
 
-class BatchHardTripletLoss(torch.nn.Module):
+class BatchHardTripletLoss(_Loss):
     """``fusedloss.batch_hard_triplet_loss`` as a module: ``forward(embeddings (B, d), labels (B,))``."""
 
     def __init__(self, margin=1.0, *, soft_margin=False, reduction="mean"):
@@ -255,7 +310,7 @@ class BatchHardTripletLoss(torch.nn.Module):
                                        reduction=self.reduction)
 
 
-class DistillationKLDivLoss(torch.nn.Module):
+class DistillationKLDivLoss(_Loss):
     """``fusedloss.kl_div_with_logits`` as a module: ``forward(student_logits, teacher_logits, target=None)``,
     ``target`` masking rows equal to ``ignore_index``."""
 

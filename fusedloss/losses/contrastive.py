@@ -6,7 +6,10 @@ The math (each softmax loss written through its negatives, the statistics the fo
 kernels are in the docstring of ``fusedloss.kernels.contrastive``. Paths:
 
 - Triton backends: ``_Contrastive`` on the kernels: the forward kernel's statistics, the backward's band kernel and
-  GEMMs. Memory beyond the O(N d) features and gradients: one ``R x N`` band.
+  GEMMs. Memory beyond the O(N d) features and gradients: one ``R x N`` band. Under ``torch.compile`` each pass
+  (statistics, gradients) is one registered custom op (``_family.opaque_op``): its launch arithmetic and band loop
+  run on concrete sizes when the graph runs, so the traced graph keeps the batch size symbolic (one graph for every
+  N).
 - torch backend: ``_Contrastive`` on the same statistics and bands in torch ops (``_TorchEngine``), a band of
   ``_TORCH_BAND_ELEMENTS`` logits at a time, since memory is the point of these losses. Under ``torch.compile`` it
   is the definition (``_definition``, the logits materialized, as eager's are): one graph instead of one copy of
@@ -40,19 +43,18 @@ are all-gathered (one collective; the gradient of the gathered copy is reduce-sc
   where a ring holds two blocks.
 """
 
-import contextlib
 import dataclasses
-import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import _alloc, _checks, _distributed, _family
-from .._backend import matmul_backend
+from .._backend import matmul_backend, runs_definition
 
-# Torch engine: logits per band (fp32: 16 MiB, with ~4 such temporaries alive at once).
-_TORCH_BAND_ELEMENTS = 1 << 22
+# Torch engine: logits per band (fp32: 4 MiB, with ~4 such temporaries alive at once): at N = 8192 that is 128 rows
+# per band, a peak under a tenth of the 256 MiB fp32 logits.
+_TORCH_BAND_ELEMENTS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,7 @@ def nt_xent(features, temperature=0.07):
     if dim == 0:
         raise ValueError("features must have at least one column (d >= 1)")
     (x,), out_dtype = _features((("features", features),), normalize=True)
-    with _no_autocast(x.device):
+    with _checks.autocast_off(x.device):
         scale = _inverse_temperature(temperature, x)
         return _run(ContrastiveOptions("nt_xent", out_dtype=out_dtype, engine=_engine(x)), x, None, scale, None)
 
@@ -130,7 +132,7 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, pr
     """
     x, y, scale, out_dtype = _image_text(image_features, text_features, logit_scale)
     bias = None if logit_bias is None else _scalar_tensor("logit_bias", logit_bias, x)
-    with _no_autocast(x.device):
+    with _checks.autocast_off(x.device):
         loss = _run(_group_options("clip", process_group, out_dtype, x), x, y, scale, None)
     if isinstance(logit_bias, torch.Tensor):  # the bias's exact gradient, 0, and eager's NaN for a non-finite one
         loss = loss + 0.0 * bias.to(loss.dtype)
@@ -167,7 +169,7 @@ def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean"):
     normalize = _checks.check_bool("normalize", normalize)
     _checks.check_reduction(reduction)
     (x, y), out_dtype = _features((("query", query), ("key", key)), normalize=normalize)
-    with _no_autocast(x.device):
+    with _checks.autocast_off(x.device):
         scale = _inverse_temperature(temperature, x)
         opts = ContrastiveOptions("info_nce", reduction=reduction, normalized=normalize, out_dtype=out_dtype,
                                   engine=_engine(x))
@@ -200,7 +202,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, proce
     x, y, scale, out_dtype = _image_text(image_features, text_features, logit_scale)
     bias = (torch.zeros((), dtype=scale.dtype, device=x.device) if logit_bias is None
             else _scalar_tensor("logit_bias", logit_bias, x))
-    with _no_autocast(x.device):
+    with _checks.autocast_off(x.device):
         return _run(_group_options("siglip", process_group, out_dtype, x), x, y, scale, bias)
 
 
@@ -228,24 +230,16 @@ def _features(named, normalize):
     dtype, as eager's matmul casts its operands, differentiably. Normalized with ``F.normalize`` in the compute
     dtype first (eager normalizes before its matmul casts)."""
     (first, x0), device = named[0], named[0][1].device
-    autocast = torch.is_autocast_enabled(device.type)
+    autocast = _checks.autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device.type) if autocast and x0.dtype != torch.float64 else x0.dtype
     for name, t in named[1:]:
         if (dtype if autocast and t.dtype != torch.float64 else t.dtype) != dtype:
             where = " (under torch.autocast: fp64 is not cast, so both or neither must be fp64)" if autocast else ""
             raise TypeError(f"{name} must have {first}'s dtype {x0.dtype}{where}, got {t.dtype}")
-    with _no_autocast(device):
+    with _checks.autocast_off(device):
         out = [F.normalize(t.to(_family.compute_dtype(t)), dim=1).to(dtype) if normalize else t.to(dtype)
                for _, t in named]
     return out, _checks.autocast_fp32(device, dtype)
-
-
-def _no_autocast(device):
-    """Autocast off inside the loss: the features are already in the dtype autocast gives them, and the loss's
-    own math runs in fp32 (fp64), as in torch's fp32 autocast list."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _scalar_tensor(name, value, like, finite=False):
@@ -264,10 +258,15 @@ def _inverse_temperature(temperature, like):
     if isinstance(temperature, torch.Tensor) and temperature.is_floating_point():
         return 1.0 / _scalar_tensor("temperature", temperature, like)
     t = _checks.check_number("temperature", temperature, low=0.0, low_open=True)
-    return torch.full((), 0.0 if math.isinf(t) else 1.0 / t, dtype=_family.compute_dtype(like), device=like.device)
+    # (1 / inf is 0, eager's limit; no branch on the value, which torch.compile may hold as a symbolic float)
+    return torch.full((), 1.0 / t, dtype=_family.compute_dtype(like), device=like.device)
 
 
 def _engine(x):
+    """"triton" (the kernels), "torch" (the chunked bands), or "definition": the plain torch ops, for torch.func
+    transforms, meta and fake tensors (``runs_definition``), and while ``torch.compile`` traces the torch path."""
+    if runs_definition(x):
+        return "definition"
     if matmul_backend(x.device, x.dtype) != "torch":
         return "triton"
     return "definition" if torch.compiler.is_compiling() else "torch"
@@ -279,6 +278,29 @@ def _group_options(kind, process_group, out_dtype, x):
         rank, world = _distributed.rank_and_size(_distributed.check_group(process_group))
     return ContrastiveOptions(kind, out_dtype=out_dtype, engine=_engine(x), rank=rank, world_size=world,
                               process_group=process_group)
+
+
+def check_open_clip_ranks(process_group, rank=None, world_size=None):
+    """open_clip's ``rank`` / ``world_size`` constructor arguments (``fusedloss.nn.ClipLoss``, ``SigLipLoss``)
+    against ``process_group``, through which fusedloss communicates: None takes the group's, a value must be the
+    group's; without a group the process is rank 0 of 1 (open_clip's defaults). Returns (rank, world_size);
+    ValueError naming the argument otherwise."""
+    group_rank, group_size = 0, 1
+    if process_group is not None:
+        group_rank, group_size = _distributed.rank_and_size(_distributed.check_group(process_group))
+    if world_size is not None:
+        world_size = _checks.check_int("world_size", world_size)
+        if world_size > 1 and process_group is None:
+            raise ValueError(f"world_size={world_size} needs process_group: fusedloss communicates through the "
+                             f"torch.distributed group given as process_group= (e.g. torch.distributed.group.WORLD), "
+                             f"and without one computes a single process's loss")
+        if world_size != group_size:
+            raise ValueError(f"world_size={world_size} is not process_group's size {group_size}")
+    if rank is not None and _checks.check_int("rank", rank) != group_rank:
+        where = "this process's rank in process_group" if process_group is not None else \
+            "the only rank without process_group"
+        raise ValueError(f"rank={rank} is not {group_rank}, {where}")
+    return group_rank, group_size
 
 
 def _run(opts, x, y, scale, bias):
@@ -295,11 +317,11 @@ def _run(opts, x, y, scale, bias):
     return _Contrastive.apply(opts, _family.needs_grad(x, y, scale, bias), x, y, scale, bias)[0]
 
 
-def _positives(opts, n_rows):
+def _positives(kind, rank, n_rows):
     """(offset, modulus, self_mask): row ``i``'s positive is column ``(i + offset) mod modulus``."""
-    if opts.kind == "nt_xent":
+    if kind == "nt_xent":
         return n_rows // 2, n_rows, True
-    offset = opts.rank * n_rows
+    offset = rank * n_rows
     return offset, offset + n_rows, False
 
 
@@ -309,7 +331,7 @@ def _positives(opts, n_rows):
 
 def _softplus(v):
     """log(1 + exp(v)) without F.softplus's linear cut-off above 20 (an fp64 error of 2e-9)."""
-    return torch.logaddexp(v, torch.zeros_like(v))
+    return torch.logaddexp(v, v.new_zeros(()))  # (a broadcast 0-d zero: no second temporary of v's size)
 
 
 def _definition(opts, x, y, scale, bias):
@@ -325,7 +347,7 @@ def _definition(opts, x, y, scale, bias):
         k = _gather_with_grad(k, opts.process_group)
     c = q @ k.T
     n_rows, n_cols = c.shape
-    offset, modulus, self_mask = _positives(opts, n_rows)
+    offset, modulus, self_mask = _positives(opts.kind, opts.rank, n_rows)
     pos = (torch.arange(n_rows, device=c.device) + offset) % modulus
     is_pos = torch.arange(n_cols, device=c.device)[None, :] == pos[:, None]
     if opts.kind == "siglip":
@@ -513,75 +535,108 @@ def _recompute(ctx, inputs, state, grad_outputs):
 # (normalized) features, in the compute dtype.
 
 
+def _triton_stats_fake(q, k, scale, bias, *, kind, schedule, rank):
+    from ..kernels.contrastive import COL_STATS, SIGMOID_ROW_STATS, SOFTMAX_ROW_STATS
+
+    rows = q.new_empty((q.shape[0], SIGMOID_ROW_STATS if kind == "siglip" else SOFTMAX_ROW_STATS), dtype=scale.dtype)
+    return [rows, q.new_empty((COL_STATS, k.shape[0]), dtype=scale.dtype)] if kind == "clip" else [rows]
+
+
+@_family.opaque_op("contrastive_stats", _triton_stats_fake)
+def _triton_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], *, kind: str,
+                  schedule: str, rank: int) -> List[torch.Tensor]:
+    """``_TritonEngine.stats``: [rows] or, for CLIP, [rows, cols] (contiguous, as the fake says)."""
+    from ..kernels.contrastive import (
+        COL_STATS,
+        SIGMOID_ROW_STATS,
+        SOFTMAX_ROW_STATS,
+        contrastive_forward,
+        forward_programs,
+    )
+
+    sigmoid = kind == "siglip"
+    n_rows, dim = q.shape
+    n_cols = k.shape[0]
+    offset, modulus, self_mask = _positives(kind, rank, n_rows)
+    rows = _alloc.empty((n_rows, SIGMOID_ROW_STATS if sigmoid else SOFTMAX_ROW_STATS), dtype=scale.dtype,
+                        device=q.device)
+    ws = None
+    if kind == "clip":
+        programs = forward_programs(n_rows, dim, q.dtype, q.device, schedule)[0]
+        ws = _alloc.empty((programs, COL_STATS, n_cols), dtype=scale.dtype, device=q.device)
+    contrastive_forward(q, k, scale, bias if sigmoid else None, rows, ws, pos_offset=offset, pos_modulus=modulus,
+                        self_mask=self_mask, sigmoid=sigmoid, schedule=schedule)
+    fixed = schedule == "fixed_shift" and not sigmoid
+    if fixed:  # the rows whose negatives the fixed shift could not hold, exactly (kernels' docstring)
+        contrastive_forward(q, k, scale, None, rows, None, pos_offset=offset, pos_modulus=modulus,
+                            self_mask=self_mask, sigmoid=False, schedule="fallback")
+    if ws is None:
+        return [rows]
+    cols = _merge_partials(ws)
+    if fixed:
+        # The columns' likewise: the transposed problem (rows K, columns Q), whose row j has its positive at
+        # column j - offset when that is one of this rank's rows, written over the merged (m, s, t) in an
+        # (N, 4) layout (the fourth column, that problem's positive dot product, is not used).
+        stats = torch.cat([cols, torch.zeros_like(cols[:1])]).t().contiguous()
+        contrastive_forward(k, q, scale, None, stats, None, pos_offset=n_cols - offset, pos_modulus=n_cols,
+                            self_mask=False, sigmoid=False, schedule="fallback")
+        cols = stats[:, :COL_STATS].t().contiguous()
+    return [rows, cols]
+
+
+def _triton_grads_fake(q, k, scale, bias, row_state, col_state, a, b, *, kind, schedule, gemm, rank, need_q,
+                       need_k):
+    return [t.new_empty(t.shape, dtype=scale.dtype) for t, need in ((q, need_q), (k, need_k)) if need]
+
+
+@_family.opaque_op("contrastive_grads", _triton_grads_fake)
+def _triton_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                  row_state: Optional[torch.Tensor], col_state: Optional[torch.Tensor], a: torch.Tensor,
+                  b: Optional[torch.Tensor], *, kind: str, schedule: str, gemm: str, rank: int, need_q: bool,
+                  need_k: bool) -> List[torch.Tensor]:
+    """``_TritonEngine.grads``: [dq] and / or [dk], those asked for, in that order."""
+    from ..kernels.contrastive import band_matmul, band_rows, contrastive_dlogits
+
+    sigmoid = kind == "siglip"
+    n_rows, dim = q.shape
+    n_cols = k.shape[0]
+    offset, modulus, self_mask = _positives(kind, rank, n_rows)
+    # W is stored times 1 / max |weight| (|W| <= 2 then), so that fp16 bands stay clear of subnormals.
+    top = a.abs().amax() if b is None else torch.maximum(a.abs().amax(), b.abs().amax())
+    band_scale = torch.where(top > 0, 1.0 / top, torch.ones_like(top))
+    r = band_rows(n_rows, n_cols, q.dtype)
+    band = _alloc.empty((r, n_cols), dtype=q.dtype, device=q.device)
+    cublas = gemm == "cublas"
+    dq = _alloc.empty((n_rows, dim), dtype=scale.dtype, device=q.device) if need_q else None
+    dk = _alloc.empty((n_cols, dim), dtype=scale.dtype, device=q.device) if need_k else None
+    for start in range(0, n_rows, r):
+        stop = min(n_rows, start + r)
+        w = band[:stop - start]
+        contrastive_dlogits(q, k, scale, bias if sigmoid else None, band_scale, None if sigmoid else row_state, a,
+                            None if sigmoid else col_state, b, w, row_start=start, pos_offset=offset,
+                            pos_modulus=modulus, self_mask=self_mask, sigmoid=sigmoid, schedule=schedule)
+        if need_q:
+            band_matmul(w, k, dq[start:stop], accumulate=False, cublas=cublas)
+        if need_k:
+            band_matmul(w.t(), q[start:stop], dk, accumulate=start > 0, cublas=cublas)
+    factor = scale / band_scale
+    return [g.mul_(factor) for g in (dq, dk) if g is not None]
+
+
 class _TritonEngine:
+    """The kernels, each pass one custom op under ``torch.compile`` (``_family.opaque_op``)."""
+
     @staticmethod
     def stats(opts, q, k, scale, bias):
-        from ..kernels.contrastive import (
-            COL_STATS,
-            SIGMOID_ROW_STATS,
-            SOFTMAX_ROW_STATS,
-            contrastive_forward,
-            forward_programs,
-        )
-
-        sigmoid = opts.kind == "siglip"
-        schedule = opts.schedule
-        n_rows, dim = q.shape
-        n_cols = k.shape[0]
-        offset, modulus, self_mask = _positives(opts, n_rows)
-        rows = _alloc.empty((n_rows, SIGMOID_ROW_STATS if sigmoid else SOFTMAX_ROW_STATS), dtype=scale.dtype,
-                            device=q.device)
-        ws = None
-        if opts.kind == "clip":
-            programs = forward_programs(n_rows, dim, q.dtype, q.device, schedule)[0]
-            ws = _alloc.empty((programs, COL_STATS, n_cols), dtype=scale.dtype, device=q.device)
-        contrastive_forward(q, k, scale, bias if sigmoid else None, rows, ws, pos_offset=offset, pos_modulus=modulus,
-                            self_mask=self_mask, sigmoid=sigmoid, schedule=schedule)
-        fixed = schedule == "fixed_shift" and not sigmoid
-        if fixed:  # the rows whose negatives the fixed shift could not hold, exactly (kernels' docstring)
-            contrastive_forward(q, k, scale, None, rows, None, pos_offset=offset, pos_modulus=modulus,
-                                self_mask=self_mask, sigmoid=False, schedule="fallback")
-        if ws is None:
-            return rows, None
-        cols = _merge_partials(ws)
-        if fixed:
-            # The columns' likewise: the transposed problem (rows K, columns Q), whose row j has its positive at
-            # column j - offset when that is one of this rank's rows, written over the merged (m, s, t) in an
-            # (N, 4) layout (the fourth column, that problem's positive dot product, is not used).
-            stats = torch.cat([cols, torch.zeros_like(cols[:1])]).t().contiguous()
-            contrastive_forward(k, q, scale, None, stats, None, pos_offset=n_cols - offset, pos_modulus=n_cols,
-                                self_mask=False, sigmoid=False, schedule="fallback")
-            cols = stats[:, :COL_STATS].t()
-        return rows, cols
+        out = _triton_stats(q, k, scale, bias, kind=opts.kind, schedule=opts.schedule, rank=opts.rank)
+        return out[0], (out[1] if opts.kind == "clip" else None)
 
     @staticmethod
     def grads(opts, q, k, scale, bias, row_state, col_state, a, b, need_q, need_k):
-        from ..kernels.contrastive import band_matmul, band_rows, contrastive_dlogits
-
-        sigmoid = opts.kind == "siglip"
-        n_rows, dim = q.shape
-        n_cols = k.shape[0]
-        offset, modulus, self_mask = _positives(opts, n_rows)
-        # W is stored times 1 / max |weight| (|W| <= 2 then), so that fp16 bands stay clear of subnormals.
-        top = a.abs().amax() if b is None else torch.maximum(a.abs().amax(), b.abs().amax())
-        band_scale = torch.where(top > 0, 1.0 / top, torch.ones_like(top))
-        r = band_rows(n_rows, n_cols, q.dtype)
-        band = _alloc.empty((r, n_cols), dtype=q.dtype, device=q.device)
-        cublas = opts.gemm == "cublas"
-        dq = _alloc.empty((n_rows, dim), dtype=scale.dtype, device=q.device) if need_q else None
-        dk = _alloc.empty((n_cols, dim), dtype=scale.dtype, device=q.device) if need_k else None
-        for start in range(0, n_rows, r):
-            stop = min(n_rows, start + r)
-            w = band[:stop - start]
-            contrastive_dlogits(q, k, scale, bias if sigmoid else None, band_scale, None if sigmoid else row_state, a,
-                                None if sigmoid else col_state, b, w, row_start=start, pos_offset=offset,
-                                pos_modulus=modulus, self_mask=self_mask, sigmoid=sigmoid, schedule=opts.schedule)
-            if need_q:
-                band_matmul(w, k, dq[start:stop], accumulate=False, cublas=cublas)
-            if need_k:
-                band_matmul(w.t(), q[start:stop], dk, accumulate=start > 0, cublas=cublas)
-        factor = scale / band_scale
-        return (None if dq is None else dq.mul_(factor)), (None if dk is None else dk.mul_(factor))
+        out = iter(_triton_grads(q, k, scale, bias, row_state, col_state, a, b, kind=opts.kind,
+                                 schedule=opts.schedule, gemm=opts.gemm, rank=opts.rank, need_q=need_q,
+                                 need_k=need_k))
+        return (next(out) if need_q else None), (next(out) if need_k else None)
 
 
 class _TorchEngine:
@@ -593,11 +648,14 @@ class _TorchEngine:
         return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
     @staticmethod
-    def _sigmoid_terms(z, is_pos):
-        """Per pair ``softplus(-l z)`` and ``u = -l sigmoid(-l z)`` (kernels' docstring)."""
-        lz = torch.where(is_pos, z, -z)
-        sig = torch.sigmoid(-lz)
-        return -F.logsigmoid(lz), torch.where(is_pos, -sig, sig)
+    def _sigmoid_logits(c, scale, bias, local, pos):
+        """SigLIP's ``z = s C + b`` of a band with its positives set to -inf, where the negatives' terms
+        ``softplus(z)`` and ``u = sigmoid(z)`` (kernels' docstring, l = -1) are 0, and z at the positives: the
+        positives' terms are then added per row, with no (R, N) label mask or select alive besides ``z``."""
+        z = c * scale + bias
+        z_pos = z[local, pos]
+        z[local, pos] = float("-inf")
+        return z, z_pos
 
     @staticmethod
     def _moments(x, c, dim):
@@ -608,7 +666,7 @@ class _TorchEngine:
     @classmethod
     def stats(cls, opts, q, k, scale, bias):
         n_rows, n_cols = q.shape[0], k.shape[0]
-        offset, modulus, self_mask = _positives(opts, n_rows)
+        offset, modulus, self_mask = _positives(opts.kind, opts.rank, n_rows)
         kc = k.to(scale.dtype)
         rows = torch.empty((n_rows, 3 if opts.kind == "siglip" else 4), dtype=scale.dtype, device=q.device)
         cols = None
@@ -616,10 +674,12 @@ class _TorchEngine:
             c = q[start:stop].to(scale.dtype) @ kc.T
             local = torch.arange(stop - start, device=c.device)
             pos = (local + start + offset) % modulus
-            if opts.kind == "siglip":
-                is_pos = torch.arange(n_cols, device=c.device)[None, :] == pos[:, None]
-                loss, u = cls._sigmoid_terms(c * scale + bias, is_pos)
-                rows[start:stop] = torch.stack([loss.sum(1), u.sum(1), (u * c).sum(1)], dim=1)
+            if opts.kind == "siglip":  # (loss, sum u, sum u C): the negatives' sums plus the positive's terms
+                z, z_pos = cls._sigmoid_logits(c, scale, bias, local, pos)
+                c_pos = c[local, pos]
+                loss = _softplus(z).sum(1) + _softplus(-z_pos)
+                u, u_pos = z.sigmoid_(), -torch.sigmoid(-z_pos)
+                rows[start:stop] = torch.stack([loss, u.sum(1) + u_pos, c.mul_(u).sum(1) + u_pos * c_pos], dim=1)
                 continue
             x = c * scale
             x[local, pos] = float("-inf")
@@ -635,7 +695,7 @@ class _TorchEngine:
     @classmethod
     def grads(cls, opts, q, k, scale, bias, row_state, col_state, a, b, need_q, need_k):
         n_rows, n_cols = q.shape[0], k.shape[0]
-        offset, modulus, self_mask = _positives(opts, n_rows)
+        offset, modulus, self_mask = _positives(opts.kind, opts.rank, n_rows)
         kc = k.to(scale.dtype)
         dq = torch.empty((n_rows, kc.shape[1]), dtype=scale.dtype, device=q.device) if need_q else None
         dk = torch.zeros((n_cols, kc.shape[1]), dtype=scale.dtype, device=q.device) if need_k else None
@@ -645,9 +705,11 @@ class _TorchEngine:
             local = torch.arange(stop - start, device=c.device)
             pos = (local + start + offset) % modulus
             rows_a = a[start:stop]
-            if opts.kind == "siglip":
-                is_pos = torch.arange(n_cols, device=c.device)[None, :] == pos[:, None]
-                w = rows_a[:, None] * cls._sigmoid_terms(c * scale + bias, is_pos)[1]
+            if opts.kind == "siglip":  # W = a u, in place
+                z, z_pos = cls._sigmoid_logits(c, scale, bias, local, pos)
+                w = z.sigmoid_()
+                w[local, pos] = -torch.sigmoid(-z_pos)
+                w.mul_(rows_a[:, None])
             else:
                 x = c * scale
                 lse, loss = row_state[start:stop, 0], row_state[start:stop, 1]

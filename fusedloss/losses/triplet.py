@@ -14,8 +14,8 @@ gradient at B = 4096, d = 64, fp32: under a third of the B x B distance matrix a
 (``_batch_hard_definition``), O(B d): in torch ops under plain autograd on the torch backend, in one kernel with
 atomically accumulated gradients on the Triton path, or without atomics under
 ``torch.use_deterministic_algorithms(True)`` (``BatchHardOptions.deterministic``). While ``torch.compile`` traces,
-the torch path's chunked mining is one registered custom op (``fusedloss::batch_hard_mine_chunked``): its Python
-loop over row chunks would make Dynamo specialize on the batch size. ``_batch_hard_unchunked_definition`` is the
+the torch path's chunked mining is one registered custom op (``_family.opaque_op``): its Python loop over row
+chunks would make Dynamo specialize on the batch size. ``_batch_hard_unchunked_definition`` is the
 same loss in plain torch ops on the whole ``B x B`` matrix (no loop, no custom op, no writes into a buffer), for
 the ``torch.func`` transforms.
 """
@@ -221,8 +221,15 @@ def _mine_rows(x, sq, y, rows):
     return positive, _first_extreme(score, ~same, nan_col, largest=False)
 
 
+def _mine_chunked_fake(x, labels):
+    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.int64)
+
+
+# one opaque node under torch.compile, which would otherwise unroll the loop and guard on the batch size (a
+# recompile per size, and fullgraph=True fails past the recompile limit)
+@_family.opaque_op("batch_hard_mine_chunked", _mine_chunked_fake)
 @torch.no_grad()
-def _mine_chunked(x, labels):
+def _mine_chunked(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``_mine_rows`` over row chunks of ``TORCH_MINING_CHUNK_BYTES``, written into the two (B,) int64 results."""
     n_rows = x.shape[0]
     y, sq = labels.to(torch.int64), (x * x).sum(1)
@@ -233,18 +240,6 @@ def _mine_chunked(x, labels):
         rows = slice(start, start + step)
         positive[rows], negative[rows] = _mine_rows(x, sq, y, rows)
     return positive, negative
-
-
-@torch.library.custom_op("fusedloss::batch_hard_mine_chunked", mutates_args=())
-def _mine_chunked_op(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_mine_chunked`` as one opaque node for ``torch.compile``, which would otherwise unroll its loop and guard on
-    the batch size (a recompile per size, and ``fullgraph=True`` fails past the recompile limit)."""
-    return _mine_chunked(x, labels)
-
-
-@_mine_chunked_op.register_fake
-def _(x, labels):
-    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0], dtype=torch.int64)
 
 
 @torch.no_grad()
@@ -280,8 +275,7 @@ def _selected_pairs_loss(opts, embeddings, labels, mine):
 def _batch_hard_definition(opts, embeddings, labels):
     """``batch_hard_triplet_loss`` on the torch backend (and the higher-order gradients of the Triton one), mined
     in row chunks: memory O(B d) plus the chunks, never the ``B x B`` matrix."""
-    mine = _mine_chunked_op if torch.compiler.is_compiling() else _mine_chunked
-    return _selected_pairs_loss(opts, embeddings, labels, mine)
+    return _selected_pairs_loss(opts, embeddings, labels, _mine_chunked)
 
 
 def _batch_hard_unchunked_definition(opts, embeddings, labels):
