@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import custom_launcher, num_sms
+from ._launch import INTERPRETER_LOCK, custom_launcher, num_sms
 
 
 def _triton_version():
@@ -39,7 +39,8 @@ def interpreter_bf16_dot_exact():
     there. Probed once on a 16 x 16 product, so a fixed interpreter is used again without a release to follow."""
     a = torch.arange(256, dtype=torch.float32).reshape(16, 16).remainder(7).sub(3).to(torch.bfloat16)
     out = torch.empty(16, 16, dtype=torch.float32)
-    _bf16_dot_probe[(1,)](a, out)
+    with INTERPRETER_LOCK:
+        _bf16_dot_probe[(1,)](a, out)
     return torch.equal(out, a.float() @ a.float().T)
 
 

@@ -1,11 +1,17 @@
 """Host-side helpers shared by the launchers of every kernel module."""
 
 import functools
+import threading
 import warnings
 
 import torch
 
 from . import INTERPRETED
+
+# Triton's interpreter patches triton.language's functions for the duration of a launch, and numpy's error state and
+# Python's warning filters are process-wide too: one interpreted launch at a time (concurrent forwards from threads
+# raised "Did you forget to add @triton.jit?"). Reentrant: a launcher may launch another.
+INTERPRETER_LOCK = threading.RLock()
 
 
 def custom_launcher(name, mutates_args):
@@ -16,7 +22,7 @@ def custom_launcher(name, mutates_args):
     launcher's annotations are the op's schema."""
 
     def register(launcher):
-        body = _without_fp_warnings(launcher) if INTERPRETED else launcher
+        body = _interpreted(launcher) if INTERPRETED else launcher
         op = torch.library.custom_op(f"fusedloss::{name}", mutates_args=mutates_args)(body)
 
         @functools.wraps(launcher)
@@ -29,16 +35,16 @@ def custom_launcher(name, mutates_args):
     return register
 
 
-def _without_fp_warnings(launcher):
-    """``launcher`` with numpy's floating-point warnings off: Triton's interpreter evaluates the masked-out lanes of
-    a tile too (log(0), inf - inf, ...), which the kernels discard with ``tl.where``, and numpy would warn about
-    each of them (through ``errstate``, and as RuntimeWarnings such as "All-NaN slice encountered" from the
-    reductions of a NaN row, whose NaN is the result the kernels want)."""
+def _interpreted(launcher):
+    """``launcher`` under ``INTERPRETER_LOCK``, with numpy's floating-point warnings off: Triton's interpreter
+    evaluates the masked-out lanes of a tile too (log(0), inf - inf, ...), which the kernels discard with
+    ``tl.where``, and numpy would warn about each of them (through ``errstate``, and as RuntimeWarnings such as
+    "All-NaN slice encountered" from the reductions of a NaN row, whose NaN is the result the kernels want)."""
     import numpy
 
     @functools.wraps(launcher)
     def run(*args, **kwargs):
-        with numpy.errstate(all="ignore"), warnings.catch_warnings():
+        with INTERPRETER_LOCK, numpy.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return launcher(*args, **kwargs)
 

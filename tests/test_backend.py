@@ -86,3 +86,21 @@ def test_top_level_kernels_name_is_left_to_its_owner():
         "import kernels, os; assert os.path.dirname(kernels.__file__) != os.path.join(os.getcwd(), 'kernels'); "
         "import fusedloss.kernels as k; assert k.__file__ != kernels.__file__ and hasattr(k, 'INTERPRETED')", root)
     assert code == 0 or "ModuleNotFoundError: No module named 'kernels' (the folder" in err, err
+
+
+def test_concurrent_calls_from_threads(tier):
+    # Triton's interpreter patches triton.language during a launch: launches from several threads take turns
+    import concurrent.futures
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(37, 50, generator=gen), torch.randint(0, 50, (37,), generator=gen)) for _ in range(4)]
+    expected = [fusedloss.cross_entropy(x, t, label_smoothing=0.1) for x, t in inputs]
+
+    def run(index):
+        x, t = inputs[index % 4]
+        return fusedloss.cross_entropy(x.to(tier.device), t.to(tier.device), label_smoothing=0.1)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(16)))
+    for index, got in enumerate(results):
+        assert torch.equal(got.cpu(), expected[index % 4]), index

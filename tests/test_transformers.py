@@ -219,7 +219,64 @@ def test_refuses_a_forward_it_cannot_follow(gen):
     assert model(input_ids=input_ids).logits.shape == (BATCH, SEQ, VOCAB)
     with pytest.raises(RuntimeError, match="more than once"):
         model(input_ids=input_ids, labels=labels)
-    assert "forward" not in model.lm_head.__dict__ and "_loss_function" not in model.__dict__, "not restored"
+    assert model(input_ids=input_ids).logits.shape == (BATCH, SEQ, VOCAB), "the capture outlived the failed call"
+
+
+def test_unpatch_restores_the_instance(gen):
+    """Unpatching leaves no stand-in on the model or its head; a deep copy of a patched model is patched on its own
+    (its stand-ins bound to the copy, not to the original)."""
+    model = transformers.LlamaForCausalLM(_config("llama"))
+    copied = copy.deepcopy(patch_causal_lm(model))
+    input_ids, attention_mask, labels = _batch(gen)
+    unpatch_causal_lm(model)
+    assert not {"forward", "_loss_function"} & set(model.__dict__) and "forward" not in model.lm_head.__dict__
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    out = copied(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert out.logits is None
+    assert_close(out.loss, expected.loss, FP32, "the copy's loss")
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_patched_model(tier, gen, fullgraph):
+    """``torch.compile(patched_model)`` traces the patched forward (fullgraph too: the capture is thread-local
+    state, nothing is swapped per call): loss and gradients of the unpatched eager model."""
+    ref, patched = _model("llama", gen, tier.device)
+    input_ids, attention_mask, labels = _batch(gen, tier.device)
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, fullgraph=fullgraph, backend="aot_eager")
+    out = compiled(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    ref_loss = ref(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    out.loss.backward()
+    ref_loss.backward()
+    assert out.logits is None
+    _assert_same_training_signal(patched, ref, out.loss, ref_loss)
+
+
+def test_concurrent_forwards(tier, gen):
+    """Forwards of one patched model from 4 threads at once (inference servers, data-parallel threads): each
+    returns the loss of its own batch, and a forward without labels its logits."""
+    import concurrent.futures
+
+    ref, patched = _model("llama", gen, tier.device)
+    batches = [_batch(gen, tier.device) for _ in range(4)]
+    with torch.no_grad():
+        expected = [ref(input_ids=i, attention_mask=m, labels=lab).loss for i, m, lab in batches]
+
+    def run(index):
+        input_ids, attention_mask, labels = batches[index % 4]
+        with torch.no_grad():
+            if index % 5 == 4:
+                return index, patched(input_ids=input_ids, attention_mask=attention_mask).logits
+            return index, patched(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+    rounds = 40 if tier.name == "torch" else 12
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(rounds)))
+    for index, got in results:
+        if index % 5 == 4:
+            assert got.shape == (BATCH, SEQ, VOCAB)
+        else:
+            assert_close(got, expected[index % 4], FP32, f"loss of forward {index}")
 
 
 def _train(model, args, dataset):

@@ -1,16 +1,20 @@
 """Hugging Face transformers: a causal LM that computes its training loss with ``fusedloss.linear_cross_entropy``.
 
-``patch_causal_lm(model)`` rebinds ``model.forward`` on that instance (never on the class). A forward with
-``labels`` then runs the model's own forward with two instance-level substitutions for the duration of the call:
+``patch_causal_lm(model)`` rebinds, on that instance (never on the class), ``model.forward``, the output
+embedding's ``forward`` and ``model.loss_function``, once. A forward with ``labels`` then runs the model's own
+forward with a capture active for the calling thread (thread-local state, which ``torch.compile`` traces; nothing
+is swapped per call, so concurrent forwards in threads and compiled forwards see the same objects):
 
 - the output embedding (``model.get_output_embeddings()``, an ``nn.Linear``) records the hidden states it receives,
   ``(batch, seq, hidden)``, and returns an empty ``(batch, seq, 0)`` tensor instead of the ``(batch, seq, vocab)``
   logits, so whatever the forward does with the logits afterwards (Gemma 2's soft-cap) costs nothing;
-- ``model.loss_function`` (transformers' ``ForCausalLMLoss`` for every causal LM) is replaced by the fused loss of
-  those hidden states against the head's weight and bias, called exactly as the forward calls its own loss, so the
+- ``model.loss_function`` (transformers' ``ForCausalLMLoss`` for every causal LM) computes the fused loss of those
+  hidden states against the head's weight and bias, called exactly as the forward calls its own loss, so the
   keyword arguments that reach the loss (``num_items_in_batch``, ``shift_labels``, ``ignore_index``) are the ones
   the model's loss would see, and whatever the forward adds to the loss afterwards (a mixture-of-experts router's
   auxiliary loss) is still added.
+
+Without a capture (a forward without labels, or the head called from elsewhere) both stand-ins are the originals.
 
 Everything else (decoder, cache, ``output_hidden_states``, the output class) is the model's own code, which is why
 the decoder needs no locating: this works for any decoder-only model whose forward computes ``logits =
@@ -19,9 +23,9 @@ passes them to ``self.loss_function``. Models that change the logits in other wa
 ``_LOGIT_TRANSFORMS``); a forward that does not call the head and the loss function once each raises.
 """
 
-import contextlib
 import dataclasses
 import inspect
+import threading
 import types
 
 import torch
@@ -38,6 +42,10 @@ from .. import linear_cross_entropy
 __all__ = ["patch_causal_lm", "unpatch_causal_lm"]
 
 _PATCH_ATTR = "_fusedloss_patch"
+_HEAD_FORWARD_ATTR = "_fusedloss_head_forward"  # on the head: its instance-level forward before the patch, if any
+
+# The labelled forward in progress on this thread (a _Capture), or None.
+_active = threading.local()
 
 # linear_cross_entropy's arguments that the integration sets itself, from the forward's arguments (ignore_index,
 # the shift, the reduction that num_items_in_batch implies) or the model's config (softcap). The others pass through.
@@ -129,6 +137,12 @@ def patch_causal_lm(model, **loss_options):
     if _PATCH_ATTR in model.__dict__:  # only once every check passed: a refused re-patch keeps the old one
         unpatch_causal_lm(model)
     model.__dict__[_PATCH_ATTR] = _Patch(dict(loss_options), model.__dict__.get("forward"), names.index("labels"))
+    # The stand-ins are bound methods, not closures over model: copy.deepcopy rebinds them to the copy.
+    head = _output_linear(model)
+    if "forward" in head.__dict__:
+        head.__dict__[_HEAD_FORWARD_ATTR] = head.__dict__["forward"]
+    head.forward = types.MethodType(_head_forward, head)
+    model.loss_function = types.MethodType(_loss_function, model)  # transformers' setter: an instance attribute
 
     def forward(self, *args, **kwargs):
         return _fused_forward(self, *args, **kwargs)
@@ -138,7 +152,6 @@ def patch_causal_lm(model, **loss_options):
     self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     forward.__signature__ = signature.replace(parameters=[self_param, *params])
     forward.__doc__ = f"{name}.forward; with labels, the loss is fusedloss.linear_cross_entropy's and logits is None."
-    # Bound, not a closure over model: copy.deepcopy rebinds a bound method to the copy.
     model.forward = types.MethodType(forward, model)
     return model
 
@@ -156,6 +169,11 @@ def unpatch_causal_lm(model):
     del model.forward
     if patch.instance_forward is not None:
         model.forward = patch.instance_forward
+    del model._loss_function
+    head = _output_linear(model)
+    del head.forward
+    if _HEAD_FORWARD_ATTR in head.__dict__:
+        head.forward = head.__dict__.pop(_HEAD_FORWARD_ATTR)
     return model
 
 
@@ -168,14 +186,18 @@ def _output_linear(model):
 
 
 def _check_loss_function(model):
-    if model.loss_function is not ForCausalLMLoss:
+    loss_function = model.loss_function
+    if getattr(loss_function, "__func__", None) is _loss_function and loss_function.__self__ is model:
+        return  # this model's stand-in (a re-patch)
+    if loss_function is not ForCausalLMLoss:
         raise ValueError(f"cannot patch {type(model).__name__}: its loss function is "
-                         f"{getattr(model.loss_function, '__name__', model.loss_function)!r}, not ForCausalLMLoss")
+                         f"{getattr(loss_function, '__name__', loss_function)!r}, not ForCausalLMLoss")
 
 
 def _fused_forward(model, *args, **kwargs):
     patch = model.__dict__[_PATCH_ATTR]
-    original = patch.instance_forward or types.MethodType(type(model).forward, model)
+    # (the class's forward called with model, not a MethodType built here, which Dynamo cannot trace)
+    original = patch.instance_forward or (lambda *a, **k: type(model).forward(model, *a, **k))
     if len(args) > patch.labels_position:
         labels = args[patch.labels_position]
     else:
@@ -188,8 +210,12 @@ def _fused_forward(model, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     capture = _Capture(model, patch.loss_options)
-    with capture.installed():
+    outer = getattr(_active, "capture", None)
+    _active.capture = capture
+    try:
         out = original(*args, return_dict=True, **kwargs)
+    finally:
+        _active.capture = outer
     if capture.loss_calls != 1:
         raise RuntimeError(f"{type(model).__name__}'s forward called model.loss_function {capture.loss_calls} times "
                            "with labels (once expected); it cannot be patched")
@@ -199,6 +225,25 @@ def _fused_forward(model, *args, **kwargs):
     # None, and refuses deletion.
     out = type(out)(**{k: v for k, v in out.items() if k != "logits"})
     return out if return_dict else out.to_tuple()
+
+
+def _head_forward(head, hidden):
+    """The output embedding's forward: the capture's placeholder during a labelled forward of its model, the head's
+    own forward otherwise."""
+    capture = getattr(_active, "capture", None)
+    if capture is not None and capture.head is head:
+        return capture.head_forward(hidden)
+    own = head.__dict__.get(_HEAD_FORWARD_ATTR)
+    return own(hidden) if own is not None else type(head).forward(head, hidden)
+
+
+def _loss_function(model, logits, labels, vocab_size, **kwargs):
+    """The model's loss function: the fused loss during a labelled forward of this model, ForCausalLMLoss
+    otherwise (a caller with real logits)."""
+    capture = getattr(_active, "capture", None)
+    if capture is not None and capture.model is model:
+        return capture.loss_function(logits, labels, vocab_size, **kwargs)
+    return ForCausalLMLoss(logits, labels, vocab_size, **kwargs)
 
 
 class _Capture:
@@ -212,20 +257,6 @@ class _Capture:
         self.softcap = getattr(model.config.get_text_config(decoder=True), "final_logit_softcapping", None)
         self.hidden = None
         self.loss_calls = 0
-
-    @contextlib.contextmanager
-    def installed(self):
-        head_forward = self.head.__dict__.get("forward")  # an instance-level forward to restore, if any
-        self.head.forward = self.head_forward
-        self.model.loss_function = self.loss_function  # transformers' setter: an instance attribute
-        try:
-            yield
-        finally:
-            del self.model._loss_function
-            if head_forward is None:
-                del self.head.forward
-            else:
-                self.head.forward = head_forward
 
     def head_forward(self, hidden):
         """(..., H) -> (..., 0): the logits' leading shape and dtype, no storage."""
