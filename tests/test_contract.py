@@ -19,6 +19,8 @@ import importlib
 import pytest
 import torch
 
+import fusedloss as fl
+
 from conftest import assert_close
 
 _FAMILIES = ("test_cross_entropy", "test_linear_cross_entropy", "test_binary", "test_pointwise", "test_triplet",
@@ -147,6 +149,63 @@ def test_compile_fullgraph(tier, gen, case):
         assert_close(g, e, torch.float32, "compiled gradient")
 
 
+def _batch(n, gen):
+    """Inputs of batch size ``n`` for ``BATCHED``: (features (n, 8) differentiable, class indices (n,) in [0, 10))."""
+    return (torch.randn(n, 8, generator=gen).requires_grad_(True), torch.randint(0, 10, (n,), generator=gen))
+
+
+# every public loss as a function of one batch: features x (n, 8) and class indices t (n,)
+BATCHED = {
+    "cross_entropy": lambda x, t: fl.cross_entropy(x.repeat(1, 2)[:, :10], t),
+    "cross_entropy-extras": lambda x, t: fl.cross_entropy(x.repeat(1, 2)[:, :10], t, label_smoothing=0.1,
+                                                         focal_gamma=1.5, z_loss=1e-3, softcap=5.0),
+    "focal_loss": lambda x, t: fl.focal_loss(x.repeat(1, 2)[:, :10], t),
+    "binary_cross_entropy_with_logits": lambda x, t: fl.binary_cross_entropy_with_logits(x, (x.detach() > 0).double()
+                                                                                        .to(x.dtype)),
+    "sigmoid_focal_loss": lambda x, t: fl.sigmoid_focal_loss(x, (x.detach() > 0).to(x.dtype), reduction="mean"),
+    "linear_cross_entropy": lambda x, t: fl.linear_cross_entropy(x, torch.linspace(-1, 1, 80).view(10, 8), t,
+                                                                label_smoothing=0.1),
+    "nt_xent": lambda x, t: fl.nt_xent(torch.cat([x, x.flip(1)]), temperature=0.5),
+    "clip_loss": lambda x, t: fl.clip_loss(x, x.flip(1), torch.tensor(5.0)),
+    "siglip_loss": lambda x, t: fl.siglip_loss(x, x.flip(1), torch.tensor(5.0), torch.tensor(-2.0)),
+    "info_nce": lambda x, t: fl.info_nce(x, x.flip(1)),
+    "triplet_margin_loss": lambda x, t: fl.triplet_margin_loss(x, x.flip(1), x.roll(1, 0)),
+    "batch_hard_triplet_loss": lambda x, t: fl.batch_hard_triplet_loss(x, t % 3),
+    "mse_loss": lambda x, t: fl.mse_loss(x, x.detach().flip(1)),
+    "l1_loss": lambda x, t: fl.l1_loss(x, x.detach().flip(1)),
+    "huber_loss": lambda x, t: fl.huber_loss(x, x.detach().flip(1), delta=0.5),
+    "smooth_l1_loss": lambda x, t: fl.smooth_l1_loss(x, x.detach().flip(1), beta=0.5),
+    "kl_div": lambda x, t: fl.kl_div(x.log_softmax(1), x.detach().flip(1).softmax(1), reduction="batchmean"),
+    "kl_div_with_logits": lambda x, t: fl.kl_div_with_logits(x, x.detach().flip(1), temperature=2.0),
+    "bradley_terry_loss": lambda x, t: fl.bradley_terry_loss(x[:, 0], x[:, 1], margin=0.1),
+    "perplexity": lambda x, t: fl.perplexity(x.repeat(1, 2)[:, :10], t),
+}
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+@pytest.mark.parametrize("name", list(BATCHED))
+def test_compile_over_batch_sizes(tier, gen, name, dynamic):
+    """12 batch sizes under ``torch.compile(fullgraph=True)`` compile at most two graphs (the first size static,
+    then one dynamic graph; with ``dynamic=True`` one graph, traced twice at most when Dynamo turns symbolic float
+    arguments back into constants): no Python loop over the batch or host read of a size guards on it (past
+    Dynamo's recompile limit, 8, fullgraph fails). Values and gradients equal eager's at every size."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    fn = BATCHED[name]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=counter)
+    for n in range(5, 17):
+        x, t = _batch(n, gen)
+        x, t = x.detach().to(tier.device).requires_grad_(True), t.to(tier.device)
+        got = compiled(x, t)
+        (got_grad,) = torch.autograd.grad(got, x)
+        want = fn(x, t)
+        assert_close(got, want, torch.float32, f"compiled value at batch {n}")
+        assert_close(got_grad, torch.autograd.grad(want, x)[0], torch.float32, f"compiled gradient at batch {n}")
+    assert counter.frame_count <= 2, f"{counter.frame_count} compiles over 12 batch sizes"
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_torch_func_grad(tier, gen, case):
     args, kwargs = case.make(gen, torch.float64)
@@ -263,3 +322,22 @@ def test_strided_arguments(tier, gen, case):
         dense_kwargs = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
         assert any(isinstance(a, torch.Tensor) and 0 in a.stride() for a in list(args) + list(kwargs.values()))
         assert_close(case.fn(*args, **kwargs), case.fn(*dense, **dense_kwargs), torch.float64, "stride-0 value")
+
+
+def test_torchscript_is_refused_by_name():
+    """``torch.jit.script`` of any fusedloss module, alone or inside a model, names the module and the way out
+    (TorchScript cannot compile the Triton launchers; its own error would point deep inside them)."""
+    import warnings
+
+    from fusedloss import nn
+
+    modules = [cls for cls in vars(nn).values() if isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+               and cls.__module__ == nn.__name__ and not cls.__name__.startswith("_")]
+    assert len(modules) >= 18
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script itself is deprecated
+        for cls in modules:
+            with pytest.raises(RuntimeError, match=f"{cls.__name__} cannot be compiled by torch.jit.script"):
+                torch.jit.script(cls())
+        with pytest.raises(RuntimeError, match="CrossEntropyLoss cannot be compiled by torch.jit.script"):
+            torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 4), nn.CrossEntropyLoss()))

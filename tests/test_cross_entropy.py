@@ -78,7 +78,7 @@ def check(tier, x, target, dtype, factor=1.0, **kw):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shapes catalogue (DESIGN.md), each with its reason.
+# Shapes catalogue, each with its reason.
 
 SHAPES = {
     "gpt2_vocab": (3, 50257),  # vocabulary not a power of two, several 4096-wide blocks
@@ -191,7 +191,7 @@ def test_probability_targets_weight_gradient(tier, gen):
 
 
 def test_focal_loss_equals_seed_formula(tier, gen):
-    """The seed's focal_loss: ce = CE(none); pt = exp(-ce); (alpha * (1 - pt)^gamma * ce).mean()."""
+    """The focal loss as eager code usually writes it: ce = CE(none); pt = exp(-ce); mean(alpha (1-pt)^gamma ce)."""
     x, target = make_inputs(gen, (64, 20))
     x64 = x.double().requires_grad_(True)
     ce = F.cross_entropy(x64, target, reduction="none")

@@ -273,6 +273,22 @@ def test_empty(tier):
     assert gx.shape == x.shape and torch.all(gw == 0)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_zero_width_hidden(tier, gen, reduction):
+    """H = 0: the logits are the bias alone (zeros without one), as torch's F.linear gives; the rows are kept."""
+    x = torch.zeros(2, 3, 0, dtype=torch.float64, device=tier.device, requires_grad=True)
+    w = torch.zeros(7, 0, dtype=torch.float64, device=tier.device, requires_grad=True)
+    b = randn(gen, 7, dtype=torch.float64, device=tier.device, requires_grad=True)
+    t = torch.randint(0, 7, (2, 3), generator=gen).to(tier.device)
+    loss = linear_cross_entropy(x, w, t, b, reduction=reduction, label_smoothing=0.1)
+    expected, _ = reference(x, w, t, b, reduction=reduction, label_smoothing=0.1)
+    assert_close(loss, expected, torch.float64)
+    go = torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(tier.device)
+    got, want = torch.autograd.grad(loss, (x, w, b), go), torch.autograd.grad(expected, (x, w, b), go)
+    assert got[0].shape == x.shape and got[1].shape == w.shape
+    assert_close(got[2], want[2], torch.float64, "bias gradient")
+
+
 def workspace_bound(cfg, n, hidden, vocab, itemsize):
     """The workspace bound of fusedloss.kernels.linear_cross_entropy's docstring (bytes beyond inputs, outputs
     and gradients, a bias that needs its gradient included), for config ``cfg``."""

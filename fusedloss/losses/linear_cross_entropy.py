@@ -17,6 +17,7 @@ Backends:
 """
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -220,6 +221,12 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
 # The definition, and what both backends share
 
 
+def _as_rows(input):
+    """``input`` as (rows, H): the rows counted from the leading shape, so that H = 0 keeps them (``reshape(-1, 0)``
+    is ambiguous)."""
+    return input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
+
+
 def _shifted_target(target, opts):
     """The class each row predicts, flat (rows,), as int64: ``target[..., t + 1]`` with ``shift`` (the last
     position of each sequence ignored), a copy only here and in the torch backend's chunks."""
@@ -253,7 +260,7 @@ def _denominator(target, opts, dtype):
 def _definition(opts, input, weight, bias, target):
     """``(loss, lse)`` in torch ops, the logits materialized: the higher-order gradients of both backends."""
     dtype = _family.compute_dtype(input)
-    rows, lse = _rows_and_lse(opts, input.reshape(-1, input.shape[-1]), weight, bias, _shifted_target(target, opts))
+    rows, lse = _rows_and_lse(opts, _as_rows(input), weight, bias, _shifted_target(target, opts))
     denominator = _denominator(target, opts, dtype) if opts.reduction == "mean" else None
     lead = tuple(input.shape[:-1])
     return _family.reduce(rows, opts.reduction, denominator, lead).to(opts.out_dtype), lse.reshape(lead)
@@ -278,7 +285,7 @@ def _kernel_inputs(input, target):
     """(rows, H) input and a target the kernels can walk, without copies where the strides allow."""
     from ..kernels.linear_cross_entropy import target_layout
 
-    return input.reshape(-1, input.shape[-1]), (target if target_layout(target) is not None else target.contiguous())
+    return _as_rows(input), (target if target_layout(target) is not None else target.contiguous())
 
 
 class _LinearCrossEntropy(_family.LossFunction):
@@ -399,7 +406,7 @@ def _fast_recompute(ctx, inputs, denominator, grad_loss):
     from ..kernels.cross_entropy import ROW_STATE
 
     input, weight, bias, target = inputs
-    x2d = input.reshape(-1, input.shape[-1])
+    x2d = _as_rows(input)
     dtype = _family.compute_dtype(input)
     scale = _family.fused_grad_scale(ctx.opts.reduction, denominator, dtype, input.device)
     rows = torch.empty(x2d.shape[0], dtype=dtype, device=input.device)
@@ -566,7 +573,7 @@ class _LinearCrossEntropyTorch(_family.LossFunction):
     @staticmethod
     def forward(opts, needs, input, weight, bias, target):
         dtype = _family.compute_dtype(input)
-        x2d = input.reshape(-1, input.shape[-1])
+        x2d = _as_rows(input)
         y = _shifted_target(target, opts)
         n_rows = x2d.shape[0]
         rows = torch.empty(n_rows, dtype=dtype, device=input.device)
@@ -605,7 +612,7 @@ def _torch_recompute(ctx, inputs, state, grad_outputs):
     (denominator,) = state
     opts, needs = ctx.opts, tuple(ctx.needs[:3])
     dtype = _family.compute_dtype(input)
-    x2d = input.reshape(-1, input.shape[-1])
+    x2d = _as_rows(input)
     y = _shifted_target(target, opts)
     row_scale, dlse = _row_and_lse_scales(grad_outputs, opts, denominator, dtype, input.device)
     grads = _new_grads(opts, needs, x2d, weight, bias, dtype)

@@ -1,4 +1,4 @@
-"""Perplexity helpers: ``exp`` of a language model's mean token cross-entropy (the seed's ``PPL = e^L``).
+"""Perplexity helpers: ``exp`` of a language model's mean token cross-entropy (``PPL = e^L``, L the mean token loss).
 
 ``perplexity`` runs ``fusedloss.cross_entropy`` for the per-token losses (no second cross-entropy here, and its
 autograd, compile and layout behaviour is cross-entropy's, composed with torch ops);
