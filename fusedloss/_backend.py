@@ -42,7 +42,19 @@ def _load_kernels():
         if error.name == "numpy" and _interpreter_requested():
             raise ImportError(_NEEDS_NUMPY) from error
         raise
+    _check_same_tree(kernels)
     return kernels, None
+
+
+def _check_same_tree(kernels):
+    """The kernels must come from the host's own tree: ``fusedloss/kernels`` (a wheel) or ``kernels/`` beside
+    ``fusedloss/`` (a checkout, an editable install). A host imported from one checkout (``PYTHONPATH``) and kernels
+    mapped by another checkout's editable install would otherwise run together and compute wrong losses."""
+    host = os.path.dirname(os.path.abspath(__file__))
+    found = os.path.dirname(os.path.abspath(kernels.__file__))
+    if found not in (os.path.join(host, "kernels"), os.path.join(os.path.dirname(host), "kernels")):
+        raise ImportError(f"fusedloss's host code comes from {host} but its kernels from {found}, another tree (an "
+                          "editable install of one checkout and another on the path?): import both from one tree")
 
 
 _kernels, _unavailable = _load_kernels()

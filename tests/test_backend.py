@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,6 +76,18 @@ def test_source_tree_without_the_kernels_names_them(monkeypatch):
                         else find_spec(name, *a))
     with pytest.raises(ImportError, match="fusedloss.kernels is missing"):
         _backend._load_kernels()
+
+
+def test_host_and_kernels_from_two_trees_is_an_import_error(tmp_path):
+    # a second checkout's host code on PYTHONPATH while the installed (editable) package maps fusedloss.kernels to
+    # this checkout's kernels/: refused, naming both trees, instead of computing with mismatched halves
+    pytest.importorskip("triton")
+    host = os.path.dirname(os.path.abspath(fusedloss.__file__))
+    if not os.path.isdir(os.path.join(os.path.dirname(host), "kernels")):
+        pytest.skip("needs a checkout's editable install (kernels/ beside fusedloss/)")
+    shutil.copytree(host, tmp_path / "fusedloss", ignore=shutil.ignore_patterns("__pycache__"))
+    code, err = _import_fusedloss("import fusedloss", tmp_path, PYTHONPATH=str(tmp_path))
+    assert code != 0 and "ImportError" in err and str(tmp_path) in err and os.path.dirname(host) in err, err
 
 
 def test_top_level_kernels_name_is_left_to_its_owner():
