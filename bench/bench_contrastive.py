@@ -11,7 +11,7 @@ computes the logits once per direction and per backward kernel (4 N^2 d forward,
 random ``W``), the practical ceiling for any implementation.
 
 Providers ``fusedloss`` and ``fusedloss-fixed_shift``: the kernels on the exact schedule (the default) and on the
-opt-in fixed-shift one (``FUSEDLOSS_CONTRASTIVE_SCHEDULE``, kernels/contrastive.py), in the same process and
+opt-in fixed-shift one (``schedule="fixed_shift"``, kernels/contrastive.py), in the same process and
 harness. Both take the band GEMMs where ``FUSEDLOSS_CONTRASTIVE_GEMM`` says (Triton unless it is ``cublas``), so a
 second run with that variable set times the four combinations (bench/NOTES.md has the command). SigLIP has one
 schedule (the fixed shift leaves its kernels as they are).
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from fusedloss import clip_loss, nt_xent, siglip_loss
 
-from benchutil import compiled, row, skip_if_oom, with_env
+from benchutil import compiled, row, skip_if_oom
 
 TEMPERATURE = 0.1  # NT-Xent
 LOGIT_SCALE = 14.285  # CLIP, 1 / 0.07
@@ -51,8 +51,8 @@ def eager_siglip(image, text, scale, bias):
 
 
 def fixed_shift(fn):
-    """``fn`` on the fixed-shift schedule (read once per call, in the forward; the backward keeps it)."""
-    return with_env(fn, FUSEDLOSS_CONTRASTIVE_SCHEDULE="fixed_shift")
+    """``fn`` (a contrastive loss) on the fixed-shift schedule (its ``schedule`` argument)."""
+    return lambda *args, **kwargs: fn(*args, schedule="fixed_shift", **kwargs)
 
 
 def eager_nt_xent(features):
@@ -95,7 +95,7 @@ PROVIDERS = {
     "clip": {
         "fusedloss": (lambda d: clip_loss, "fusedloss.clip_loss(image, text, logit_scale)", None),
         "fusedloss-fixed_shift": (lambda d: fixed_shift(clip_loss),
-                                  "fusedloss.clip_loss with FUSEDLOSS_CONTRASTIVE_SCHEDULE=fixed_shift", "triton"),
+                                  "fusedloss.clip_loss(..., schedule='fixed_shift')", "triton"),
         "eager": (lambda d: eager_clip, "open_clip ClipLoss, single process", None),
         "torch.compile": (lambda d: compiled(eager_clip, "clip"), "torch.compile(eager, dynamic=False)", "torch"),
         "inf_cl": (inf_cl_clip, "inf_cl.flash.cal_flash_loss per direction, inputs normalized", "inf_cl"),
@@ -104,7 +104,7 @@ PROVIDERS = {
     "nt_xent": {
         "fusedloss": (lambda d: lambda f: nt_xent(f, TEMPERATURE), "fusedloss.nt_xent(features, 0.1)", None),
         "fusedloss-fixed_shift": (lambda d: fixed_shift(lambda f: nt_xent(f, TEMPERATURE)),
-                                  "fusedloss.nt_xent with FUSEDLOSS_CONTRASTIVE_SCHEDULE=fixed_shift", "triton"),
+                                  "fusedloss.nt_xent(..., schedule='fixed_shift')", "triton"),
         "eager": (lambda d: eager_nt_xent, "SimCLR info_nce_loss", None),
         "torch.compile": (lambda d: compiled(eager_nt_xent, "nt_xent"), "torch.compile(eager, dynamic=False)",
                           "torch"),

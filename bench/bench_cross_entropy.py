@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import fusedloss
 
-from benchutil import at_least_fp32, compiled, row, skip_if_oom, with_env
+from benchutil import at_least_fp32, compiled, row, skip_if_oom
 
 CONFIGS = {
     "plain": {},
@@ -54,9 +54,8 @@ def liger(label_smoothing=0.0, z_loss=0.0, focal_gamma=0.0):
 PROVIDERS = {
     "fusedloss": (lambda **kw: lambda x, y: fusedloss.cross_entropy(x, y, **kw),
                   "fusedloss.cross_entropy(x, y, **config)"),
-    "fusedloss-single_read": (lambda **kw: with_env(lambda x, y: fusedloss.cross_entropy(x, y, **kw),
-                                                    FUSEDLOSS_CE_SCHEDULE="single_read"),
-                              "fusedloss.cross_entropy with FUSEDLOSS_CE_SCHEDULE=single_read (each row read once)"),
+    "fusedloss-single_read": (lambda **kw: lambda x, y: fusedloss.cross_entropy(x, y, schedule="single_read", **kw),
+                              "fusedloss.cross_entropy(..., schedule='single_read') (each row read once)"),
     "eager": (lambda **kw: lambda x, y: eager_loss(x, y, **kw),
               "F.cross_entropy; with z-loss or focal, fp32 log-sum-exp and per-row terms"),
     "torch.compile": (lambda **kw: compiled(lambda x, y: eager_loss(x, y, **kw), ("ce", *sorted(kw.items()))),

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import fusedloss
 
-from benchutil import at_least_fp32, compiled, row, skip_if_oom, with_env
+from benchutil import at_least_fp32, compiled, row, skip_if_oom
 
 CONFIGS = {
     "plain": {},
@@ -95,9 +95,8 @@ def bare_matmuls(x, w, g):
 PROVIDERS = {
     "fusedloss": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, **kw),
                   "fusedloss.linear_cross_entropy(x, W, y, **config)", None),
-    "fusedloss-tma": (lambda **kw: with_env(lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, **kw),
-                                            FUSEDLOSS_LCE_SCHEDULE="tma"),
-                      "fusedloss.linear_cross_entropy with FUSEDLOSS_LCE_SCHEDULE=tma (opt-in)", "triton"),
+    "fusedloss-tma": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, schedule="tma", **kw),
+                      "fusedloss.linear_cross_entropy(..., schedule='tma') (opt-in)", "triton"),
     "fusedloss-fast": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y,
                                                                                  accumulate_in_input_dtype=True, **kw),
                        "fusedloss.linear_cross_entropy(..., accumulate_in_input_dtype=True): Liger's accuracy", None),

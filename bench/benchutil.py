@@ -256,23 +256,3 @@ def max_rel_error(fn, reference, inputs, differentiable):
     for t in differentiable:
         t.grad = None
     return error
-
-
-def with_env(fn, **env):
-    """``fn`` called with the environment variables ``env`` set for the call (the opt-in schedules' switches, read
-    by the library at every call), and restored after: a provider of the same loss under another schedule."""
-    import os
-
-    def call(*args, **kwargs):
-        saved = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name)
-                else:
-                    os.environ[name] = value
-
-    return call

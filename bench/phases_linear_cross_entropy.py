@@ -13,7 +13,8 @@ add up to what a training step pays. Phases, each with its FLOPs and its share o
 - dW chunk: G^T X for a chunk of the "tma" width, Triton (pointer, tensor descriptors) and cuBLAS;
 - dX chunk: G @ W[chunk] added into the running sum, Triton pointer with the fp32 sum, Triton descriptors with the
   compensated bf16 pair, cuBLAS ``addmm(out_dtype=fp32)`` where torch has it (and cuBLAS into bf16, lossy);
-- step: forward + backward of ``fusedloss.linear_cross_entropy`` per schedule and with
+- step: forward + backward of ``fusedloss.linear_cross_entropy`` under "pointer", "tma", each feature of "tma"
+  alone on top of "pointer" (``LinearCrossEntropySchedule``: which change helps), and with
   ``accumulate_in_input_dtype=True``, with the peak memory beyond inputs and gradients as a share of the bf16
   logits.
 Writes ``phases.json`` and ``phases.md`` to ``--out`` (default ``$OUT`` or ``.``); one failing phase is recorded
@@ -21,6 +22,7 @@ and the others still run.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -119,14 +121,15 @@ class Phases:
         y = torch.randint(0, self.v, (self.n,), device=self.device, generator=gen)
         return x, w, y
 
-    def schedule(self, name):
-        os.environ["FUSEDLOSS_LCE_SCHEDULE"] = name
-
     def config(self, x, w, schedule):
+        """The kernels' configuration under the named schedule."""
         from fusedloss.kernels.linear_cross_entropy import config_for
 
-        self.schedule(schedule)
-        return config_for(x, w)
+        from fusedloss.losses.linear_cross_entropy import SCHEDULES
+
+        s = SCHEDULES[schedule]
+        return config_for(x, w, tma_loads=s.tma_loads, compact_workspace=s.compensated_dx,
+                          skip_ignored=s.skip_ignored)
 
     # -- phases --------------------------------------------------------------------------------------------------
 
@@ -154,7 +157,7 @@ class Phases:
                     3 * f2)
 
     def forward(self):
-        from fusedloss.kernels.cross_entropy import ROW_STATE
+        from fusedloss.kernels.cross_entropy_rows import ROW_STATE
         from fusedloss.kernels.linear_cross_entropy import linear_cross_entropy_forward
 
         torch = self.torch
@@ -164,13 +167,13 @@ class Phases:
         kw = dict(ignore_index=-100, label_smoothing=0.0, focal_gamma=0.0, z_loss=0.0, softcap=None, shift=False,
                   input_precision=None)
         for schedule in ("pointer", "tma"):
-            self.schedule(schedule)
-            ms = self.time_ms(lambda: linear_cross_entropy_forward(x, w, None, y, loss, state, **kw))
+            ms = self.time_ms(lambda tma=schedule == "tma": linear_cross_entropy_forward(
+                x, w, None, y, loss, state, tma_loads=tma, skip_ignored=tma, **kw))
             self.record("forward", f"{schedule}: logit tiles + online statistics + combine", ms,
                         2 * self.n * self.h * self.v)
 
     def dlogits(self):
-        from fusedloss.kernels.cross_entropy import ROW_STATE
+        from fusedloss.kernels.cross_entropy_rows import ROW_STATE
         from fusedloss.kernels.linear_cross_entropy import linear_cross_entropy_dlogits
 
         torch = self.torch
@@ -181,9 +184,9 @@ class Phases:
             cfg = self.config(x, w, schedule)
             width = min(cfg["chunk"], self.v)
             g = torch.empty(self.n, width, device=self.device, dtype=self.dtype)
-            ms = self.time_ms(lambda g=g, skip=schedule == "tma": linear_cross_entropy_dlogits(
+            ms = self.time_ms(lambda g=g, tma=schedule == "tma": linear_cross_entropy_dlogits(
                 x, w, None, y, state, one, None, g, None, 0, ignore_index=-100, label_smoothing=0.0, softcap=None,
-                shift=False, input_precision=None, skip_ignored=skip))
+                shift=False, input_precision=None, skip_ignored=tma, tma_loads=tma))
             self.record("dlogits", f"{schedule}: one chunk of {width} columns (recompute + G)", ms,
                         2 * self.n * self.h * width, times=-(-self.v // width))
 
@@ -201,7 +204,6 @@ class Phases:
         w_chunk = w[:width]
         dw = torch.empty(width, self.h, device=self.device, dtype=self.dtype)
         for schedule in ("pointer", "tma"):
-            self.schedule(schedule)
             tile = gemm_tile(cfg[schedule], "gemm_dw")
             ms = self.time_ms(lambda tile=tile, programs=cfg[schedule]["programs"]: matmul(
                 g.t(), x, dw, tile=tile, programs=programs))
@@ -212,11 +214,9 @@ class Phases:
         dx = torch.zeros(self.n, self.h, device=self.device, dtype=self.dtype)
         dx32 = torch.zeros(self.n, self.h, device=self.device)
         lo = torch.zeros(self.n, self.h, device=self.device, dtype=torch.bfloat16)
-        self.schedule("pointer")
         tile = gemm_tile(cfg["pointer"], "gemm_dx")
         self.record("dX", f"Triton pointer {tile[:3]}: fp32 sum (8 N H bytes/chunk)", self.time_ms(
             lambda: matmul(g, w_chunk, dx32, acc=dx32, tile=tile)), flops, times=chunks)
-        self.schedule("tma")
         tile = gemm_tile(cfg["tma"], "gemm_dx")
         self.record("dX", f"Triton tma {tile[:3]}: compensated bf16 pair (8 N H bytes/chunk)", self.time_ms(
             lambda: matmul(g, w_chunk, dx, acc=dx, lo_in=lo, lo_out=lo, tile=tile, programs=cfg["tma"]["programs"])),
@@ -229,19 +229,23 @@ class Phases:
 
     def steps(self):
         import fusedloss
+        from fusedloss.losses.linear_cross_entropy import LinearCrossEntropySchedule
 
         torch = self.torch
         x, w, y = self.inputs()
         xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         logits_bytes = self.n * self.v * x.element_size()
         grads_bytes = (xg.numel() + wg.numel()) * x.element_size()
-        for name, schedule, fast in (("pointer", "pointer", False), ("tma", "tma", False),
-                                     ("accumulate_in_input_dtype=True", "pointer", True)):
-            self.schedule(schedule)
+        features = [f.name for f in dataclasses.fields(LinearCrossEntropySchedule)]
+        runs = ([("pointer", "pointer", False), ("tma", "tma", False)]
+                + [(f"{f} alone", LinearCrossEntropySchedule(**{f: True}), False) for f in features]
+                + [("accumulate_in_input_dtype=True", "pointer", True)])
+        for name, schedule, fast in runs:
 
-            def step(fast=fast):
+            def step(fast=fast, schedule=schedule):
                 xg.grad = wg.grad = None
-                fusedloss.linear_cross_entropy(xg, wg, y, accumulate_in_input_dtype=fast).backward()
+                fusedloss.linear_cross_entropy(xg, wg, y, accumulate_in_input_dtype=fast,
+                                               schedule=schedule).backward()
 
             ms = self.time_ms(step)
             extra = {}

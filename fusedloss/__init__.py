@@ -10,12 +10,13 @@ from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
 from .losses.contrastive import clip_loss, info_nce, nt_xent, siglip_loss
 from .losses.cross_entropy import cross_entropy, focal_loss
 from .losses.distillation import kl_div_with_logits
-from .losses.linear_cross_entropy import linear_cross_entropy
+from .losses.linear_cross_entropy import LinearCrossEntropySchedule, linear_cross_entropy
 from .losses.perplexity import perplexity, perplexity_from_loss
 from .losses.pointwise import bradley_terry_loss, huber_loss, kl_div, l1_loss, mse_loss, smooth_l1_loss
 from .losses.triplet import batch_hard_triplet_loss, triplet_margin_loss
 
 __all__ = [
+    "LinearCrossEntropySchedule",
     "backend",
     "batch_hard_triplet_loss",
     "binary_cross_entropy_with_logits",

@@ -324,4 +324,5 @@ class DistillationKLDivLoss(_Loss):
 
 
 __all__ = sorted(name for name, obj in list(globals().items())
-                 if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == __name__)
+                 if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == __name__
+                 and not name.startswith("_"))

@@ -34,7 +34,7 @@ import triton.language as tl
 from ._common import join_f64, log1p, math_dtype, split_f64, to_element_type
 from ._launch import custom_launcher
 from .configs import BINARY_BLOCK, BINARY_NUM_WARPS, BINARY_NUM_WARPS_FP64
-from .pointwise import flat_offsets, launch_strides, load_operand, walkable
+from .operands import flat_offsets, launch_strides, load_operand, walkable
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def binary_forward(
 ) -> None:
     """Launch ``_binary_kernel`` over ``input``'s shape. ``target`` has that shape; ``weight``, ``pos_weight`` (BCE
     only) and ``grad_scale`` (one element or one per element) broadcast to it; every operand is read through its
-    strides, or copied first where ``kernels.pointwise.operand_strides`` finds none. ``loss`` (per element) or
+    strides, or copied first where ``kernels.operands.operand_strides`` finds none. ``loss`` (per element) or
     ``partial`` (``num_programs(numel)`` sums in the compute dtype, fp64 when an operand is fp64) may be None; so
     may ``grad_input`` / ``grad_target`` (contiguous), which receive the gradients times ``grad_scale``.
     ``alpha < 0`` turns the focal loss's alpha weighting off."""

@@ -126,15 +126,16 @@ def distillation_config(n_classes, dtype):
 # The forward holds a [BLOCK_M, BLOCK_N] fp32 logits tile plus per-row state; the band (dlogits) kernel and the band
 # GEMMs are plain GEMM tiles, 128 x 128 x 64 with 3 stages for 16-bit (8 warps, two warpgroups of wgmma m64).
 #
-# Two switches, read once per loss call (the backward keeps the forward's), each opt-in until a GPU measures it:
-# - FUSEDLOSS_CONTRASTIVE_SCHEDULE (``contrastive_schedule``): "exact" (default: online max, with column statistics
+# Two switches of the host's options (fusedloss.losses.contrastive.SCHEDULES, GEMMS), each opt-in until a GPU
+# measures it; these are the values the kernels are compiled for:
+# - schedule: "exact" (default: online max, with column statistics
 #   two exps per element) or "fixed_shift" (kernels/contrastive.py's docstring: one exp per element in the forward
 #   and in the logit gradient for normalized features, the exact kernels for the rows and columns where its bound
 #   does not hold). Compile report, sm_90, bf16, d = 768, whole-kernel SASS (bench/NOTES.md has every variant):
 #   CLIP forward exact 128 x 64 x 64: 246 registers, 83 MUFU, 304 SHFL, 164 FMNMX per 8192-element tile; fixed
 #   128 x 128 x 32: 255 registers (none spilled), 65 MUFU, 396 SHFL, 0 FMNMX per 16384 elements (MUFU per element
 #   2.6 -> 1, SHFL -35%, half the L2 bytes per flop); CLIP logit gradient 128 x 128: 254 -> 220 registers.
-# - FUSEDLOSS_CONTRASTIVE_GEMM (``contrastive_gemm``): the backward's two band GEMMs on "triton"
+# - gemm: the backward's two band GEMMs on "triton"
 #   (kernels._gemm.matmul, default) or "cublas" (torch.mm / addmm with fp32 output; the design study measured
 #   cuBLAS at 84% of the bf16 matmul rate on these shapes, the Triton GEMMs' share of the calibrated model is ~60%).
 CONTRASTIVE_SCHEDULES = ("exact", "fixed_shift")
@@ -145,25 +146,6 @@ CONTRASTIVE_BAND_MIN_ROWS = 1024  # never fewer rows per band: the fp32 column-g
 # Tests only: the number of forward programs with column statistics (None: CONTRASTIVE_FWD_PROGRAMS_PER_SM per SM),
 # so that small problems in the interpreter run programs of several row tiles.
 CONTRASTIVE_FWD_PROGRAMS = None
-
-
-def _switch(name, choices):
-    value = os.environ.get(name, "") or choices[0]
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def contrastive_schedule():
-    """The contrastive kernels' schedule, from ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` (read here only): ``"exact"``
-    (unset or empty) or ``"fixed_shift"``."""
-    return _switch("FUSEDLOSS_CONTRASTIVE_SCHEDULE", CONTRASTIVE_SCHEDULES)
-
-
-def contrastive_gemm():
-    """Where the contrastive backward's band GEMMs run, from ``FUSEDLOSS_CONTRASTIVE_GEMM`` (read here only):
-    ``"triton"`` (unset or empty) or ``"cublas"``."""
-    return _switch("FUSEDLOSS_CONTRASTIVE_GEMM", CONTRASTIVE_GEMMS)
 
 
 def contrastive_fwd_config(dim, itemsize, col_stats, sigmoid, schedule):
@@ -224,18 +206,14 @@ def contrastive_band_rows(n_cols, itemsize):
 # in 2.07x the bare matmuls' time. "tma" schedule: opt-in until a GPU measures it (bench/NOTES.md holds the
 # predictions; bench/phases_linear_cross_entropy.py measures each phase). The byte budgets bound the workspace
 # stated in kernels/linear_cross_entropy.py's docstring.
-LCE_SCHEDULES = ("pointer", "tma")
-LCE_WORKSPACE_BYTES = 64 << 20  # pointer: the G chunk (rows x chunk x itemsize) stays under this
-# tma: 32 MiB of G chunk + the 2 N H bytes of the compensated dX sum's low half = 4.8% of the bf16 logits at
-# N = 8192, H = 4096, V = 128256 (the target is < 5%); the dX sum then moves 4 / w = 2e-3 bytes per GEMM FLOP.
-LCE_TMA_WORKSPACE_BYTES = 32 << 20
-# tma: persistent programs per SM. The 128 x 128 tile kernels hold 150-230 registers x 256 threads: one CTA per SM.
+LCE_WORKSPACE_BYTES = 64 << 20  # the G chunk (rows x chunk x itemsize) stays under this
+# compact workspace (the compensated dX sum): 32 MiB of G chunk + the 2 N H bytes of the sum's low half = 4.8% of
+# the bf16 logits at N = 8192, H = 4096, V = 128256 (the target is < 5%); the dX sum then moves 4 / w = 2e-3 bytes
+# per GEMM FLOP.
+LCE_COMPACT_WORKSPACE_BYTES = 32 << 20
+# tensor-descriptor loads: persistent programs per SM. The 128 x 128 tile kernels hold 150-230 registers x 256
+# threads: one CTA per SM.
 LCE_TMA_PROGRAMS_PER_SM = 1
-# dW = G^T X on cuBLAS under "tma" (bf16, fp32, fp64, with the scale folded into G). cuBLAS reaches 85-92% of the
-# bf16 matmul rate on these shapes in the design study's model (84% measured on the CLIP band shapes, H100); it
-# runs over every token row, so ignored tokens' G rows are written as zeros. False: the Triton GEMM, which skips
-# them (bench/phases_linear_cross_entropy.py times both).
-LCE_DW_ON_CUBLAS = True
 LCE_MAX_PARTIAL_BYTES = 16 << 20  # forward: the per-split partials (16 bytes x rows x splits, fp32)
 LCE_COMBINE_BLOCK_R = 64
 LCE_COMBINE_NUM_WARPS = 4
@@ -249,25 +227,16 @@ LCE_FAST_CHUNK_BYTES = 128 << 20
 LCE_OVERRIDE = None
 
 
-def lce_schedule():
-    """The linear cross-entropy kernels' schedule, from ``FUSEDLOSS_LCE_SCHEDULE`` (read here only): ``"pointer"``
-    (unset or empty: pointer loads, Triton GEMMs, fp32 dX sum) or ``"tma"`` (tensor-descriptor loads on a
-    persistent grid, dW on cuBLAS, compensated bf16 dX sum, ignored token tiles skipped; see
-    kernels/linear_cross_entropy.py). Read at every launch, so a process can switch between calls."""
-    schedule = os.environ.get("FUSEDLOSS_LCE_SCHEDULE", "") or "pointer"
-    if schedule not in LCE_SCHEDULES:
-        raise ValueError(f"FUSEDLOSS_LCE_SCHEDULE must be one of {', '.join(LCE_SCHEDULES)}, got {schedule!r}")
-    return schedule
-
-
-def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
-    """Launch configuration of kernels.linear_cross_entropy for a (rows x hidden) @ (hidden x classes) problem:
-    ``schedule`` (``lce_schedule``), ``fwd`` and ``dlogits`` (logit tiles BLOCK_N x BLOCK_V stepping BLOCK_H along
+def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms, *, tma_loads=False,
+                                compact_workspace=False, skip_ignored=False):
+    """Launch configuration of kernels.linear_cross_entropy for a (rows x hidden) @ (hidden x classes) problem
+    under the schedule's features (``fusedloss.losses.linear_cross_entropy.LinearCrossEntropySchedule``): ``fwd``
+    and ``dlogits`` (logit tiles BLOCK_N x BLOCK_V stepping BLOCK_H along
     H), ``gemm_dw`` and ``gemm_dx`` (the backward's two GEMMs), ``n_splits`` (the forward's vocabulary splits),
-    ``chunk`` (the backward's vocabulary chunk), ``programs`` (the persistent grid of the "tma" schedule) and
+    ``chunk`` (the backward's vocabulary chunk), ``programs`` (the persistent grid of ``tma_loads``, else 0) and
     ``fast_rows`` (the token chunk of ``accumulate_in_input_dtype``).
 
-    16-bit inputs, on the tensor cores (wgmma on sm_90, mma.sync on sm_80), "pointer":
+    16-bit inputs, on the tensor cores (wgmma on sm_90, mma.sync on sm_80), pointer loads:
     - fwd: 128 x 128 logit tiles, 64 along H, 8 warps (two warpgroups of m64n128 wgmma), 3 stages (96 KB of
       shared memory); at 16 warps it spills;
     - dlogits: the same tile on 16 warps: its epilogue (p, the one-hot test, the cap's derivative, the cast and
@@ -276,24 +245,27 @@ def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
     - gemm_dw: 128 x 256 x 64, 8 warps, 3 stages (144 KB, within an A100's 164 KB);
     - gemm_dx: 128 x 128 x 64, 8 warps, 4 stages (128 KB): it starts from the loaded fp32 accumulator, which a
       128 x 256 tile cannot hold without spilling.
-    "tma" (sm_90, 16-bit only; compile report: UTMALDG and HGMMA, no spills): tensor descriptors take the 64-bit
+    ``tma_loads`` (sm_90, 16-bit only; compile report: UTMALDG and HGMMA, no spills): tensor descriptors take the 64-bit
     address tiles off the registers, so both logit kernels run on 8 warps: fwd 128 x 128 x 64, 3 stages, 174-212
     registers; dlogits 128 x 64 x 64, 4 stages (96 KB), 160-194 registers: at 128 x 128 its epilogue reaches 255
     registers and spills 8 bytes in the bias variants with 3 stages (none with 2 stages, which leaves one TMA load
     in flight per MMA step), and at 16 warps the 128-register cap spills the variant with every extra. GEMMs as
-    "pointer": gemm_dx 126-158 registers, gemm_dw 214, no spills. The tile shapes are the first to sweep on a
+    with pointer loads: gemm_dx 126-158 registers, gemm_dw 214, no spills. The tile shapes are the first to sweep on a
     GPU (bench/phases_linear_cross_entropy.py).
     fp32 runs FMA (``ieee``) or tf32 on 64 x 64 x 16 tiles, fp64 on 32 x 32 x 16.
     Splits: enough (token tile, split) items for ~8 waves on ``num_sms`` SMs, so the last wave's tail costs
     little, bounded by LCE_MAX_PARTIAL_BYTES. Chunk: the widest multiple of the tiles with rows x chunk x itemsize
-    within the schedule's workspace budget (at least one tile wide). Skipping ignored token tiles needs
-    gemm_dx's BLOCK_M equal to dlogits' BLOCK_N and gemm_dw's BLOCK_K to divide it (one tile list serves all).
+    within the workspace budget (``compact_workspace``: the compensated dX sum's; at least one tile wide).
+    ``skip_ignored`` needs gemm_dx's BLOCK_M equal to dlogits' BLOCK_N and gemm_dw's BLOCK_K to divide it (one tile
+    list serves all).
     """
-    schedule = lce_schedule()
-    tma = schedule == "tma"
+    tma = tma_loads
     if itemsize == 2:
         tile = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3)
-        dlogits = dict(tile, BLOCK_V=64, num_stages=4) if tma else dict(tile, num_warps=16)
+        if tma:
+            dlogits = dict(tile, BLOCK_V=64, num_stages=4)
+        else:  # skipping ignored tiles with pointer loads: 128 x 128 spills on sm_80 with every extra (compile report)
+            dlogits = dict(tile, num_warps=16, BLOCK_V=64 if skip_ignored else 128)
         cfg = dict(fwd=tile, dlogits=dlogits,
                    gemm_dw=dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
                    gemm_dx=dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4))
@@ -305,11 +277,11 @@ def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
         tile = dict(BLOCK_N=32, BLOCK_V=32, BLOCK_H=16, GROUP_N=8, num_warps=4, num_stages=2)
         gemm = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)
         cfg = dict(fwd=tile, dlogits=tile, gemm_dw=gemm, gemm_dx=gemm)
-    cfg.update(schedule=schedule, programs=LCE_TMA_PROGRAMS_PER_SM * num_sms if tma else 0)
+    cfg.update(programs=LCE_TMA_PROGRAMS_PER_SM * num_sms if tma else 0)
     for key, value in (LCE_OVERRIDE or {}).items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
     tile_rows = cfg["dlogits"]["BLOCK_N"]
-    if tma and (cfg["gemm_dx"]["BLOCK_M"] != tile_rows or tile_rows % cfg["gemm_dw"]["BLOCK_K"]):
+    if skip_ignored and (cfg["gemm_dx"]["BLOCK_M"] != tile_rows or tile_rows % cfg["gemm_dw"]["BLOCK_K"]):
         raise ValueError(f"skipping ignored token tiles needs gemm_dx BLOCK_M == dlogits BLOCK_N and gemm_dw BLOCK_K "
                          f"dividing it, got {cfg['gemm_dx']['BLOCK_M']}, {tile_rows}, {cfg['gemm_dw']['BLOCK_K']}")
     rows = max(n_rows, 1)
@@ -318,7 +290,7 @@ def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms):
     max_splits = max(1, LCE_MAX_PARTIAL_BYTES // (16 * rows))
     cfg.setdefault("n_splits", max(1, min(v_tiles, max_splits, triton.cdiv(8 * num_sms, n_tiles))))
     unit = max(cfg["dlogits"]["BLOCK_V"], cfg["gemm_dw"]["BLOCK_M"])
-    budget = LCE_TMA_WORKSPACE_BYTES if tma else LCE_WORKSPACE_BYTES
+    budget = LCE_COMPACT_WORKSPACE_BYTES if compact_workspace else LCE_WORKSPACE_BYTES
     chunk = max(unit, budget // (rows * itemsize) // unit * unit)
     cfg.setdefault("chunk", min(chunk, triton.cdiv(n_classes, unit) * unit))
     cfg.setdefault("fast_rows", max(128, LCE_FAST_CHUNK_BYTES // (max(n_classes, 1) * itemsize) // 128 * 128))

@@ -42,7 +42,7 @@ Sigmoid loss (SigLIP). ``z = s C + b`` and ``l_ij = 1`` at the positive, -1 else
 log1p(exp(-|x|))`` and ``sigmoid(-x)`` from the same ``exp(-|x|)``: no overflow at any ``|z|``. The backward's
 logit gradient is ``W_ij = a_i u_ij``, through the same band kernel and GEMMs as the softmax losses.
 
-Fixed-shift schedule (opt-in, ``configs.contrastive_schedule``; NT-Xent, CLIP, and InfoNCE on normalized
+Fixed-shift schedule (opt-in, ``schedule="fixed_shift"``; NT-Xent, CLIP, and InfoNCE on normalized
 features). Unit vectors bound every logit by the scale: ``|C_ij| <= 1`` (1.01 after rounding to bf16), so the
 online maximum is not needed. With ``c1 = s log2(e)`` and ``c0 = |s| log2(e) - 64`` every term is
 

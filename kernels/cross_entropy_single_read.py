@@ -11,7 +11,7 @@ written once and read back from L2) + 4 N (counters) + 36 N (targets, loss, row 
 bf16, 8.405 GB + 5.2 MB + 0.7 MB, the floor to within 0.1%.
 
 The math is ``kernels.cross_entropy``'s (loss and the four coefficients K1, Kf, Ky, K3 from
-``_row_loss_and_coefs``, the per-element gradient from ``_dlogits_from_coefs``); only the way the row statistics
+``row_loss_and_coefs``, the per-element gradient from ``dlogits_from_coefs``); only the way the row statistics
 are gathered differs. Chunk k of a row (x the soft-capped logits, padded lanes -inf after the cap; a_c the class
 weight w_c, or 1) publishes
 
@@ -91,19 +91,14 @@ import triton.language as tl
 from . import INTERPRETED
 from ._common import join_f64, math_dtype, split_f64
 from ._launch import custom_launcher, num_sms
-from .cross_entropy import (
+from .cross_entropy_rows import (
     ROW_STATE,
-    _dlogits_from_coefs,
-    _load_logits,
-    _row_loss_and_coefs,
-    _smoothing_coef,
-    _store_row_state,
+    dlogits_from_coefs,
+    load_logits,
+    row_loss_and_coefs,
+    smoothing_coef,
+    store_row_state,
 )
-
-# The opt-in switch the host reads per call: FUSEDLOSS_CE_SCHEDULE=single_read sends the eligible calls (fused
-# mean/sum path, see ``single_read_applies``) to this kernel; unset, empty or "two_pass" keeps the two-pass kernel.
-SCHEDULE_ENV = "FUSEDLOSS_CE_SCHEDULE"
-SCHEDULES = ("two_pass", "single_read")
 
 # Below this class count the two-pass kernel's multi-row tiles are kept (the same bound as its one-row-per-program
 # schedule in configs.cross_entropy_config).
@@ -114,15 +109,6 @@ SINGLE_READ_MIN_CLASSES = 2048
 NUM_FIELDS = 5
 
 MODES = ("ticket", "twophase")
-
-
-def single_read_enabled():
-    """Whether ``FUSEDLOSS_CE_SCHEDULE`` asks for the single-read schedule (default: the two-pass kernel).
-    Raises ValueError on any other value than unset, "", "two_pass" or "single_read"."""
-    value = os.environ.get(SCHEDULE_ENV, "")
-    if value not in ("",) + SCHEDULES:
-        raise ValueError(f"{SCHEDULE_ENV} must be one of {', '.join(map(repr, SCHEDULES))}, got {value!r}")
-    return value == "single_read"
 
 
 def single_read_applies(logits, target):
@@ -206,13 +192,13 @@ def _chunk_tile(logits_rows, target_rows, weight_ptr, col_start, chunk_size, n_c
     y_local = tl.where(in_range & (y_local >= 0) & (y_local < chunk_size), y_local, -1).to(tl.int32)
     is_target = tl.arange(0, CHUNK)[None, :] == y_local[:, None]
 
-    x, dcap = _load_logits(logits_rows, cols, mask, 1, softcap, HAS_SOFTCAP, DTYPE)
+    x, dcap = load_logits(logits_rows, cols, mask, 1, softcap, HAS_SOFTCAP, DTYPE)
     m_k = tl.max(x, axis=1)
     shift = tl.where(m_k > float("-inf"), m_k, 0.0)  # a chunk of -inf logits: e = 0, not exp(-inf + inf) = NaN
     e = tl.exp(x - shift[:, None])
     x_t = tl.where(is_target, x, 0.0)
     if HAS_SMOOTHING:
-        a = _smoothing_coef(target_rows, weight_ptr, cols, mask, col_mask, eps, n_classes, 0, 0, stride_weight,
+        a = smoothing_coef(target_rows, weight_ptr, cols, mask, col_mask, eps, n_classes, 0, 0, stride_weight,
                             False, HAS_WEIGHT, DTYPE)
         s_k, t_k, b_k, a_k = tl.reduce((e, x_t, a, tl.where(mask, a * (x - shift[:, None]), 0.0)), 1, _add4)
     else:
@@ -328,17 +314,17 @@ def _ce_single_read_kernel(
             alpha = tl.load(alpha_ptr + y * stride_alpha, mask=gather, other=0.0).to(DTYPE)
         else:
             alpha = tl.zeros_like(m) + alpha_scalar
-        loss, k1, kf, ky, k3 = _row_loss_and_coefs(m, log_s, x_y, coef_sum, coef_dot, w_y, alpha, valid, in_range,
+        loss, k1, kf, ky, k3 = row_loss_and_coefs(m, log_s, x_y, coef_sum, coef_dot, w_y, alpha, valid, in_range,
                                                    eps, gamma, z, n_classes, HAS_SMOOTHING)
         first = tl.zeros_like(rows) + chunk == 0  # a [1] mask: the interpreter cannot broadcast a 0-d bool
         tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=first)
-        _store_row_state(state_ptr, rows, first, m, log_s, k1, kf, ky, k3)
+        store_row_state(state_ptr, rows, first, m, log_s, k1, kf, ky, k3)
 
         scale = tl.load(grad_scale_ptr).to(DTYPE)
         # p_c = exp((x_c - m) - log_s) = e_c exp((m_k - m) - log_s). With m_k rather than the shift, a chunk of
         # -inf logits gets exp(-inf) = 0 here, so p = 0 * 0 there even when the row max is very negative.
         p = e * tl.exp((m_k - m) - log_s)[:, None]
-        g = _dlogits_from_coefs(p, is_target, k1 * scale, kf * scale, ky * scale)
+        g = dlogits_from_coefs(p, is_target, k1 * scale, kf * scale, ky * scale)
         if HAS_SMOOTHING:
             g -= a * (k3 * scale)[:, None]
         if HAS_SOFTCAP:

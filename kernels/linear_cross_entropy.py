@@ -54,7 +54,7 @@ Backward (per vocabulary chunk of ``w`` columns: three launches, no atomics)
       recomputed a third time (10*N*H*V).
     One of dX (N*H) and dW (V*H) must be summed over chunks of the other's K dimension; dX is the smaller.
 
-Schedules (``configs.lce_schedule``, read from ``FUSEDLOSS_LCE_SCHEDULE``)
+Schedules (``fusedloss.losses.linear_cross_entropy.SCHEDULES``: a named set of features, chosen per call)
     "pointer" (default): operands through pointer tensors, one program per work item or output tile, Triton GEMMs
     for dW and dX, dX summed in an fp32 buffer (4*N*H bytes), 64 MiB G chunks.
 
@@ -91,9 +91,7 @@ No host syncs: every size above comes from shapes; grad_output, the mean's denom
 the live-tile count stay on the device. All offsets that scale with N, V or H are computed in 64 bits.
 """
 
-import contextlib
 import itertools
-import os
 from typing import Optional
 
 import torch
@@ -104,13 +102,13 @@ from . import configs
 from ._common import grouped_tile, join_f64, math_dtype, online_logsumexp_update, soft_cap, split_f64
 from ._gemm import abt_tile, dot_precision, matmul, tma_compatible, use_tensor_descriptors
 from ._launch import custom_launcher, num_sms
-from .cross_entropy import (
+from .cross_entropy_rows import (
     ROW_STATE,
-    _dlogits_from_coefs,
-    _load_row_state,
-    _one_stride_walk,
-    _row_loss_and_coefs,
-    _store_row_state,
+    dlogits_from_coefs,
+    load_row_state,
+    one_stride_walk,
+    row_loss_and_coefs,
+    store_row_state,
 )
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,10 +326,10 @@ def _lce_combine_kernel(
         valid = row_mask & (y != ignore_index)
         in_range = (y >= 0) & (y < n_classes)
         one = tl.zeros([BLOCK_R], DTYPE) + 1.0
-        loss, k1, kf, ky, k3 = _row_loss_and_coefs(m, log_s, x_y, one * n_classes, coef_dot, one, one, valid,
+        loss, k1, kf, ky, k3 = row_loss_and_coefs(m, log_s, x_y, one * n_classes, coef_dot, one, one, valid,
                                                    in_range, eps, gamma, z, n_classes, HAS_SMOOTHING)
         tl.store(loss_ptr + rows, loss, mask=row_mask)
-        _store_row_state(state_ptr, rows, row_mask, m, log_s, k1, kf, ky, k3)
+        store_row_state(state_ptr, rows, row_mask, m, log_s, k1, kf, ky, k3)
 
 
 
@@ -363,14 +361,14 @@ def _dlogits_item(item, x_src, w_src, bias_ptr, target_ptr, state_ptr, row_scale
                      BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP, TMA, PRECISION, DTYPE)
     # the row state, the targets and the masks after the K loop, where they hold no registers during it
     scale = tl.load(row_scale_ptr + rows.to(tl.int64) * stride_row_scale, mask=row_mask, other=0.0).to(DTYPE)
-    m, log_s, k1, kf, ky, k3 = _load_row_state(state_ptr, rows, row_mask, scale, DTYPE)
+    m, log_s, k1, kf, ky, k3 = load_row_state(state_ptr, rows, row_mask, scale, DTYPE)
     if HAS_DLSE:
         k1 += tl.load(dlse_ptr + rows, mask=row_mask, other=0.0).to(DTYPE)  # d lse / d x_c = p_c
     if not SKIP_IGNORED:
         y = _target_of_rows(target_ptr, rows, row_mask, seq_len, shift, stride_target_outer, stride_target_seq,
                             ignore_index)
     p = tl.exp((x - m[:, None]) - log_s[:, None])
-    g = _dlogits_from_coefs(p, cols[None, :] == _class_i32(y - class_offset, n_classes)[:, None], k1, kf, ky)
+    g = dlogits_from_coefs(p, cols[None, :] == _class_i32(y - class_offset, n_classes)[:, None], k1, kf, ky)
     if HAS_SMOOTHING:
         g -= k3[:, None]
     if HAS_SOFTCAP:
@@ -445,14 +443,16 @@ def target_layout(target):
     or None when its leading dims cannot be walked with one stride (the caller then makes it contiguous)."""
     if target.dim() == 0:
         return 1, 0, 0
-    outer = _one_stride_walk(target.shape[:-1], target.stride()[:-1])
+    outer = one_stride_walk(target.shape[:-1], target.stride()[:-1])
     return None if outer is None else (target.shape[-1], outer, target.stride(-1))
 
 
-def config_for(x2d, weight):
-    """The launch configuration (``configs.linear_cross_entropy_config``) for this problem and device."""
+def config_for(x2d, weight, *, tma_loads=False, compact_workspace=False, skip_ignored=False):
+    """The launch configuration (``configs.linear_cross_entropy_config``) for this problem and device under the
+    schedule's features."""
     return configs.linear_cross_entropy_config(x2d.shape[0], x2d.shape[1], weight.shape[0], x2d.dtype.itemsize,
-                                               num_sms(x2d.device))
+                                               num_sms(x2d.device), tma_loads=tma_loads,
+                                               compact_workspace=compact_workspace, skip_ignored=skip_ignored)
 
 
 def gemm_tile(cfg, name):
@@ -471,10 +471,10 @@ def num_splits(cfg, n_classes):
 
 
 def _grid(cfg, x2d, weight, items):
-    """(programs, TMA) for a launch of ``items`` work items: under the "tma" schedule, with X and W readable
-    through descriptors (hidden dimension contiguous), a persistent grid of at most ``cfg["programs"]``;
-    otherwise one program per item, pointer loads."""
-    tma = (cfg["schedule"] == "tma" and x2d.stride(1) == 1 and weight.stride(1) == 1
+    """(programs, TMA) for a launch of ``items`` work items: with ``tma_loads`` (``cfg["programs"] > 0``) and X
+    and W readable through descriptors (hidden dimension contiguous), a persistent grid of at most
+    ``cfg["programs"]``; otherwise one program per item, pointer loads."""
+    tma = (cfg["programs"] > 0 and x2d.stride(1) == 1 and weight.stride(1) == 1
            and tma_compatible(x2d, weight))
     if tma:
         use_tensor_descriptors(x2d.device)
@@ -487,7 +487,7 @@ def linear_cross_entropy_forward(
     x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
     loss: torch.Tensor, row_state: torch.Tensor, *, ignore_index: int, label_smoothing: float, focal_gamma: float,
     z_loss: float, softcap: Optional[float], shift: bool, input_precision: Optional[str], class_offset: int = 0,
-    partial: bool = False, skip_ignored: bool = False,
+    partial: bool = False, skip_ignored: bool = False, tma_loads: bool = False,
 ) -> None:
     """Launch the forward: per-row ``loss`` (rows,) and the row state (rows, ROW_STATE) of
     ``kernels.cross_entropy`` (m, log s, K1, Kf, Ky, K3), in the compute dtype (fp32, fp64 for fp64 inputs).
@@ -495,14 +495,14 @@ def linear_cross_entropy_forward(
     with a ``target_layout``. The per-split partials (``4 * n_splits * rows`` values) are allocated here.
     ``input_precision``: the fp32 override of ``kernels._gemm.dot_precision``. ``skip_ignored``: token tiles
     without a target compute nothing (their rows' lse is then meaningless; only for a caller that does not
-    return it).
+    return it). ``tma_loads``: tensor-descriptor loads on a persistent grid where the operands allow it.
 
     A shard of a vocabulary-parallel group: ``weight`` holds classes ``class_offset ..``; with ``partial`` the
     launch writes the shard's merged partials (m, s, A, x_y) into ``row_state`` as (4, rows) and no ``loss``;
     ``linear_cross_entropy_combine`` finishes from every shard's."""
     n_rows, n_hidden = x2d.shape
     n_classes = weight.shape[0]
-    cfg = config_for(x2d, weight)
+    cfg = config_for(x2d, weight, tma_loads=tma_loads, skip_ignored=skip_ignored)
     n_split, split_width = num_splits(cfg, n_classes)
     seq_len, stride_target_outer, stride_target_seq = target_layout(target)
     part = torch.empty(4 * n_split * n_rows, dtype=loss.dtype, device=x2d.device)
@@ -555,18 +555,18 @@ def linear_cross_entropy_dlogits(
     row_state: torch.Tensor, row_scale: torch.Tensor, dlse: Optional[torch.Tensor], dlogits: torch.Tensor,
     dbias_part: Optional[torch.Tensor], col_start: int, *, ignore_index: int, label_smoothing: float,
     softcap: Optional[float], shift: bool, input_precision: Optional[str], class_offset: int = 0,
-    skip_ignored: bool = False, zero_skipped: bool = False,
+    skip_ignored: bool = False, zero_skipped: bool = False, tma_loads: bool = False,
 ) -> None:
     """Launch ``_lce_dlogits_kernel`` for the vocabulary chunk [col_start, col_start + dlogits.shape[1]):
     ``dlogits`` (rows, width), column stride 1, any row stride, in the input's dtype. ``row_scale`` is (rows,) or
     a 0-d tensor (one scale for every row); ``dlse`` (rows,) or None; ``dbias_part`` (ceil(rows / BLOCK_N),
     width) fp32 or None; ``class_offset`` the first class of ``weight`` in a vocabulary-parallel group.
     ``skip_ignored``: token tiles without a target compute nothing and store nothing in ``dlogits`` (zeros with
-    ``zero_skipped``)."""
+    ``zero_skipped``). ``tma_loads`` as in ``linear_cross_entropy_forward``."""
     n_rows, n_hidden = x2d.shape
     width = dlogits.shape[1]
     seq_len, stride_target_outer, stride_target_seq = target_layout(target)
-    cfg = config_for(x2d, weight)
+    cfg = config_for(x2d, weight, tma_loads=tma_loads, skip_ignored=skip_ignored)
     c = cfg["dlogits"]
     programs, tma = _grid(cfg, x2d, weight, triton.cdiv(n_rows, c["BLOCK_N"]) * triton.cdiv(width, c["BLOCK_V"]))
     _lce_dlogits_kernel[(programs,)](
@@ -586,13 +586,14 @@ def linear_cross_entropy_dlogits(
 
 
 def compile_variants():
-    """Call the launchers once per constexpr combination they can produce, under each schedule, on small CPU
-    tensors (for ``bench/compile_report.py``, which records the launches instead of running them). The tile
-    config is the one each dtype gets at LLM sizes (it depends on the dtype and the schedule only, not on the
-    tiny shapes here). The GEMMs are launched as the backward (``fusedloss.losses.linear_cross_entropy``) does."""
+    """Call the launchers once per constexpr combination they can produce, with pointer and tensor-descriptor
+    loads, on small CPU tensors (for ``bench/compile_report.py``, which records the launches instead of running
+    them). The tile config is the one each dtype gets at LLM sizes (it depends on the dtype and ``tma_loads`` only,
+    not on the tiny shapes here). The GEMMs are launched as the backward (``fusedloss.losses.linear_cross_entropy``)
+    does under the "pointer" and "tma" schedules."""
 
-    def launch(dtype, *, bias=False, softcap=False, smoothing=False, dlse=False, bias_grad=None, skip=False,
-               precision=None):
+    def launch(dtype, tma_loads, *, bias=False, softcap=False, smoothing=False, dlse=False, bias_grad=None,
+               skip=False, precision=None):
         rows, hidden, vocab = 8, 64, 256
         x = torch.zeros(rows, hidden, dtype=dtype)
         w = torch.zeros(vocab, hidden, dtype=dtype)
@@ -601,7 +602,7 @@ def compile_variants():
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         state = torch.zeros(rows, ROW_STATE, dtype=acc)
         opts = dict(ignore_index=-100, label_smoothing=0.1 if smoothing else 0.0, softcap=30.0 if softcap else None,
-                    shift=True, input_precision=precision, skip_ignored=skip)
+                    shift=True, input_precision=precision, skip_ignored=skip, tma_loads=tma_loads)
         linear_cross_entropy_forward(x, w, b, t, torch.zeros(rows, dtype=acc), state, focal_gamma=2.0, z_loss=1e-4,
                                      **opts)
         g = torch.zeros(rows, vocab, dtype=dtype)
@@ -611,25 +612,25 @@ def compile_variants():
                                          torch.zeros(rows, dtype=acc) if dlse else None, g, part, 0,
                                          zero_skipped=zero, **opts)
 
-    def gemms(dtype, schedule, precision=None):
-        """The backward's GEMM launches (``_recompute``) for ``dtype`` under ``schedule``."""
+    def gemms(dtype, tma_loads, precision=None):
+        """The backward's GEMM launches (``_recompute``) for ``dtype``, with pointer or tensor-descriptor loads:
+        without the other features, then with them (the live-tile list of skip_ignored, the scale folded into G of
+        cublas_dw, the compensated dX sum)."""
         rows, hidden, vocab = 256, 256, 256
         x = torch.zeros(rows, hidden, dtype=dtype)
         w = torch.zeros(vocab, hidden, dtype=dtype)
         g = torch.zeros(rows, vocab, dtype=dtype)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        cfg = config_for(x, w)
+        cfg = config_for(x, w, tma_loads=tma_loads, compact_workspace=tma_loads, skip_ignored=tma_loads)
         one = torch.ones((), dtype=acc)
         x32 = torch.zeros(rows, hidden, dtype=acc)
         dw_tile, dx_tile = gemm_tile(cfg, "gemm_dw"), gemm_tile(cfg, "gemm_dx")
         kw = dict(programs=cfg["programs"], input_precision=precision)
-        if schedule == "pointer":
-            matmul(g.t(), x, w, tile=dw_tile, scale=one, **kw)                           # dW = G^T X
-            matmul(g, w, x, tile=dx_tile, scale=one, **kw)                               # dX, one chunk
-            matmul(g, w, x32, tile=dx_tile, **kw)                                        # dX, first chunk
-            matmul(g, w, x32, tile=dx_tile, acc=x32, **kw)                               # middle chunk
-            matmul(g, w, x, tile=dx_tile, acc=x32, scale=one, **kw)                      # last chunk
-            return
+        matmul(g.t(), x, w, tile=dw_tile, scale=one, **kw)                               # dW = G^T X
+        matmul(g, w, x, tile=dx_tile, scale=one, **kw)                                   # dX, one chunk
+        matmul(g, w, x32, tile=dx_tile, **kw)                                            # dX, first chunk
+        matmul(g, w, x32, tile=dx_tile, acc=x32, **kw)                                   # middle chunk
+        matmul(g, w, x, tile=dx_tile, acc=x32, scale=one, **kw)                          # last chunk
         tile_rows = cfg["dlogits"]["BLOCK_N"]
         sparse = dict(tile_order=torch.zeros(rows // tile_rows, dtype=torch.int32),
                       n_live=torch.ones((), dtype=torch.int32), tile_rows=tile_rows, **kw)
@@ -637,7 +638,7 @@ def compile_variants():
             skipped = sparse if live else kw
             m, k = ("m", "k") if live else ("", "")
             scale = one if dtype == torch.float16 else None  # the scalar is folded into G but for fp16
-            # dW on Triton: fp16, an fp32 precision override, or every dtype with LCE_DW_ON_CUBLAS = False
+            # dW on Triton: fp16, an fp32 precision override, or every dtype without cublas_dw
             matmul(g.t(), x, w, tile=dw_tile, scale=scale, sparse=k, **skipped)
             if dtype == torch.bfloat16:  # compensated dX sum: first, middle, last chunk
                 lo = torch.zeros(rows, hidden, dtype=torch.bfloat16)
@@ -652,34 +653,18 @@ def compile_variants():
                 matmul(g, w, x, tile=dx_tile, sparse=m, zero_skipped=live, **skipped)
                 matmul(g, w, x, tile=dx_tile, acc=x, sparse=m, **skipped)
 
-    for schedule in configs.LCE_SCHEDULES:
-        with _schedule(schedule):
-            for bias, softcap, smoothing in itertools.product((False, True), repeat=3):
-                for dlse in (False, True):
-                    launch(torch.bfloat16, bias=bias, softcap=softcap, smoothing=smoothing, dlse=dlse)
-            launch(torch.bfloat16, bias=True, bias_grad=False)
-            for dtype in (torch.float16, torch.float32, torch.float64):
-                launch(dtype)
-                launch(dtype, bias=True, softcap=True, smoothing=True, dlse=True)
-            launch(torch.float32, precision="tf32")
-            for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-                gemms(dtype, schedule)
-            gemms(torch.float32, schedule, precision="tf32")
-            if schedule == "tma":
-                for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                    launch(dtype, skip=True)
-                    launch(dtype, bias=True, softcap=True, smoothing=True, skip=True)
-
-
-@contextlib.contextmanager
-def _schedule(schedule):
-    """``configs.lce_schedule()`` returns ``schedule`` within the block (for ``compile_variants``)."""
-    saved = os.environ.get("FUSEDLOSS_LCE_SCHEDULE")
-    os.environ["FUSEDLOSS_LCE_SCHEDULE"] = schedule
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["FUSEDLOSS_LCE_SCHEDULE"]
-        else:
-            os.environ["FUSEDLOSS_LCE_SCHEDULE"] = saved
+    for tma_loads in (False, True):
+        for bias, softcap, smoothing in itertools.product((False, True), repeat=3):
+            for dlse in (False, True):
+                launch(torch.bfloat16, tma_loads, bias=bias, softcap=softcap, smoothing=smoothing, dlse=dlse)
+        launch(torch.bfloat16, tma_loads, bias=True, bias_grad=False)
+        for dtype in (torch.float16, torch.float32, torch.float64):
+            launch(dtype, tma_loads)
+            launch(dtype, tma_loads, bias=True, softcap=True, smoothing=True, dlse=True)
+        launch(torch.float32, tma_loads, precision="tf32")
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            gemms(dtype, tma_loads)
+        gemms(torch.float32, tma_loads, precision="tf32")
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):  # skip_ignored
+            launch(dtype, tma_loads, skip=True)
+            launch(dtype, tma_loads, bias=True, softcap=True, smoothing=True, skip=True)

@@ -1,6 +1,5 @@
 """Pointwise losses of two operands, forward and gradients in one elementwise pass: MSE, L1, Huber, SmoothL1, the
-Bradley-Terry reward loss, and torch's pointwise ``kl_div``; and the operand layouts the binary losses' kernel
-shares (``operand_strides``, ``launch_strides``, ``load_operand``).
+Bradley-Terry reward loss, and torch's pointwise ``kl_div``.
 
 Why one family: each of these reads ``input`` and ``target`` once, computes a per-element loss ``e`` and its two
 partial derivatives, and either stores ``e`` (``reduction='none'``) or one partial sum per program; the kernel
@@ -37,19 +36,9 @@ torch's autograd of ``xlogy(t, t) - t * x`` gives (``t / t`` in xlogy's derivati
 An optional elementwise ``weight`` multiplies ``e`` and its derivatives; ``de_w/dw = e``. Bytes per element:
 read the operands once, write the gradients that autograd needs; no per-element buffer for ``mean``/``sum`` (one
 partial sum per program of ``POINTWISE_BLOCK`` elements).
-
-Operand layouts. The operands broadcast to one shape, seen as a ``(rows, n_cols)`` matrix with ``n_cols`` its last
-dimension. Each operand is read through a (row, column) stride pair of its broadcast view: a per-class vector
-has row stride 0, a scalar both 0, a transposed or sliced matrix its own strides. When every operand is contiguous
-of the shape or a single broadcast element (``STRIDED=False``), element ``k`` is at ``k * stride_col`` (1 or 0)
-and no index is divided; otherwise (``STRIDED=True``) each program splits its flat offsets into (row, column)
-once, with one 64-bit division, and every operand reads at ``row * stride_row + col * stride_col``. An optional
-operand of a single element (a scalar ``weight``, ``margin`` or ``grad_scale``) is loaded once per program.
-Operands whose dimensions do not merge into such a pair (``operand_strides`` returns None) are copied, contiguous,
-by the launcher. Outputs (``loss`` for ``'none'``, the gradients) are contiguous of the broadcast shape.
+Operand layouts: ``kernels.operands``.
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -59,36 +48,10 @@ import triton.language as tl
 from ._common import join_f64, log1p, math_dtype, split_f64, to_element_type
 from ._launch import custom_launcher
 from .configs import POINTWISE_BLOCK, POINTWISE_NUM_WARPS, POINTWISE_NUM_WARPS_FP64
+from .operands import flat_offsets, launch_strides, load_operand, matrix_shape, walkable
 
 # The ``LOSS`` constexpr: the formula of the module docstring that a launch compiles.
 LOSSES = ("mse", "l1", "huber", "smooth_l1", "bradley_terry", "kl", "kl_log_target")
-
-
-@triton.jit
-def flat_offsets(numel, n_cols, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
-    """This program's flat element offsets (64-bit), their mask and, with ``STRIDED``, their (row, column) in the
-    ``(numel / n_cols, n_cols)`` view (the offsets themselves otherwise, unused)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    rows = offs
-    cols = offs
-    if STRIDED:
-        rows = offs // n_cols
-        cols = offs - rows * n_cols
-    return offs, offs < numel, rows, cols
-
-
-@triton.jit
-def load_operand(ptr, offs, rows, cols, mask, stride_row, stride_col, STRIDED: tl.constexpr, DTYPE: tl.constexpr,
-                 ONE: tl.constexpr = False):
-    """One operand's values at this program's elements, in the compute dtype (module docstring: layouts); with
-    ``ONE`` (an optional operand of one element broadcast to all) its value, loaded once."""
-    if ONE:
-        value = tl.load(ptr)
-    elif STRIDED:
-        value = tl.load(ptr + rows * stride_row + cols * stride_col, mask=mask, other=0.0)
-    else:
-        value = tl.load(ptr + offs * stride_col, mask=mask, other=0.0)
-    return value.to(DTYPE)
 
 
 @triton.jit
@@ -181,66 +144,6 @@ def _pointwise_kernel(
             tl.store(grad_margin_ptr + offs, to_element_type(dt * scale, grad_margin_ptr), mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Operand layouts (shared with kernels.binary)
-
-
-def _matrix(shape):
-    """(rows, n_cols) of the view every elementwise launch walks: the last dimension is the columns."""
-    n_cols = shape[-1] if len(shape) else 1
-    return (math.prod(shape) // n_cols if n_cols else 0), n_cols
-
-
-def operand_strides(t, shape):
-    """(stride_row, stride_col) of ``t`` broadcast to ``shape`` in the ``(rows, n_cols)`` view, or None when its
-    leading dimensions do not merge into one row stride (then it must be made contiguous before a launch)."""
-    view = t.expand(shape)
-    if view.dim() == 0:
-        return 0, 0
-    stride_col = view.stride(-1) if view.shape[-1] != 1 else 0
-    stride_row = span = None
-    for size, stride in zip(reversed(view.shape[:-1]), reversed(view.stride()[:-1])):
-        if size == 1:
-            continue
-        if stride_row is not None and stride != span:
-            return None
-        if stride_row is None:
-            stride_row = stride
-        span = stride * size
-    return (0 if stride_row is None else stride_row), stride_col
-
-
-def walkable(t, shape):
-    """``t`` itself when a launch can read its broadcast to ``shape`` through strides (or it is None), else a
-    contiguous copy of that broadcast."""
-    if t is None or operand_strides(t, shape) is not None:
-        return t
-    return t.expand(shape).contiguous()
-
-
-def launch_strides(operands, shape):
-    """(STRIDED, one (row, column) stride pair per operand, one bool per operand: is it a single element) for
-    operands ``walkable`` returned; None operands get (0, 0) and False. Without ``STRIDED`` each pair is (0, 1) for
-    an operand contiguous of ``shape`` and (0, 0) for a single element."""
-    rows, n_cols = _matrix(shape)
-    pairs = [(0, 0) if t is None else operand_strides(t, shape) for t in operands]
-    ones = [t is not None and pair == (0, 0) for t, pair in zip(operands, pairs)]
-    flat = [_flat_stride(pair, rows, n_cols) for pair in pairs]
-    if all(unit is not None for unit in flat):
-        return False, [(0, unit) for unit in flat], ones
-    return True, pairs, ones
-
-
-def _flat_stride(pair, rows, n_cols):
-    """1 when element k of the view is at offset k, 0 when every element is the first, None otherwise."""
-    stride_row, stride_col = pair
-    if stride_row == 0 and stride_col == 0:
-        return 0
-    if (n_cols == 1 or stride_col == 1) and (rows == 1 or stride_row == n_cols):
-        return 1
-    return None
-
-
 def num_programs(numel):
     """The grid of ``_pointwise_kernel``, and so the length of its ``partial`` buffer."""
     return triton.cdiv(numel, POINTWISE_BLOCK)
@@ -258,7 +161,7 @@ def pointwise_forward(
 
     ``kind`` is one of ``LOSSES``. ``weight`` (elementwise) and ``margin`` (Bradley-Terry, elementwise;
     ``margin_value`` is the number used when it is None) may be None. Every operand, ``grad_scale`` included (one
-    element or one per element), is read through its strides, or copied first where ``operand_strides`` finds
+    element or one per element), is read through its strides, or copied first where ``operands.operand_strides`` finds
     none. ``loss`` (per element, any float dtype) or ``partial`` (``num_programs(numel)`` sums in the compute
     dtype) may be None; so may each gradient buffer, which receives its gradient (for the broadcast shape) times
     ``grad_scale``. All outputs are contiguous of the broadcast shape.
@@ -272,7 +175,7 @@ def pointwise_forward(
     _pointwise_kernel[(num_programs(numel),)](
         *operands,
         loss, partial, grad_input, grad_target, grad_weight, grad_margin,
-        numel, _matrix(shape)[1],
+        numel, matrix_shape(shape)[1],
         *(stride for pair in strides for stride in pair),
         *split_f64(delta), *split_f64(margin_value),
         BLOCK=POINTWISE_BLOCK, LOSS=kind, HAS_WEIGHT=weight is not None, HAS_MARGIN_TENSOR=margin is not None,

@@ -86,7 +86,7 @@ def test_bce_with_logits(tier, gen, shape, weights, reduction):
 def test_broadcast_weights_are_read_in_place():
     """The layouts the kernel reads without a copy: a per-class vector (row stride 0), an expanded tensor, a slice,
     one element, a transposed matrix; and those it cannot (copied before the launch)."""
-    from fusedloss.kernels.pointwise import launch_strides, operand_strides
+    from fusedloss.kernels.operands import launch_strides, operand_strides
 
     shape = (6, 5)
     assert operand_strides(torch.ones(5), shape) == (0, 1)

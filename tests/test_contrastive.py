@@ -647,15 +647,38 @@ def test_cublas_band_gemms(small_bands, schedule, gen, monkeypatch, kind):
             assert_close(g, w, dtype, f"{kind} {dtype} output {index}")
 
 
-@pytest.mark.parametrize("name,value", [("FUSEDLOSS_CONTRASTIVE_SCHEDULE", "fast"),
-                                        ("FUSEDLOSS_CONTRASTIVE_GEMM", "cutlass")])
-def test_schedule_switches_reject_unknown_values(tier, monkeypatch, name, value):
-    if tier.name == "torch":
-        pytest.skip("the switches are the kernels'")
-    monkeypatch.setenv(name, value)
+@pytest.mark.parametrize("argument,name,value", [("schedule", "FUSEDLOSS_CONTRASTIVE_SCHEDULE", "fast"),
+                                                 ("gemm", "FUSEDLOSS_CONTRASTIVE_GEMM", "cutlass")])
+def test_schedule_switches_reject_unknown_values(tier, monkeypatch, argument, name, value):
+    """On every backend, as an argument or as the environment's default."""
     x = torch.randn(8, 4, device=tier.device, requires_grad=True)
-    with pytest.raises(ValueError, match=name):
-        clip_loss(x, x, 10.0).backward()
+    with pytest.raises(ValueError, match=f"{argument} must be one of"):
+        clip_loss(x, x, 10.0, **{argument: value})
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be one of"):
+        clip_loss(x, x, 10.0)
+
+
+def test_forward_and_backward_run_the_switches_of_the_call(tier, gen, monkeypatch):
+    """The arguments beat the environment, and the backward runs the call's switches even when the environment
+    changes before it (they travel in the options)."""
+    if tier.name == "torch":
+        pytest.skip("the switches are the Triton engine's")
+    from fusedloss.losses import contrastive as host
+
+    seen = []
+    for name in ("_triton_stats", "_triton_grads"):
+        real = getattr(host, name)
+        monkeypatch.setattr(host, name, lambda *a, _real=real, **k: seen.append((k["schedule"], k.get("gemm")))
+                            or _real(*a, **k))
+    monkeypatch.setenv("FUSEDLOSS_CONTRASTIVE_SCHEDULE", "exact")
+    monkeypatch.setenv("FUSEDLOSS_CONTRASTIVE_GEMM", "triton")
+    image = randn(gen, 40, 16, requires_grad=True)
+    text = randn(gen, 40, 16, requires_grad=True)
+    loss = clip_loss(image, text, 10.0, schedule="fixed_shift", gemm="cublas")
+    monkeypatch.setenv("FUSEDLOSS_CONTRASTIVE_SCHEDULE", "exact")
+    loss.backward()
+    assert seen == [("fixed_shift", None), ("fixed_shift", "cublas")], seen
 
 
 def test_fixed_shift_bf16_at_scale_on_cuda(tier, gen, monkeypatch):

@@ -14,13 +14,14 @@ import pytest
 import torch
 from test_cross_entropy import reference
 
+import fusedloss
 from fusedloss import _alloc
 
 from conftest import _tier_skip_reason, assert_close, randn
 
 pytest.importorskip("triton")
 from fusedloss.kernels import cross_entropy_single_read as sr  # noqa: E402
-from fusedloss.kernels.cross_entropy import ROW_STATE  # noqa: E402
+from fusedloss.kernels.cross_entropy_rows import ROW_STATE  # noqa: E402
 
 SMALL = [256, 4]  # 1000 classes: 4 chunks of 256; 200 classes: one chunk
 SMALLER = [128, 4]  # 517 classes: 5 chunks of 112 (the equal widths _chunking picks)
@@ -276,15 +277,34 @@ def test_rejects_what_it_does_not_cover(device):
 # Host-side policy: no kernel
 
 
-def test_schedule_switch(monkeypatch):
-    monkeypatch.delenv(sr.SCHEDULE_ENV, raising=False)
-    assert not sr.single_read_enabled()
-    for value, enabled in (("", False), ("two_pass", False), ("single_read", True)):
-        monkeypatch.setenv(sr.SCHEDULE_ENV, value)
-        assert sr.single_read_enabled() is enabled
-    monkeypatch.setenv(sr.SCHEDULE_ENV, "single-read")
-    with pytest.raises(ValueError, match=sr.SCHEDULE_ENV):
-        sr.single_read_enabled()
+def test_schedule_argument_and_environment_default(monkeypatch):
+    """``schedule=`` picks the forward's launcher; None takes FUSEDLOSS_CE_SCHEDULE, unset "two_pass"; the choice
+    is made once, in the options the backward gets."""
+    if fusedloss.backend("cpu") != "triton-interpret":
+        pytest.skip("launches the kernels in the interpreter (the CPU session)")
+    launched = []
+    for name in ("cross_entropy_single_read",):
+        real = getattr(sr, name)
+        monkeypatch.setattr(sr, name, lambda *a, _real=real, **k: launched.append("single_read") or _real(*a, **k))
+    x = torch.randn(3, 4096).requires_grad_()
+    y = torch.randint(0, 4096, (3,))
+    monkeypatch.setenv("FUSEDLOSS_CE_SINGLE_READ_CONFIG", "1024,4")
+    for env, argument, expected in ((None, None, "two_pass"), ("", None, "two_pass"), ("single_read", None,
+                                    "single_read"), ("single_read", "two_pass", "two_pass"),
+                                    (None, "single_read", "single_read")):
+        if env is None:
+            monkeypatch.delenv("FUSEDLOSS_CE_SCHEDULE", raising=False)
+        else:
+            monkeypatch.setenv("FUSEDLOSS_CE_SCHEDULE", env)
+        launched.clear()
+        loss = fusedloss.cross_entropy(x, y, schedule=argument)
+        assert loss.grad_fn.opts.schedule == expected
+        assert launched == (["single_read"] if expected == "single_read" else [])
+    with pytest.raises(ValueError, match="schedule must be one of 'two_pass', 'single_read'"):
+        fusedloss.cross_entropy(x, y, schedule="single-read")
+    monkeypatch.setenv("FUSEDLOSS_CE_SCHEDULE", "fastest")
+    with pytest.raises(ValueError, match="FUSEDLOSS_CE_SCHEDULE must be one of"):
+        fusedloss.cross_entropy(x, y)
 
 
 def test_applies_to_large_vocabularies_with_class_indices():

@@ -16,6 +16,8 @@ dW, the compensated dX sum, ignored token tiles skipped). ``accumulate_in_input_
 runs its GEMMs in torch, so it is tested in bf16 in the interpreter too.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,11 +41,23 @@ SCHEDULES = ("pointer", "tma")
 
 
 def use_schedule(monkeypatch, tier, schedule):
-    """Run the Triton kernels under ``schedule``; on the CPU tiers with the small configs (a persistent grid of 2
-    programs under "tma")."""
+    """Run the Triton kernels under ``schedule`` (through the environment default); on the CPU tiers with the small
+    configs (a persistent grid of 2 programs for tensor-descriptor loads)."""
     monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", schedule)
+    small_configs(monkeypatch, tier, host.SCHEDULES[schedule])
+
+
+def small_configs(monkeypatch, tier, schedule):
+    """The small configs on the CPU tiers for a ``LinearCrossEntropySchedule``."""
     if tier.name != "cuda" and configs is not None:
-        monkeypatch.setattr(configs, "LCE_OVERRIDE", dict(SMALL, programs=2) if schedule == "tma" else SMALL)
+        monkeypatch.setattr(configs, "LCE_OVERRIDE", dict(SMALL, programs=2) if schedule.tma_loads else SMALL)
+
+
+def config(x, w, schedule):
+    """The kernels' launch configuration for ``x``, ``w`` under the named ``schedule``."""
+    s = host.SCHEDULES[schedule]
+    return kernels.config_for(x, w, tma_loads=s.tma_loads, compact_workspace=s.compensated_dx,
+                              skip_ignored=s.skip_ignored)
 
 
 @pytest.fixture(params=SCHEDULES)
@@ -105,7 +119,8 @@ def check(tier, gen, x, w, b, t, dtype, factor=1.0, **kw):
     """Value and the gradients of input, weight, bias (random grad_output, and a random gradient into the returned
     lse when asked for) against the reference."""
     out = linear_cross_entropy(x, w, t, b, **kw)
-    ref_kw = {k: v for k, v in kw.items() if k not in ("return_lse", "input_precision", "accumulate_in_input_dtype")}
+    ref_kw = {k: v for k, v in kw.items()
+              if k not in ("return_lse", "input_precision", "accumulate_in_input_dtype", "schedule")}
     leaves = [a for a in (x, w, b) if a is not None and a.requires_grad]
     ref_leaves = [a.detach().double().cpu().requires_grad_() for a in leaves]  # the reference runs on the CPU
     ref_args = {id(a): r for a, r in zip(leaves, ref_leaves)}
@@ -289,19 +304,20 @@ def test_zero_width_hidden(tier, gen, reduction):
     assert_close(got[2], want[2], torch.float64, "bias gradient")
 
 
-def workspace_bound(cfg, n, hidden, vocab, itemsize):
+def workspace_bound(cfg, schedule, n, hidden, vocab, itemsize):
     """The workspace bound of fusedloss.kernels.linear_cross_entropy's docstring (bytes beyond inputs, outputs
-    and gradients, a bias that needs its gradient included), for config ``cfg``."""
+    and gradients, a bias that needs its gradient included), for config ``cfg`` of the named ``schedule``."""
+    features = host.SCHEDULES[schedule]
     splits, _ = kernels.num_splits(cfg, vocab)
     chunk = min(cfg["chunk"], vocab)
     pitch = -(-chunk // 8) * 8
     n_tiles = -(-n // cfg["dlogits"]["BLOCK_N"])
-    tma = cfg["schedule"] == "tma"
-    dx_sum = 0 if itemsize == 4 or vocab <= chunk else 2 * n * hidden if tma and itemsize == 2 else 4 * n * hidden
+    compensated = features.compensated_dx and itemsize == 2
+    dx_sum = 0 if itemsize == 4 or vocab <= chunk else 2 * n * hidden if compensated else 4 * n * hidden
     return (16 * n * splits + 6 * 4 * n  # forward partials, loss, lse, coefficients
             + n * pitch * itemsize + dx_sum  # G chunk, the dX sum
             + 4 * n_tiles * chunk + 4 * vocab  # bias partials and sum
-            + (8 * n_tiles if tma else 0))  # the live-tile list
+            + (8 * n_tiles if features.skip_ignored else 0))  # the live-tile list
 
 
 @pytest.mark.parametrize("schedule,dtype", [("pointer", torch.float16), ("tma", torch.float16),
@@ -329,7 +345,7 @@ def test_no_logits_allocated(tier, gen, monkeypatch, schedule, dtype):
     x, w, b, t = make_inputs(gen, tier, (n,), hidden, vocab, dtype, bias=True)
     linear_cross_entropy(x, w, t, b).backward()
     gradients = 2 * (n * hidden + vocab * hidden + vocab)
-    assert sum(sizes_seen) <= workspace_bound(kernels.config_for(x, w), n, hidden, vocab, 2) + gradients
+    assert sum(sizes_seen) <= workspace_bound(config(x, w, schedule), schedule, n, hidden, vocab, 2) + gradients
     assert max(sizes_seen) < n * vocab * 2, "a rows x vocab buffer was allocated"
 
 
@@ -343,19 +359,62 @@ def test_tma_workspace_under_5_percent(monkeypatch):
     w = torch.empty(vocab, hidden, dtype=torch.bfloat16, device="meta")
     fractions = {}
     for schedule in SCHEDULES:
-        monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", schedule)
-        fractions[schedule] = workspace_bound(kernels.config_for(x, w), n, hidden, vocab, 2) / (n * vocab * 2)
+        fractions[schedule] = workspace_bound(config(x, w, schedule), schedule, n, hidden, vocab, 2) / (n * vocab * 2)
     print(f"\nworkspace / bf16 logits: {fractions}")
     assert fractions["tma"] < 0.05 < fractions["pointer"]
 
 
 def test_schedule_is_checked(tier, monkeypatch):
+    x, w = torch.randn(4, 8, device=tier.device), torch.randn(10, 8, device=tier.device)
+    t = torch.tensor([1, 2, 3, 4], device=tier.device)
+    with pytest.raises(ValueError, match="schedule must be one of 'pointer', 'tma'"):
+        linear_cross_entropy(x, w, t, schedule="fastest")
+    with pytest.raises(TypeError, match="schedule must be a str or a LinearCrossEntropySchedule"):
+        linear_cross_entropy(x, w, t, schedule=1)
+    monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", "fastest")
+    with pytest.raises(ValueError, match="FUSEDLOSS_LCE_SCHEDULE must be one of"):
+        linear_cross_entropy(x, w, t)
+
+
+def test_forward_and_backward_run_the_schedule_of_the_call(tier, gen, monkeypatch):
+    """The argument beats the environment; the schedule is resolved once, at the call, and the backward runs it
+    even when the environment changes in between (every launch sees the call's features)."""
     if tier.name == "torch":
         pytest.skip("the torch backend has no kernel schedule")
-    monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", "fastest")
-    x, w = torch.randn(4, 8, device=tier.device), torch.randn(10, 8, device=tier.device)
-    with pytest.raises(ValueError, match="FUSEDLOSS_LCE_SCHEDULE"):
-        linear_cross_entropy(x, w, torch.tensor([1, 2, 3, 4], device=tier.device))
+    launches = []
+    for name in ("linear_cross_entropy_forward", "linear_cross_entropy_dlogits"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: launches.append(
+            (_name, k["tma_loads"], k["skip_ignored"])) or _real(*a, **k))
+    small_configs(monkeypatch, tier, host.SCHEDULES["tma"])
+    monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", "pointer")
+    x, w, b, t = make_inputs(gen, tier, (37,), 24, 100, torch.float32, bias=True, ignore_frac=0.2)
+    loss = linear_cross_entropy(x, w, t, b, schedule="tma")
+    monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", "pointer")
+    loss.backward()
+    assert loss.grad_fn.opts.schedule == host.SCHEDULES["tma"]
+    assert {name for name, _, _ in launches} == {"linear_cross_entropy_forward", "linear_cross_entropy_dlogits"}
+    assert all(tma and skip for _, tma, skip in launches), launches
+
+
+FEATURES = [field.name for field in dataclasses.fields(host.LinearCrossEntropySchedule)]
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_each_feature_alone(tier, gen, monkeypatch, feature):
+    """Each feature of the "tma" schedule on its own (as bench/phases_linear_cross_entropy.py measures it), with
+    every extra and ignored tokens: the reference's values and gradients. (compensated_dx changes bf16 sums only:
+    its arithmetic is test_compensated_dx_sum's.)"""
+    if tier.name == "torch":
+        pytest.skip("the torch backend has no kernel schedule")
+    schedule = host.LinearCrossEntropySchedule(**{feature: True})
+    small_configs(monkeypatch, tier, schedule)
+    kw = dict(CASES["everything"])
+    kw.pop("return_lse")
+    bias, ignore_frac = kw.pop("bias"), kw.pop("ignore_frac")
+    lead, hidden, vocab = sizes(tier)
+    x, w, b, t = make_inputs(gen, tier, lead, hidden, vocab, torch.float32, bias=bias, ignore_frac=ignore_frac)
+    check(tier, gen, x, w, b, t, torch.float32, schedule=schedule, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,18 +444,18 @@ def test_skipped_tiles(tier, gen, monkeypatch, reduction, dw_on_cublas):
     if tier.name == "torch":
         pytest.skip("skipping is a property of the Triton kernels")
     use_schedule(monkeypatch, tier, "tma")
-    monkeypatch.setattr(configs, "LCE_DW_ON_CUBLAS", dw_on_cublas)
+    schedule = dataclasses.replace(host.SCHEDULES["tma"], cublas_dw=dw_on_cublas)
     n, hidden, vocab = (70, 24, 100) if tier.name != "cuda" else (1000, 200, 3001)
     dtype = torch.float32
     x, w, b, t = make_inputs(gen, tier, (n,), hidden, vocab, dtype, bias=True)
-    tile_rows = kernels.config_for(x, w)["dlogits"]["BLOCK_N"]
+    tile_rows = config(x, w, "tma")["dlogits"]["BLOCK_N"]
     t, dead = _dead_tiles(gen, tier, n, tile_rows, t)
     if not dw_on_cublas:
         x = x.detach().clone()
         x[dead.to(x.device)] = float("nan")
         x.requires_grad_(True)
     kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
-    out = linear_cross_entropy(x, w, t, b, **kw)
+    out = linear_cross_entropy(x, w, t, b, schedule=schedule, **kw)
     go = (randn(gen, max(out.numel(), 1), dtype=torch.float64).reshape(out.shape) + 1.5).to(tier.device)
     gx, gw, gb = torch.autograd.grad((out * go.to(out.dtype)).sum(), (x, w, b))
     assert torch.all(gx[dead.to(gx.device)] == 0)
@@ -419,7 +478,7 @@ def test_skipped_tiles_keep_the_lse(tier, gen, monkeypatch):
     use_schedule(monkeypatch, tier, "tma")
     n, hidden, vocab = (70, 24, 100) if tier.name != "cuda" else (1000, 200, 3001)
     x, w, b, t = make_inputs(gen, tier, (n,), hidden, vocab, torch.float32, bias=True)
-    t, _ = _dead_tiles(gen, tier, n, kernels.config_for(x, w)["dlogits"]["BLOCK_N"], t)
+    t, _ = _dead_tiles(gen, tier, n, config(x, w, "tma")["dlogits"]["BLOCK_N"], t)
     check(tier, gen, x, w, b, t, torch.float32, return_lse=True, label_smoothing=0.1)
 
 

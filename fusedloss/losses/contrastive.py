@@ -49,12 +49,22 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _checks, _distributed, _family
+from .. import _alloc, _checks, _distributed, _family, _schedules
 from .._backend import matmul_backend, runs_definition
 
 # Torch engine: logits per band (fp32: 4 MiB, with ~4 such temporaries alive at once): at N = 8192 that is 128 rows
 # per band, a peak under a tenth of the 256 MiB fp32 logits.
 _TORCH_BAND_ELEMENTS = 1 << 20
+
+
+# The Triton engine's two switches (fusedloss._schedules.resolve; the first of each is the default), each opt-in
+# until a GPU run has measured it: the forward's softmax statistics, "exact" (an online max: with column statistics
+# two exps per element) or "fixed_shift" (normalized features: one exp per element, the exact kernels for the rows
+# and columns its bound does not cover; fusedloss.kernels.contrastive); and the backward's two band GEMMs, "triton"
+# (fusedloss.kernels._gemm) or "cublas" (torch.mm / addmm with an fp32 output).
+SCHEDULES = {"exact": "exact", "fixed_shift": "fixed_shift"}
+GEMMS = {"triton": "triton", "cublas": "cublas"}
+SCHEDULE_ENV, GEMM_ENV = "FUSEDLOSS_CONTRASTIVE_SCHEDULE", "FUSEDLOSS_CONTRASTIVE_GEMM"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +73,8 @@ class ContrastiveOptions:
     ``engine``: ``'triton'`` (the kernels), ``'torch'`` (the same bands in torch ops) or ``'definition'``;
     ``rank`` / ``world_size`` those of ``process_group`` (0 / 1 without one); ``normalized``: the features are unit
     vectors (every kind but ``info_nce(normalize=False)``), which the fixed-shift schedule needs; ``schedule`` and
-    ``gemm``: the kernels' switches (``kernels.configs``), read once per call by ``_run`` so that the backward runs
-    on the forward's."""
+    ``gemm``: the Triton engine's (``SCHEDULES``, ``GEMMS``), resolved once per call (``_run``), so that the
+    backward runs the forward's."""
 
     kind: str
     reduction: str = "mean"
@@ -78,7 +88,7 @@ class ContrastiveOptions:
     process_group: Optional[object] = dataclasses.field(default=None, compare=False)
 
 
-def nt_xent(features, temperature=0.07):
+def nt_xent(features, temperature=0.07, *, schedule=None, gemm=None):
     """NT-Xent (SimCLR): ``F.cross_entropy`` over the cosine similarities of ``features`` divided by
     ``temperature``, self-similarity excluded, row ``i``'s positive at ``(i + N) mod 2N``.
 
@@ -88,6 +98,8 @@ def nt_xent(features, temperature=0.07):
         temperature: a positive number (``inf`` gives eager's limit: every logit 0, the loss ``log(2N - 1)``, zero
             gradients), or a 0-d (or one-element) floating tensor on the features' device, which then receives a
             gradient.
+        schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
+            ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
 
     Returns:
         The mean loss, a 0-d tensor of the features' dtype (fp32 under ``torch.autocast``).
@@ -101,10 +113,12 @@ def nt_xent(features, temperature=0.07):
     (x,), out_dtype = _features((("features", features),), normalize=True)
     with _checks.autocast_off(x.device):
         scale = _inverse_temperature(temperature, x)
-        return _run(ContrastiveOptions("nt_xent", out_dtype=out_dtype, engine=_engine(x)), x, None, scale, None)
+        return _run(ContrastiveOptions("nt_xent", out_dtype=out_dtype, engine=_engine(x)), x, None, scale, None,
+                    schedule, gemm)
 
 
-def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, process_group=None):
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, process_group=None, schedule=None,
+              gemm=None):
     """Symmetric CLIP loss, ``(CE(logits, arange) + CE(logits.T, arange)) / 2`` with
     ``logits = logit_scale * normalize(image) @ normalize(text).T (+ logit_bias)``: open_clip's ``ClipLoss``.
 
@@ -126,6 +140,8 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, pr
             (module docstring); DDP's averaging then gives the global batch's gradients. Communication: the text
             features are all-gathered and 3 numbers per column all-reduced in the forward; the texts' gradient is
             reduce-scattered (fp32) in the backward. Every rank must call it and backpropagate it.
+        schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
+            ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
 
     Returns:
         A 0-d tensor of the features' dtype (fp32 under ``torch.autocast``).
@@ -133,13 +149,13 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, pr
     x, y, scale, out_dtype = _image_text(image_features, text_features, logit_scale)
     bias = None if logit_bias is None else _scalar_tensor("logit_bias", logit_bias, x)
     with _checks.autocast_off(x.device):
-        loss = _run(_group_options("clip", process_group, out_dtype, x), x, y, scale, None)
+        loss = _run(_group_options("clip", process_group, out_dtype, x), x, y, scale, None, schedule, gemm)
     if isinstance(logit_bias, torch.Tensor):  # the bias's exact gradient, 0, and eager's NaN for a non-finite one
         loss = loss + 0.0 * bias.to(loss.dtype)
     return loss
 
 
-def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean"):
+def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean", schedule=None, gemm=None):
     """InfoNCE in one direction: row ``i`` of ``query`` against every row of ``key``, its positive at key ``i``.
 
     ``loss_i = logsumexp_j(<q_i, k_j> / t) - <q_i, k_i> / t``, with ``q``, ``k`` L2-normalized when ``normalize``.
@@ -153,6 +169,8 @@ def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean"):
             then receives a gradient.
         normalize: L2-normalize query and key rows first (cosine similarity), with ``F.normalize``'s gradient.
         reduction: ``'mean'`` (over the M rows), ``'sum'`` or ``'none'`` (the ``(M,)`` per-row losses).
+        schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
+            ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
 
     Returns:
         The loss in the query's dtype (fp32 under ``torch.autocast``).
@@ -173,10 +191,11 @@ def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean"):
         scale = _inverse_temperature(temperature, x)
         opts = ContrastiveOptions("info_nce", reduction=reduction, normalized=normalize, out_dtype=out_dtype,
                                   engine=_engine(x))
-        return _run(opts, x, y, scale, None)
+        return _run(opts, x, y, scale, None, schedule, gemm)
 
 
-def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, process_group=None):
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, process_group=None, schedule=None,
+                gemm=None):
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023), open_clip's ``SigLipLoss``:
     ``-sum_ij logsigmoid(l_ij (logit_scale <x_i, y_j> + logit_bias)) / N`` with ``l = 2 I - 1`` (+1 for the pairs
     ``i == j``, -1 for every other), ``x`` and ``y`` the L2-normalized features, never forming the ``N x N`` logits.
@@ -195,6 +214,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, proce
             against the texts of every rank, ``/ n``, and its gradients (texts: the sum over every rank's loss).
             The text features are all-gathered in the forward (module docstring: why not a ring) and their
             gradient reduce-scattered (fp32) in the backward. Every rank must call it and backpropagate it.
+        schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
+            ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
 
     Returns:
         A 0-d tensor of the features' dtype (fp32 under ``torch.autocast``).
@@ -203,7 +224,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, proce
     bias = (torch.zeros((), dtype=scale.dtype, device=x.device) if logit_bias is None
             else _scalar_tensor("logit_bias", logit_bias, x))
     with _checks.autocast_off(x.device):
-        return _run(_group_options("siglip", process_group, out_dtype, x), x, y, scale, bias)
+        return _run(_group_options("siglip", process_group, out_dtype, x), x, y, scale, bias, schedule, gemm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,17 +324,16 @@ def check_open_clip_ranks(process_group, rank=None, world_size=None):
     return group_rank, group_size
 
 
-def _run(opts, x, y, scale, bias):
+def _run(opts, x, y, scale, bias, schedule, gemm):
+    schedule = _schedules.resolve("schedule", schedule, SCHEDULES, SCHEDULE_ENV)
+    gemm = _schedules.resolve("gemm", gemm, GEMMS, GEMM_ENV)
     if opts.engine == "definition":
         return _definition(opts, x, y, scale, bias)
     if opts.engine == "triton":
-        from ..kernels import configs
-
         # The fixed shift needs unit vectors (not info_nce(normalize=False)); fp64 features take the exact kernels.
-        schedule = configs.contrastive_schedule()
         if not opts.normalized or x.dtype == torch.float64:
             schedule = "exact"
-        opts = dataclasses.replace(opts, schedule=schedule, gemm=configs.contrastive_gemm())
+        opts = dataclasses.replace(opts, schedule=schedule, gemm=gemm)
     return _Contrastive.apply(opts, _family.needs_grad(x, y, scale, bias), x, y, scale, bias)[0]
 
 

@@ -2,7 +2,7 @@
 focal weighting, z-loss and soft-capping on top) and ``focal_loss``.
 
 The math, and the four per-row gradient coefficients the kernels use, are derived in the docstring of
-``fusedloss.kernels.cross_entropy``; ``_definition`` below states the loss in torch ops (the torch backend, and
+``fusedloss.kernels.cross_entropy``; ``definition`` below states the loss in torch ops (the torch backend, and
 the higher-order gradients of the kernels). Memory on the Triton path: the logits' gradient in the logits' dtype
 (or in the logits themselves with ``inplace_backward=True``) and O(rows) fp32 vectors, never an N x C fp32 buffer.
 """
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _checks, _distributed, _family
+from .. import _alloc, _checks, _distributed, _family, _schedules
 from .._backend import backend, runs_definition
 
 
@@ -29,6 +29,9 @@ class CrossEntropyOptions:
     z_loss: float = 0.0
     softcap: Optional[float] = None
     inplace_backward: bool = False
+    # the Triton forward's schedule (SCHEDULES): "two_pass" reads each row twice (statistics, then the gradient);
+    # "single_read" once, for the fused path of layouts it covers (opt-in until a GPU run has measured it)
+    schedule: str = "two_pass"
     out_dtype: torch.dtype = torch.float32  # what torch returns: input's dtype, promoted, or fp32 under autocast
     # vocabulary parallelism: the input holds classes class_offset .. of n_classes, split over process_group
     n_classes: int = 0
@@ -40,9 +43,14 @@ class CrossEntropyOptions:
         return self.focal_gamma != 0.0 or self.focal_alpha != 1.0 or self.z_loss != 0.0 or self.softcap is not None
 
 
+# schedule name -> itself (fusedloss._schedules.resolve); the first is the default
+SCHEDULES = {"two_pass": "two_pass", "single_read": "single_read"}
+SCHEDULE_ENV = "FUSEDLOSS_CE_SCHEDULE"
+
+
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, focal_gamma=0.0, focal_alpha=None, z_loss=0.0,
-                  softcap=None, inplace_backward=False, process_group=None):
+                  softcap=None, inplace_backward=False, process_group=None, schedule=None):
     """Softmax cross-entropy between logits and class indices or class probabilities, fused in one kernel.
 
     A drop-in for ``torch.nn.functional.cross_entropy`` (same positional order, same deprecated
@@ -84,6 +92,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             slice of the single-process gradient. Communication: one all-gather of 5 numbers per row in the
             forward (each rank sends ``20 N`` bytes, 40 for fp64 inputs, N the rows), none in the backward; the
             logits are never gathered. Every rank must call it.
+        schedule: the Triton backends' forward, ``"two_pass"`` (each row read twice) or ``"single_read"`` (each
+            row read once and its gradient written from registers: 2-D logits of at least 2048 classes with class
+            indices, ``mean``/``sum`` with the logits' gradient only; other calls run ``"two_pass"``); None takes
+            ``FUSEDLOSS_CE_SCHEDULE``, unset ``"two_pass"``. The same loss and gradient either way.
 
     Returns:
         The loss, in the dtype torch would return (the input's; the promoted one for probability targets; fp32
@@ -94,21 +106,21 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     opts, alpha = _options(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
-                           focal_alpha, z_loss, softcap, inplace_backward, process_group)
-    definition = runs_definition(input)
-    if definition and target.dtype == torch.uint8:
+                           focal_alpha, z_loss, softcap, inplace_backward, process_group, schedule)
+    traced = runs_definition(input)
+    if traced and target.dtype == torch.uint8:
         target = target.long()  # the decompositions torch.func runs (scatter, gather) index with int64 only
-    on_torch = definition or backend(input.device) == "torch"
+    on_torch = traced or backend(input.device) == "torch"
     # (on the torch backend F.cross_entropy raises IndexError itself, but not across the shards of a group)
     if not target.is_floating_point() and target.device.type == "cpu" and not (on_torch and process_group is None):
         _checks.check_class_range(target, opts.n_classes, ignore_index)
     # The torch backend is the definition itself; so are inputs the kernels do not cover: empty ones, and a
     # differentiable class weight (probability targets), whose gradient the kernels do not produce.
     if on_torch:
-        return _definition(opts, input, target, weight, alpha)
+        return definition(opts, input, target, weight, alpha)
     needs = _family.needs_grad(input, target, weight, alpha)
     if input.numel() == 0 or needs[2]:
-        return _definition(opts, input, target, weight, alpha)
+        return definition(opts, input, target, weight, alpha)
     return _CrossEntropy.apply(opts, needs, input, target, weight, alpha)[0]
 
 
@@ -134,7 +146,7 @@ def _n_classes(input):
 
 
 def _options(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma, focal_alpha, z_loss,
-             softcap, inplace_backward, process_group=None):
+             softcap, inplace_backward, process_group=None, schedule=None):
     """(CrossEntropyOptions, per-class alpha tensor or None), or ValueError / TypeError naming the argument."""
     _checks.check_tensor("input", input, floating=True)
     if input.dim() == 0:
@@ -196,6 +208,7 @@ def _options(input, target, weight, ignore_index, reduction, label_smoothing, fo
         z_loss=_checks.check_number("z_loss", z_loss, low=0.0, finite=True),
         softcap=softcap,
         inplace_backward=_checks.check_bool("inplace_backward", inplace_backward),
+        schedule=_schedules.resolve("schedule", schedule, SCHEDULES, SCHEDULE_ENV),
         out_dtype=_checks.autocast_fp32(input.device, _out_dtype(input, target)),
         n_classes=n_classes,
         class_offset=class_offset,
@@ -217,11 +230,11 @@ def _out_dtype(input, target):
 # The definition: the torch backend, and the higher-order gradients of the Triton backends.
 
 
-def _definition(opts, input, target, weight, alpha):
+def definition(opts, input, target, weight, alpha):
     """``cross_entropy`` in torch ops. Without extras it is ATen's fused kernel, the one ``F.cross_entropy`` calls;
     the extras are composed on top, in fp32 (fp64 for fp64 inputs)."""
     if opts.process_group is not None:
-        rows, _ = _sharded_rows_and_lse(opts, input, target, weight, alpha)
+        rows, _ = sharded_rows_and_lse(opts, input, target, weight, alpha)
         dtype = rows.dtype
         denominator = _mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
         return _family.reduce(rows.reshape(-1), opts.reduction, denominator, rows.shape).to(opts.out_dtype)
@@ -271,7 +284,7 @@ def merge_partial_stats(stats):
     return torch.stack([m, s, b_r.sum(0), a, x_y.sum(0)], dim=-1)
 
 
-def _sharded_rows_and_lse(opts, input, target, weight, alpha):
+def sharded_rows_and_lse(opts, input, target, weight, alpha):
     """Per-row losses (the target's shape) and log-sum-exps when ``input`` is this rank's shard of the classes
     (``opts.process_group``), in torch ops: each shard's (m, s, B, A, x_y) per row, gathered from every rank and
     merged (``_distributed.gather_shards``: each rank differentiates only through its own shard), then the
@@ -365,12 +378,17 @@ def _layouts(input, target, copies=None):
     return (input.contiguous() if copy_input else input), (target.contiguous() if copy_target else target)
 
 
-def _single_read(logits, target):
-    """Whether the fused forward takes the single-read schedule (``kernels.cross_entropy_single_read``): opt-in
-    with ``FUSEDLOSS_CE_SCHEDULE=single_read`` until a GPU run has measured it, for the layouts it covers."""
-    from ..kernels.cross_entropy_single_read import single_read_applies, single_read_enabled
+def _forward_launcher(opts, logits, target, fused):
+    """The launcher of ``opts.schedule``'s forward (one per schedule), or the two-pass one where the single-read
+    schedule does not apply (a group's shards, a gradient not fused into the forward, a layout it does not
+    cover). Both write the same row state, so the backward is the same."""
+    from ..kernels import cross_entropy as two_pass
+    from ..kernels import cross_entropy_single_read as single_read
 
-    return single_read_enabled() and single_read_applies(logits, target)
+    launchers = {"two_pass": two_pass.cross_entropy_forward, "single_read": single_read.cross_entropy_single_read}
+    applies = opts.schedule == "two_pass" or (fused and opts.process_group is None
+                                              and single_read.single_read_applies(logits, target))
+    return launchers[opts.schedule if applies else "two_pass"]
 
 
 def _inplace(opts):
@@ -387,7 +405,6 @@ class _CrossEntropy(_family.LossFunction):
             cross_entropy_finish,
             cross_entropy_forward,
         )
-        from ..kernels.cross_entropy_single_read import cross_entropy_single_read
 
         logits, target = _layouts(input, target)
         dtype = _family.compute_dtype(input, target)
@@ -404,13 +421,9 @@ class _CrossEntropy(_family.LossFunction):
             grad_scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, input.device)
         kw = dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, focal_gamma=opts.focal_gamma,
                   focal_alpha=opts.focal_alpha, z_loss=opts.z_loss)
-        if opts.process_group is None and grad is not None and _single_read(logits, target):
-            # opt-in (FUSEDLOSS_CE_SCHEDULE=single_read): each row read once, the gradient written from registers
-            cross_entropy_single_read(logits, target, weight, alpha, grad_scale, rows, row_state, grad,
-                                      softcap=opts.softcap, **kw)
-        elif opts.process_group is None:
-            cross_entropy_forward(logits, target, weight, alpha, grad_scale, rows, row_state, grad,
-                                  softcap=opts.softcap, **kw)
+        if opts.process_group is None:
+            _forward_launcher(opts, logits, target, grad is not None)(
+                logits, target, weight, alpha, grad_scale, rows, row_state, grad, softcap=opts.softcap, **kw)
         else:  # this rank's statistics, everyone's merged, then the loss; the gradient needs a second read
             stats = _alloc.empty((n_rows, PARTIAL_STATE), dtype=dtype, device=input.device)
             cross_entropy_forward(logits, target, weight, alpha, None, rows, stats, None, softcap=opts.softcap,
@@ -441,7 +454,7 @@ class _CrossEntropy(_family.LossFunction):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        return _family.backward(ctx, _recompute, _definition, grad_outputs)
+        return _family.backward(ctx, _recompute, definition, grad_outputs)
 
 
 def _recompute(ctx, inputs, state, grad_outputs):

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _checks, _distributed, _family
+from .. import _alloc, _checks, _distributed, _family, _schedules
 from .._backend import matmul_backend, runs_definition
 from . import cross_entropy as ce
 
@@ -32,6 +32,32 @@ from . import cross_entropy as ce
 TORCH_CHUNK_BYTES = 8 << 20
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCrossEntropySchedule:
+    """How the Triton backends run the loss: four features, each measurable on its own
+    (``bench/phases_linear_cross_entropy.py``; their byte counts in ``fusedloss.kernels.linear_cross_entropy``).
+    ``SCHEDULES`` names two: ``"pointer"`` (none, the default) and ``"tma"`` (all four, opt-in until a GPU run has
+    measured them)."""
+
+    # the logit kernels and the dX GEMM read X and W through tensor descriptors on a persistent grid (sm_90, 16-bit
+    # operands with a contiguous hidden dimension; pointer loads elsewhere)
+    tma_loads: bool = False
+    # dW = G^T X by cuBLAS, the mean's scale folded into G (bf16, fp32, fp64; fp16 and an fp32 precision override
+    # keep the Triton GEMM); it runs over every token, so ignored tokens' G rows are written as zeros
+    cublas_dw: bool = False
+    # bf16 dX summed over the vocabulary chunks in a compensated bf16 pair (the dX output and a bf16 low half)
+    # instead of an fp32 buffer, with a 32 MiB G chunk instead of 64: the workspace under 5% of the bf16 logits
+    compensated_dx: bool = False
+    # token tiles whose every row is ignored (padding, prompts) skipped by the logit kernels and the GEMMs
+    skip_ignored: bool = False
+
+
+# schedule name -> its features (fusedloss._schedules.resolve); the first is the default
+SCHEDULES = {"pointer": LinearCrossEntropySchedule(),
+             "tma": LinearCrossEntropySchedule(tma_loads=True, cublas_dw=True, compensated_dx=True, skip_ignored=True)}
+SCHEDULE_ENV = "FUSEDLOSS_LCE_SCHEDULE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +74,7 @@ class LinearCrossEntropyOptions:
     return_lse: bool = False
     input_precision: Optional[str] = None
     accumulate_in_input_dtype: bool = False
+    schedule: LinearCrossEntropySchedule = LinearCrossEntropySchedule()
     out_dtype: torch.dtype = torch.float32
     # vocabulary parallelism: the weight holds classes class_offset .. of n_classes, split over process_group
     n_classes: int = 0
@@ -66,7 +93,7 @@ class LinearCrossEntropyOptions:
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, focal_gamma=0.0, z_loss=0.0, softcap=None, shift=False,
                          return_lse=False, input_precision=None, accumulate_in_input_dtype=False,
-                         process_group=None):
+                         process_group=None, schedule=None):
     """Cross-entropy of the logits ``input @ weight.T + bias`` against class indices, without the logits.
 
     Equals ``F.cross_entropy(F.linear(input, weight, bias).reshape(-1, V), target.reshape(-1), ...)`` (reshaped
@@ -120,6 +147,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             final rounding to bf16). Applies to 'mean' and 'sum' with a gradient to form; otherwise, and on the
             torch backend (which computes in fp32 anyway), the result is the exact one. fp32 matmuls follow
             torch's policy here (``input_precision`` does not apply). Not with ``process_group``.
+        schedule: how the Triton backends run it: ``"pointer"``, ``"tma"`` or a ``LinearCrossEntropySchedule``
+            (its features one by one); None takes ``FUSEDLOSS_LCE_SCHEDULE``, unset ``"pointer"``. The same loss
+            and gradients (up to the order of fp32 sums) either way; ignored by the torch backend.
 
     Returns:
         The loss in ``input``'s dtype (as torch would return it; fp32 under autocast), or ``(loss, lse)`` with
@@ -128,7 +158,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     CPU backends raise ``IndexError`` on an out-of-range class index; on GPU that row's loss is NaN.
     """
     opts = _options(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                    focal_gamma, shift, return_lse, input_precision, process_group, accumulate_in_input_dtype)
+                    focal_gamma, shift, return_lse, input_precision, process_group, accumulate_in_input_dtype,
+                    schedule)
     if _checks.autocast_enabled(input.device):
         # F.linear runs in the autocast dtype under autocast; cast here, differentiably, so that the gradients of
         # fp32 parameters come back in fp32, as autocast's own casts give
@@ -141,10 +172,10 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     if target.device.type == "cpu":
         _checks.check_class_range(target[..., 1:] if shift else target, opts.n_classes, opts.ignore_index)
     needs = _family.needs_grad(input, weight, bias, target)
-    definition = runs_definition(input)
-    if not definition and matmul_backend(input.device, input.dtype) != "torch" and input.numel() > 0:
+    traced = runs_definition(input)
+    if not traced and matmul_backend(input.device, input.dtype) != "torch" and input.numel() > 0:
         loss, lse = _LinearCrossEntropy.apply(opts, needs, input, weight, bias, target)[:2]
-    elif definition or torch.compiler.is_compiling() or process_group is not None:
+    elif traced or torch.compiler.is_compiling() or process_group is not None:
         # the chunked torch engine differentiates chunk by chunk with torch.autograd.grad, which Dynamo and
         # torch.func do not trace: they get the definition itself (its logits materialized, as eager torch's are);
         # so does a vocabulary-parallel call, whose shard's logits are a 1 / W slice
@@ -159,7 +190,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
 
 
 def _options(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, focal_gamma,
-             shift, return_lse, input_precision, process_group=None, accumulate_in_input_dtype=False):
+             shift, return_lse, input_precision, process_group=None, accumulate_in_input_dtype=False, schedule=None):
     _checks.check_tensor("input", input, floating=True)
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension (..., H), got a 0-d tensor")
@@ -210,6 +241,7 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
         return_lse=return_lse,
         input_precision=input_precision,
         accumulate_in_input_dtype=accumulate_in_input_dtype,
+        schedule=_schedules.resolve("schedule", schedule, SCHEDULES, SCHEDULE_ENV),
         out_dtype=_checks.autocast_fp32(input.device, input.dtype),
         n_classes=n_classes,
         class_offset=class_offset,
@@ -219,6 +251,15 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
 
 # ---------------------------------------------------------------------------------------------------------------
 # The definition, and what both backends share
+
+
+def _config(opts, x2d, weight):
+    """The kernels' launch configuration for this problem under ``opts.schedule``."""
+    from ..kernels.linear_cross_entropy import config_for
+
+    s = opts.schedule
+    return config_for(x2d, weight, tma_loads=s.tma_loads, compact_workspace=s.compensated_dx,
+                      skip_ignored=s.skip_ignored)
 
 
 def _as_rows(input):
@@ -243,8 +284,8 @@ def _rows_and_lse(opts, x2d, weight, bias, y):
         x2d = _distributed.copy_to_group(x2d, opts.process_group)
     logits = F.linear(x2d.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     if opts.process_group is not None:
-        return ce._sharded_rows_and_lse(opts.row_options(dtype), logits, y, None, None)
-    rows = ce._definition(opts.row_options(dtype), logits, y, None, None)
+        return ce.sharded_rows_and_lse(opts.row_options(dtype), logits, y, None, None)
+    rows = ce.definition(opts.row_options(dtype), logits, y, None, None)
     if opts.softcap is not None:
         logits = opts.softcap * torch.tanh(logits / opts.softcap)
     return rows, torch.logsumexp(logits, dim=-1)
@@ -291,12 +332,8 @@ def _kernel_inputs(input, target):
 class _LinearCrossEntropy(_family.LossFunction):
     @staticmethod
     def forward(opts, needs, input, weight, bias, target):
-        from ..kernels.cross_entropy import ROW_STATE
-        from ..kernels.linear_cross_entropy import (
-            config_for,
-            linear_cross_entropy_combine,
-            linear_cross_entropy_forward,
-        )
+        from ..kernels.cross_entropy_rows import ROW_STATE
+        from ..kernels.linear_cross_entropy import linear_cross_entropy_combine, linear_cross_entropy_forward
 
         x2d, target_k = _kernel_inputs(input, target)
         n_rows = x2d.shape[0]
@@ -312,15 +349,16 @@ class _LinearCrossEntropy(_family.LossFunction):
             grads = _fast_forward(opts, needs, x2d, weight, bias, _shifted_target(target, opts), rows, row_state,
                                   scale)
         elif opts.process_group is None:
-            # token tiles without a target are skipped under the "tma" schedule unless their lse is returned
-            skip = config_for(x2d, weight)["schedule"] == "tma" and not opts.return_lse
+            # token tiles without a target are skipped (skip_ignored) unless their lse is returned
+            skip = opts.schedule.skip_ignored and not opts.return_lse
             linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, row_state, softcap=opts.softcap,
-                                         input_precision=opts.input_precision, skip_ignored=skip, **kw)
+                                         input_precision=opts.input_precision, skip_ignored=skip,
+                                         tma_loads=opts.schedule.tma_loads, **kw)
         else:  # this shard's statistics (m, s, A, x_y), with its width, every shard's merged in torch ops
             partial = _alloc.empty((5, n_rows), dtype=dtype, device=input.device)
             linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, partial[:4], softcap=opts.softcap,
                                          input_precision=opts.input_precision, class_offset=opts.class_offset,
-                                         partial=True, **kw)
+                                         partial=True, tma_loads=opts.schedule.tma_loads, **kw)
             # merged as cross-entropy merges its shards: (m, s, B, A, x_y) with B the shard's width, since the
             # shards may differ in width (the kernel's own split merge assumes equal splits)
             partial[4] = weight.shape[0]
@@ -359,13 +397,12 @@ def _fast_forward(opts, needs, x2d, weight, bias, y, rows, row_state, scale):
     keeps G unscaled (p / N would flush to zero) and scales dX and dW at the end. Returns (dX, dW, db), None where
     not needed."""
     from ..kernels.cross_entropy import cross_entropy_forward
-    from ..kernels.linear_cross_entropy import config_for
 
     need_x, need_w, need_b = needs[:3]
     n_rows = x2d.shape[0]
     n_classes = weight.shape[0]
     device = x2d.device
-    step = config_for(x2d, weight)["fast_rows"]
+    step = _config(opts, x2d, weight)["fast_rows"]
     dx = _alloc.empty(tuple(x2d.shape), dtype=x2d.dtype, device=device) if need_x else None
     dw = _alloc.empty(tuple(weight.shape), dtype=weight.dtype, device=device) if need_w else None
     db = torch.zeros(n_classes, dtype=rows.dtype, device=device) if need_b else None
@@ -403,7 +440,7 @@ def _fast_recompute(ctx, inputs, denominator, grad_loss):
     """A second backward of ``accumulate_in_input_dtype=True`` (the fused gradient was handed out): the forward's
     computation again, then the same in-place scaling by ``grad_output``, so that it gives the first backward's
     gradient to the bit (gradcheck's reentrancy test), not the exact mode's."""
-    from ..kernels.cross_entropy import ROW_STATE
+    from ..kernels.cross_entropy_rows import ROW_STATE
 
     input, weight, bias, target = inputs
     x2d = _as_rows(input)
@@ -432,9 +469,8 @@ def _live_tiles(target, opts, n_rows, tile_rows):
 def _recompute(ctx, inputs, state, grad_outputs):
     """dX, dW, db by vocabulary chunks: recompute each chunk's logits and G, then two GEMMs (kernels' docstring,
     which describes the two schedules this follows)."""
-    from ..kernels import configs
     from ..kernels._gemm import dot_precision, matmul
-    from ..kernels.linear_cross_entropy import config_for, gemm_tile, linear_cross_entropy_dlogits
+    from ..kernels.linear_cross_entropy import gemm_tile, linear_cross_entropy_dlogits
 
     input, weight, bias, target = inputs
     row_state, denominator = state
@@ -446,22 +482,21 @@ def _recompute(ctx, inputs, state, grad_outputs):
     n_rows, n_hidden = x2d.shape
     n_classes = weight.shape[0]
     dtype, device = row_state.dtype, input.device
-    cfg = config_for(x2d, weight)
-    tma = cfg["schedule"] == "tma"
+    schedule = opts.schedule
+    cfg = _config(opts, x2d, weight)
     sharded = opts.process_group is not None
     row_scale, dlse = _row_and_lse_scales(grad_outputs, opts, denominator, dtype, device)
     # G holds the coefficient form times the per-row scale. A scalar scale ('mean', 'sum') goes to the GEMM
-    # epilogues under "pointer" and for fp16, so that G keeps its magnitude (fp16 would flush p / N to zero); under
-    # "tma" bf16, fp32 and fp64 take it in G, so that cuBLAS can run dW without a host-side alpha. With a gradient
-    # into the lse, which must not be scaled by it, the scalar goes into the rows.
-    fold = tma and x2d.dtype != torch.float16
+    # epilogues with the Triton dW and for fp16, so that G keeps its magnitude (fp16 would flush p / N to zero);
+    # with cublas_dw bf16, fp32 and fp64 take it in G, so that cuBLAS can run dW without a host-side alpha. With a
+    # gradient into the lse, which must not be scaled by it, the scalar goes into the rows.
+    fold = schedule.cublas_dw and x2d.dtype != torch.float16
     gemm_scale = None
     if row_scale.dim() == 0 and dlse is None and not fold:
         row_scale, gemm_scale = torch.ones((), dtype=dtype, device=device), row_scale
-    dw_on_cublas = (tma and fold and configs.LCE_DW_ON_CUBLAS
-                    and dot_precision(x2d.dtype, opts.input_precision) == dot_precision(x2d.dtype))
+    dw_on_cublas = fold and dot_precision(x2d.dtype, opts.input_precision) == dot_precision(x2d.dtype)
     # Token tiles without a target are skipped (no gradient into the lse, which every row has).
-    skip = tma and dlse is None
+    skip = schedule.skip_ignored and dlse is None
     tile_rows = cfg["dlogits"]["BLOCK_N"]
     live = dict(zip(("tile_order", "n_live"), _live_tiles(target, opts, n_rows, tile_rows))) if skip else {}
     gemm_kw = dict(programs=cfg["programs"], input_precision=opts.input_precision)
@@ -469,17 +504,17 @@ def _recompute(ctx, inputs, state, grad_outputs):
     n_chunks = -(-n_classes // chunk)
     kw = dict(ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing, softcap=opts.softcap,
               shift=opts.shift, input_precision=opts.input_precision, class_offset=opts.class_offset,
-              skip_ignored=skip, zero_skipped=skip and need_w and dw_on_cublas)
+              skip_ignored=skip, zero_skipped=skip and need_w and dw_on_cublas, tma_loads=schedule.tma_loads)
     dx = _alloc.empty((n_rows, n_hidden), dtype=x2d.dtype, device=device) if need_x else None
     dw = _alloc.empty(tuple(weight.shape), dtype=weight.dtype, device=device) if need_w else None
     db = _alloc.empty(n_classes, dtype=dtype, device=device) if need_b else None
     # dX sums over the vocabulary chunks in the compute dtype: in dx itself when that is its dtype; for bf16 under
-    # "tma" in a compensated pair (dx the high half, dx_lo the low); else in a buffer of the compute dtype whose
-    # last chunk writes dx. A shard's sum is summed over the ranks in the compute dtype before the scale and the
+    # compensated_dx in a compensated pair (dx the high half, dx_lo the low); else in a buffer of the compute dtype
+    # whose last chunk writes dx. A shard's sum is summed over the ranks in the compute dtype before the scale and the
     # cast. See the kernels' docstring for the traffic.
     dx_acc, dx_lo = dx, None
     if need_x and (n_chunks > 1 or sharded) and x2d.dtype != dtype:
-        if tma and x2d.dtype == torch.bfloat16 and not sharded:
+        if schedule.compensated_dx and x2d.dtype == torch.bfloat16 and not sharded:
             dx_lo = _alloc.empty((n_rows, n_hidden), dtype=torch.bfloat16, device=device)
         else:
             dx_acc = _alloc.empty((n_rows, n_hidden), dtype=dtype, device=device)
