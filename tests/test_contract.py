@@ -1,9 +1,10 @@
 """The contract every loss owes its users beyond its values: it behaves like a composition of torch ops under every
 use autograd, torch.compile and torch.func allow, and reads every argument through its strides.
 
-Each family's test module lists its cases in ``CONTRACT_CASES`` (found by name in every ``tests/test_*.py``; a
-module that defines them and fails to import fails this whole file, never silently drops its cases) (``conftest.Case``: the public function, inputs
-built from a generator, which positions are differentiable); every test here runs on every case in every tier:
+Each family's test module lists its cases in ``CONTRACT_CASES`` (``conftest.Case``: the public function, inputs
+built from a generator, which positions are differentiable), found by that name in every ``tests/test_*.py`` (a
+module that defines them and fails to import fails this whole file, never silently drops its cases); every test
+here runs on every case in every tier:
 
 - backward twice through a retained graph accumulates twice, and ``autograd.grad(..., retain_graph=True)`` then
   ``backward()`` (the PCGrad / GradNorm pattern) gives the same gradient twice;
@@ -11,7 +12,9 @@ built from a generator, which positions are differentiable); every test here run
 - an in-place edit of an input between forward and backward either raises, as torch does when it saved that
   input, or leaves the gradient that of the inputs at forward time: never a gradient of the edited values;
 - ``torch.compile(fullgraph=True)`` traces it with no graph break, values and gradients equal to eager;
-- ``torch.func.grad`` gives autograd's gradient;
+- ``torch.func.grad``, ``vjp``, ``jacrev``, ``jvp``, ``hessian`` and ``vmap`` give autograd's answers; meta and fake
+  tensors give the real call's shape and dtype;
+- ``torch.compile(fullgraph=True)`` over 12 batch sizes compiles at most twice (``BATCHED``: every public loss);
 - non-contiguous, strided and stride-0 (expanded) arguments give the contiguous arguments' results.
 """
 
@@ -24,6 +27,7 @@ import torch
 import fusedloss as fl
 
 from conftest import assert_close
+
 
 def _cases():
     """Every ``CONTRACT_CASES`` of the test modules beside this one that define it (an import error propagates)."""
