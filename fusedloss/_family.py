@@ -32,6 +32,7 @@ import functools
 import torch
 
 from . import _alloc
+from ._backend import backend, runs_definition
 
 # torch's reduction enum (``torch.nn._reduction.get_enum``), the last argument of its ATen loss functions: the
 # torch paths call those directly, as ``torch.nn.functional`` does
@@ -95,6 +96,17 @@ class LossFunction(torch.autograd.Function):
     - ``backward(ctx, *grad_outputs)``: ``return backward(ctx, recompute, definition, grad_outputs)``, with the
       family's two functions (below).
     """
+
+
+def dispatch(function, definition, opts, *tensors, empty=False):
+    """A loss call on the path it takes: the family's ``definition(opts, *tensors)`` in torch ops on the torch
+    backend, where ``runs_definition`` (torch.func transforms, meta and fake tensors) and for ``empty`` inputs
+    (torch's NaN means and empty gradients); its ``LossFunction`` subclass ``function`` on the Triton backends. The
+    first tensor decides (its device, its kind)."""
+    first = tensors[0]
+    if empty or runs_definition(first) or backend(first.device) == "torch":
+        return definition(opts, *tensors)
+    return function.apply(opts, needs_grad(*tensors), *tensors)[0]
 
 
 def needs_grad(*tensors):
@@ -178,8 +190,6 @@ def scale_unless_one(grad, scale):
 
 
 def _interpreted():
-    from ._backend import backend
-
     return backend("cpu") == "triton-interpret"
 
 

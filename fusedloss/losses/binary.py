@@ -13,7 +13,6 @@ import dataclasses
 import torch
 
 from .. import _alloc, _checks, _family
-from .._backend import backend, runs_definition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +105,7 @@ def _check_broadcast(name, t, input):
 
 
 def _run(opts, input, target, weight, pos_weight):
-    # The torch backend is the definition itself; so are empty inputs (torch's NaN mean, empty gradients).
-    if runs_definition(input) or backend(input.device) == "torch" or input.numel() == 0:
-        return _definition(opts, input, target, weight, pos_weight)
-    needs = _family.needs_grad(input, target, weight, pos_weight)
-    return _Binary.apply(opts, needs, input, target, weight, pos_weight)[0]
+    return _family.dispatch(_Binary, _definition, opts, input, target, weight, pos_weight, empty=input.numel() == 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _alloc, _checks, _family
-from .._backend import backend, runs_definition
 
 REDUCTIONS = ("none", "batchmean", "sum")
 
@@ -71,10 +70,8 @@ def kl_div_with_logits(student_logits, teacher_logits, temperature=1.0, *, targe
     rows is NaN; zero classes give 0).
     """
     opts = _options(student_logits, teacher_logits, temperature, target, ignore_index, reduction)
-    if runs_definition(student_logits) or backend(student_logits.device) == "torch" or student_logits.numel() == 0:
-        return _definition(opts, student_logits, teacher_logits, target)
-    needs = _family.needs_grad(student_logits, teacher_logits, target)
-    return _Distillation.apply(opts, needs, student_logits, teacher_logits, target)[0]
+    return _family.dispatch(_Distillation, _definition, opts, student_logits, teacher_logits, target,
+                            empty=student_logits.numel() == 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _alloc, _checks, _family
-from .._backend import backend, runs_definition
 
 KL_REDUCTIONS = ("none", "batchmean", "sum", "mean")
 # The ATen function of each regression loss (the ones torch.nn.functional calls), with its extra argument.
@@ -218,11 +217,8 @@ def _broadcast_shape(shape, t, name):
 
 
 def _run(opts, input, target, weight, margin):
-    # The torch backend is the definition itself; so are empty inputs (torch's NaN means, empty gradients).
-    if runs_definition(input) or backend(input.device) == "torch" or math.prod(opts.shape) == 0:
-        return _definition(opts, input, target, weight, margin)
-    needs = _family.needs_grad(input, target, weight, margin)
-    return _Pointwise.apply(opts, needs, input, target, weight, margin)[0]
+    return _family.dispatch(_Pointwise, _definition, opts, input, target, weight, margin,
+                            empty=math.prod(opts.shape) == 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

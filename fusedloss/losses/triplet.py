@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _alloc, _checks, _family
-from .._backend import backend, matmul_backend, runs_definition
+from .._backend import matmul_backend, runs_definition
 
 # The torch path of batch-hard mining holds (chunk, B) blocks of at most this many bytes (in the compute dtype) at
 # a time; a chunk's scores, one key block and their bool masks peak at under 3 such blocks (measured at B = 4096).
@@ -85,10 +85,8 @@ def triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2.0, eps=1e-6,
     """
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
     opts = _triplet_options(anchor, positive, negative, margin, p, eps, swap, reduction)
-    if runs_definition(anchor) or backend(anchor.device) == "torch" or math.prod(opts.shape) == 0:
-        return _triplet_definition(opts, anchor, positive, negative)
-    needs = _family.needs_grad(anchor, positive, negative)
-    return _Triplet.apply(opts, needs, anchor, positive, negative)[0]
+    return _family.dispatch(_Triplet, _triplet_definition, opts, anchor, positive, negative,
+                            empty=math.prod(opts.shape) == 0)
 
 
 def batch_hard_triplet_loss(embeddings, labels, margin=1.0, *, soft_margin=False, reduction="mean"):
