@@ -129,7 +129,7 @@ def distillation_config(n_classes, dtype):
 # Two switches of the host's options (fusedloss.losses.contrastive.SCHEDULES, GEMMS), each opt-in until a GPU
 # measures it; these are the values the kernels are compiled for:
 # - schedule: "exact" (default: online max, with column statistics
-#   two exps per element) or "fixed_shift" (kernels/contrastive.py's docstring: one exp per element in the forward
+#   two exps per element) or "fixed_shift" (docs/kernels/contrastive.md: one exp per element in the forward
 #   and in the logit gradient for normalized features, the exact kernels for the rows and columns where its bound
 #   does not hold). Compile report, sm_90, bf16, d = 768, whole-kernel SASS (bench/NOTES.md has every variant):
 #   CLIP forward exact 128 x 64 x 64: 246 registers, 83 MUFU, 304 SHFL, 164 FMNMX per 8192-element tile; fixed
@@ -205,7 +205,7 @@ def contrastive_band_rows(n_cols, itemsize):
 # they are on an H100 (bench/results/h100-2026-11-26.md): N = 8192, H = 4096, V = 128256 bf16 forward + backward
 # in 2.07x the bare matmuls' time. "tma" schedule: opt-in until a GPU measures it (bench/NOTES.md holds the
 # predictions; bench/phases_linear_cross_entropy.py measures each phase). The byte budgets bound the workspace
-# stated in kernels/linear_cross_entropy.py's docstring.
+# stated in docs/kernels/linear_cross_entropy.md.
 LCE_WORKSPACE_BYTES = 64 << 20  # the G chunk (rows x chunk x itemsize) stays under this
 # compact workspace (the compensated dX sum): 32 MiB of G chunk + the 2 N H bytes of the sum's low half = 4.8% of
 # the bf16 logits at N = 8192, H = 4096, V = 128256 (the target is < 5%); the dX sum then moves 4 / w = 2e-3 bytes

@@ -1,112 +1,7 @@
 """Contrastive losses (NT-Xent, CLIP, InfoNCE, SigLIP): similarity + loss tile by tile, never the N x N matrix.
 
-Notation. ``Q`` (M, d) and ``K`` (N, d) are the (L2-normalized) row and column features, ``s`` the scale
-(``1 / temperature`` or CLIP's ``logit_scale``), ``C = Q K^T`` the raw dot products (cosines when normalized),
-``S = s C`` the logits, ``pos(i) = (i + offset) mod modulus`` the column holding row ``i``'s positive: ``i``
-(InfoNCE, CLIP), ``i + rank * n`` (across ranks: rows are the rank's own, columns the gathered batch) or
-``(i + M/2) mod M`` (NT-Xent, where Q = K and the diagonal is excluded).
-
-Softmax losses (NT-Xent, InfoNCE, CLIP). Row ``i``'s cross-entropy is written through its negatives,
-
-    loss_i = softplus(n_i - S_i,pos(i)),   n_i = logsumexp_{j != pos(i)} S_ij  (the diagonal also left out for NT-Xent)
-
-which is ``lse_i - S_i,pos`` without the cancellation of two nearly equal numbers: at a loss of 1e-4 the direct
-difference keeps 3 significant digits in fp32, this form all of them. The forward keeps per row the online
-(max, sum-exp) of the negatives, their first moment ``t_i = sum_j exp(S_ij - m_i) C_ij`` (same running max) and the
-positive's dot product ``C_i,pos``; the host finishes (``fusedloss.losses.contrastive._finish``):
-``lse_i = logaddexp(n_i, S_i,pos)``, ``loss_i`` above, and the derivative with respect to the scale,
-
-    d loss_i / ds = sum_j P_ij C_ij - C_i,pos = sigmoid(n_i - S_i,pos) (t_i / s_i - C_i,pos),
-
-the weight of the negatives (``1 - P_i,pos``, accurate at any loss) times the gap between their mean cosine and the
-positive's. It is exactly 0 once the negatives' weight underflows, where ``sum_ij dlogits_ij C_ij`` from a rounded
-softmax (eager) leaves a spurious ``sum_j P_ij C_ij`` of random sign. The symmetric CLIP loss adds the column
-direction: the same statistics along columns (column ``j``'s positive is row ``j``), merged across programs (and
-ranks) with a log-sum-exp.
-
-Gradient with respect to the logits, with per-row weights ``a_i`` (``grad_output / M`` for a mean) and per-column
-weights ``b_j`` (the column direction, zero without it):
-
-    W_ij = a_i P_ij + b_j Pc_ij                                     (j != pos(i)),
-    W_i,pos(i) = a_i expm1(-loss_i) + b_pos(i) expm1(-lossc_pos(i))  (P_ii - 1, from the stored loss),
-
-``P_ij = exp(S_ij - lse_i)``, ``Pc_ij = exp(S_ij - lsec_j)``. Then ``dQ = s W K``, ``dK = s W^T Q``. NT-Xent: Q = K,
-so ``dF = s (W + W^T) F``, and ``(W^T)_ij = a_j (exp(S_ij - lse_j) - [j = pos(i)])`` (S symmetric, pos an
-involution): the same formula with ``b = a`` and the row statistics as column statistics, one product instead of
-two; the diagonal is excluded, so ``W_ii = 0``.
-
-Sigmoid loss (SigLIP). ``z = s C + b`` and ``l_ij = 1`` at the positive, -1 elsewhere; the loss is
-``sum_ij softplus(-l_ij z_ij) / M``, no normalization over a row, so the forward reduces each row to three sums:
-``sum_j softplus(-l z)``, ``sum_j u_ij`` and ``sum_j u_ij C_ij`` with ``u = d softplus(-l z) / dz = -l sigmoid(-l z)``
-(the last two are ``dL/db`` and ``dL/ds`` up to the row weights). Both in the stable forms ``max(-x, 0) +
-log1p(exp(-|x|))`` and ``sigmoid(-x)`` from the same ``exp(-|x|)``: no overflow at any ``|z|``. The backward's
-logit gradient is ``W_ij = a_i u_ij``, through the same band kernel and GEMMs as the softmax losses.
-
-Fixed-shift schedule (opt-in, ``schedule="fixed_shift"``; NT-Xent, CLIP, and InfoNCE on normalized
-features). Unit vectors bound every logit by the scale: ``|C_ij| <= 1`` (1.01 after rounding to bf16), so the
-online maximum is not needed. With ``c1 = s log2(e)`` and ``c0 = |s| log2(e) - 64`` every term is
-
-    e_ij = exp2(C_ij c1 - c0) = exp(S_ij - m),   m = c0 ln 2 = |s| - 64 ln 2 (the shift, in nats),   e_ij <= 2^64:
-
-one FFMA and one MUFU.EX2 per element, and the same ``e`` feeds the row sums and (CLIP) the column sums: no max
-reductions, no rescaling, no second exp against a column maximum. Its statistics keep the exact format (m is the
-shift), so ``_finish`` and the merges across programs and ranks are unchanged.
-- Overflow: a line of at most 2^31 terms sums to at most 2^95 times 2^(0.0144 |s|) (the |C| <= 1.01 excess), below
-  2^128 for |s| <= FIXED_SHIFT_MAX_SCALE = 1024.
-- Underflow: a term flushes to 0 below 2^-126, i.e. for ``S_ij < |s| - (126 + 64) ln 2 = |s| - 131.7``: never for
-  ``|s| <= 65.8`` (S >= -|s|). At any scale, a line whose sum is at least FIXED_SHIFT_FLOOR = 2^-71 loses at most
-  2^31 flushed terms of < 2^-126 each: < 2^-24 of its sum. A row (column) whose *negatives* sum to less (their
-  log-sum-exp more than 64 ln 2 + 71 ln 2 = 93.6 nats below the cap), e.g. a perfectly separated one, is flagged
-  and recomputed by the exact kernel, so the loss, ``dL/ds`` (exactly 0 when the negatives' weight underflows) and
-  every guarantee above are the exact path's there.
-- Forward: ``SCHEDULE="fixed_shift"`` writes every row's (m, sum, moment, C_pos) and the programs' column partials;
-  ``SCHEDULE="fallback"`` (the online kernel, rows only, one program per row tile) then recomputes each row tile
-  holding a flagged row, and for CLIP the same launch on the transposed problem (rows K, columns Q, statistics
-  written into the merged column partials) recomputes the flagged columns. Each rank flags its own partials: an
-  exact partial merges with the other ranks' fixed ones like any two partials. The range test is made on the
-  device from the scale tensor (no host sync): out of range (|s| > 1024, or NaN) the fixed launch writes zero sums
-  with m = 0, which flags every line, and the exact kernels compute everything (three forward passes: a scale
-  above 1024 is no training regime). In range, the fallback launches return after reading one sum per row.
-- Backward: ``P_ij = e_ij exp(m - lse_i)``, so ``W_ij = e_ij (alpha_i + beta_j)`` with ``alpha_i = a_i exp2(c0 -
-  lse_i log2 e)`` and ``beta_j`` likewise from the column's lse: one exp per element instead of two. A tile takes it
-  when every row and column in it has a negatives' log-sum-exp ``n`` (the fourth state column) with ``(n - m)
-  log2 e >= -71``, the forward's own criterion on the same ``e``; any other tile (or out of range: ``c0 = inf``)
-  takes the exact two-exp epilogue, a scalar branch per tile.
-- Accuracy: ``e_ij`` carries the rounding of its argument, up to ``|C c1 - c0| 2^-24`` relative, i.e. the distance
-  from the cap plus 44 nats, times 2^-24 (~1e-6 at s = 100); the exact path's ``x = s C`` carries ``|S| 2^-24``:
-  the same order. Measured against fp64 and against the exact schedule in tests/test_contrastive.py.
-- Tiles: the light epilogue fits 128 x 128 tiles with column statistics (d in 32-wide chunks; the exact epilogue
-  spills there and runs 128 x 64), which halves the operand bytes each flop reads from L2 (``configs``).
-
-Kernels and why this split.
-- ``_contrastive_fwd_kernel``: flash-attention-style forward. A program owns a band of ``tiles_per_program``
-  consecutive row tiles; for each it walks every column tile (``kernels._gemm.abt_tile`` over ``d``, fp32
-  accumulation; for ``d <= BLOCK_D`` the row tile is loaded once and stays on chip) and folds the tile into the row
-  statistics above. With COL_STATS (symmetric CLIP) the same tiles feed the column (max, sum-exp, moment), merged
-  into the program's own slice of a ``(programs, 3, N)`` workspace: read-modify-write by one program only, so no
-  atomics, and the host merges the ``programs`` partials with a log-sum-exp. Workspace ``programs * N * 12`` bytes
-  with ``programs ~ 2 x SMs``: O(N), 3 GiB at N = 2^20 on an H100, instead of O(N^2 / BLOCK_M) for one partial per
-  row tile. Every row's statistics come from one program in a fixed column order: deterministic.
-- Backward, in bands of ``R`` rows. ``d`` is 512-1280 for CLIP, so a flash-style backward that keeps the
-  ``BLOCK_M x d`` fp32 gradient accumulator of its rows in registers does not fit (128 x 768 x 4 B = 384 KiB, more
-  than an SM's register file); splitting ``d`` across programs recomputes ``S`` once per split, and keeping the
-  accumulator in global memory (Inf-CL) makes the loop L2-bound (a read-modify-write of ``BLOCK_M x d`` fp32 per
-  ``BLOCK_M x BLOCK_N`` tile: ~30 flop/byte). Instead ``_contrastive_dlogits_kernel`` recomputes ``C`` for ``R x N``
-  (a GEMM tile over ``d`` with the gradient formula above as epilogue) and writes ``W`` in the features' dtype to an
-  ``R x N`` band buffer; two GEMMs (``kernels._gemm.matmul``, or cuBLAS with ``FUSEDLOSS_CONTRASTIVE_GEMM=cublas``;
-  fp32 accumulation, tensor cores for 16-bit) then give ``W K`` (the band's row gradient, complete) and
-  ``W^T Q_band``, added in fp32 to the column gradient. Per band:
-  ``2 R N d`` (recompute) + ``2 R N d`` + ``2 R N d`` flops, all at GEMM tile shapes; the column accumulator moves
-  ``8 N d`` bytes per band, ``8 N^2 d / R`` in all, against ``6 N^2 d`` flops: ``0.75 R`` flop/byte. The band is
-  ``R N`` elements (``R = 4096`` rows, 512 MiB in bf16, at N = 65536; 1024 rows at N = 2^20), the rest O(N d).
-  NT-Xent needs only the first GEMM (``(W + W^T) F``). ``W`` is stored times ``band_scale = 1 / max |a|, |b|``, so
-  that fp16 bands keep their weights ~1 / N clear of the subnormal range; the GEMM results are multiplied by
-  ``scale / band_scale`` at the end, a device tensor (no host sync, and no alpha that cuBLAS would need on the host).
-
-Totals, single process, fp32 accumulation everywhere: forward ``2 M N d`` flops, backward ``6 M N d`` (``4 M N d``
-for NT-Xent), never more than ``R x N`` logits alive. Positives and the self mask are handled only in the tiles
-that hold them (a scalar branch per tile). Features are read through both strides; offsets are 64-bit. The
-``tl.dot`` precision is ``kernels._gemm.dot_precision``'s (torch's fp32 matmul policy); fp64 computes in fp64.
+Derivations, byte and FLOP counts, design choices:
+``docs/kernels/contrastive.md``.
 """
 
 from typing import Optional
@@ -126,8 +21,8 @@ SOFTMAX_ROW_STATS = 4
 SIGMOID_ROW_STATS = 3
 COL_STATS = 3
 
-# The fixed-shift schedule's constants (module docstring): the largest term is 2^HEADROOM; a line whose terms sum
-# to less than 2^FLOOR_LOG2 is recomputed exactly; beyond MAX_SCALE the exact kernels compute everything.
+# The fixed-shift schedule's constants (docs/kernels/contrastive.md): the largest term is 2^HEADROOM; a line whose
+# terms sum to less than 2^FLOOR_LOG2 is recomputed exactly; beyond MAX_SCALE the exact kernels compute everything.
 FIXED_SHIFT_HEADROOM = tl.constexpr(64.0)
 FIXED_SHIFT_FLOOR_LOG2 = tl.constexpr(-71.0)
 FIXED_SHIFT_FLOOR = tl.constexpr(2.0**-71)
@@ -343,11 +238,11 @@ def _contrastive_dlogits_kernel(
     SELF_MASK: tl.constexpr, COL_TERM: tl.constexpr, SIGMOID: tl.constexpr, SCHEDULE: tl.constexpr,
     PRECISION: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """``band_scale * W`` (module docstring) for rows ``row_start .. row_start + band_rows`` and every column, into
-    the band buffer ``w`` (band_rows, n_cols) in its dtype. ``row`` / ``col``: the finished (lse, loss, dloss/ds,
-    negatives' lse) of each row / column (softmax); ``row_coef`` / ``col_coef``: the weights ``a`` / ``b``, any
-    stride (0 for one weight). SCHEDULE ``"fixed_shift"``: one exp per element in the tiles whose rows and columns
-    all meet the fixed shift's criterion, the exact epilogue in the others."""
+    """``band_scale * W`` (docs/kernels/contrastive.md) for rows ``row_start .. row_start + band_rows`` and every
+    column, into the band buffer ``w`` (band_rows, n_cols) in its dtype. ``row`` / ``col``: the finished (lse, loss,
+    dloss/ds, negatives' lse) of each row / column (softmax); ``row_coef`` / ``col_coef``: the weights ``a`` /
+    ``b``, any stride (0 for one weight). SCHEDULE ``"fixed_shift"``: one exp per element in the tiles whose rows
+    and columns all meet the fixed shift's criterion, the exact epilogue in the others."""
     num_m = tl.cdiv(band_rows, BLOCK_M)
     num_n = tl.cdiv(n_cols, BLOCK_N)
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)

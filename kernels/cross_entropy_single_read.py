@@ -1,84 +1,7 @@
 """Single-read fused cross-entropy forward + gradient: each row of logits is read from memory once.
 
-The fused path of ``kernels.cross_entropy`` reads every row twice (pass 1 for the statistics, pass 2 for the
-gradient). At LLM vocabularies pass 2 comes from HBM, so it moves 3 N V s bytes (s = element size) where the
-problem needs 2 N V s (logits read once, gradient written once); it already moves them at ~91% of the copy
-bandwidth (bench/NOTES.md), so only fewer bytes can make it faster. Here a row of V classes is split into
-``num_chunks`` chunks of at most CHUNK classes, one program per (row, chunk); a program loads its chunk once and
-keeps it in registers, the programs of a row exchange five numbers each through global memory, and every
-program writes its chunk's gradient from its registers. Bytes: 2 N V s + 20 N num_chunks (the records, fp32,
-written once and read back from L2) + 4 N (counters) + 36 N (targets, loss, row state): at N = 16384, V = 128256,
-bf16, 8.405 GB + 5.2 MB + 0.7 MB, the floor to within 0.1%.
-
-The math is ``kernels.cross_entropy``'s (loss and the four coefficients K1, Kf, Ky, K3 from
-``row_loss_and_coefs``, the per-element gradient from ``dlogits_from_coefs``); only the way the row statistics
-are gathered differs. Chunk k of a row (x the soft-capped logits, padded lanes -inf after the cap; a_c the class
-weight w_c, or 1) publishes
-
-    m_k = max_c x_c,   s_k = sum_c exp(x_c - m_k),   B_k = sum_c a_c,   A_k = sum_c a_c (x_c - m_k),
-    t_k = x_y if the target y lies in chunk k else 0
-
-and every program of the row merges the ``num_chunks`` records in the same fixed order (the same reduction tree
-over a MAX_CHUNKS-wide vector, so the merged values are bit-identical in every program of the row):
-
-    m = max_k m_k,   log_s = log sum_k s_k exp(m_k - m),   B = sum_k B_k,   A = sum_k (A_k + B_k (m_k - m)),
-    x_y = sum_k t_k,   sum_c a_c (lse - x_c) = B log_s - A                (lse = m + log_s)
-
-The row is carried as (m, log_s), never as a rounded lse: a probability is p_c = exp((x_c - m) - log_s), which
-stays exact for logits near 1e8 in fp32, where lse - x_c would round to a multiple of 8. The chunk already holds
-e_c = exp(x_c - m_k) (its only per-element exp), so p_c = e_c * exp((m_k - m) - log_s): one scalar exp per
-program rebases the chunk, and the kernel does one exp per logit in all (MUFU.EX2 on NVIDIA; a soft-cap adds
-the exp and the reciprocal of its tanh).
-
-Schedules (``MODE``):
-- ``"ticket"`` (one launch, the fast one): grid = rows x chunks, and each program takes ``atomic_add(ticket, 1)``
-  as its id instead of its program id. It publishes its record, counts itself in ``arrivals[row]`` and spins
-  until the row's ``num_chunks`` programs have arrived; then it merges and writes its chunk of the gradient; the
-  row's chunk 0 also writes the loss and the row state.
-- ``"publish"`` then ``"finish"`` (two launches, no waiting: Triton's interpreter runs programs one after the
-  other, so a spinning program would never see its siblings): launch 1 publishes the records, launch 2 loads
-  its chunk again, merges and writes the gradient. The same helpers on the same data, so the same numbers;
-  3 N V s bytes like the two-pass kernel. The interpreter tier tests this form; the CUDA tier compares the two.
-
-Forward progress of ``"ticket"``. A program only waits for the programs of its own row. Tickets are handed out in
-the order programs start, so when the highest ticket taken so far is T, every ticket <= T belongs to a program
-that is running or has finished, and a program never blocks between taking its ticket and arriving. Suppose
-every resident program waits. Let r be the row of the lowest waiting ticket: if T >= (r + 1) num_chunks - 1 all
-of row r's programs have arrived and none of them waits (contradiction); otherwise every waiting program holds a
-ticket in [r num_chunks, T] inside row r, so fewer than num_chunks programs are resident. Hence no deadlock as
-long as the GPU holds num_chunks programs at once, whatever order the hardware starts programs in (the block
-scheduler promises none, which is why program_id cannot serve: program (r, k) could wait on (r, k + 1), not yet
-scheduled, while the GPU is full of programs of later rows). The launcher takes the ticket mode only when
-num_chunks <= the SM count (one program per SM always fits; the shipped configs fit 2-3): 16 chunks at V = 128256
-and 32 (63 soft-capped, 125 in fp64) at V = 256000, against 132 SMs on an H100 / H200. This is the dynamic-id
-trick of decoupled look-back scans (Merrill and Garland 2016; CUB). The ticket costs one same-address atomic per
-program (262144 at N = 16384, V = 128256), and a round trip to L2 before the program knows its row.
-
-Memory ordering of the exchange (PTX memory model). Triton lowers a scalar atomic to one thread's instruction,
-whose result reaches the other threads through shared memory and ``bar.sync`` (checked in the PTX of Triton 3.9):
-1. the record's stores (plain ``st.global``, from whichever threads hold the values) are followed by ``bar.sync``
-   (``tl.debug_barrier``), which orders them before anything any thread of the CTA does next;
-2. the arrival is ``atom.acq_rel.gpu.add`` (SASS: ``MEMBAR.ALL.GPU``, ``ATOMG``, ``CCTL.IVALL``): its release is
-   cumulative, so the five stores, ordered before it by the barrier, are visible at GPU scope to any thread that
-   reads the incremented count with an acquire;
-3. the waiters poll with an acquire read at GPU scope (``atomic_add`` of 0, which Triton 3.9 emits as
-   ``ld.acquire.gpu``: a load resolved in L2, no read-modify-write traffic on the counter, and L1 invalidated
-   after it); the read that sees ``num_chunks`` synchronizes-with every sibling's release, and ``bar.sync``
-   extends that order to every thread of the CTA, whose record loads come after it (``.cg``: from L2 as well).
-The last program to arrive sees ``num_chunks`` in its own acq_rel increment and does not poll.
-
-``grad`` may alias ``logits`` (``inplace_backward``): every program reads only its own chunk (the target logit
-comes from the records, not from a gather into another chunk) and writes that chunk after reading it; in the
-ticket mode the write also comes after every sibling's release, i.e. after all of their reads.
-
-Scope: 2-D logits (rows, classes) with class stride 1 and any row stride (including 0), class-index targets
-(int64 or uint8, read through their stride, compared in 64 bits), optional ``weight`` and per-class ``alpha``
-read through their strides, label smoothing (torch's convention, with weights), focal (finite gradients for
-0 < gamma < 1 through the bounded-ratio form), z-loss, soft-cap, ignore_index, and out-of-range targets (NaN loss
-and gradient on that row, no out-of-bounds access). What needs more than one read stays on
-``kernels.cross_entropy``: ``reduction='none'`` (a per-row grad_output arrives after the forward), probability
-targets (a second N x V input, and its gradient), class-strided (K-dimensional) inputs, and small vocabularies
-(below SINGLE_READ_MIN_CLASSES, where one program holds several rows and pass 2 hits the cache anyway).
+Derivations, byte and FLOP counts, design choices:
+``docs/kernels/cross_entropy_single_read.md``.
 """
 
 import os
@@ -222,7 +145,7 @@ def _publish(record_ptr, stride_field, m_k, s_k, b_k, a_k, t_k):
 @triton.jit
 def _arrive_and_wait(arrivals_ptr, num_chunks):
     """Count this program in its row's arrivals and return once all ``num_chunks`` have arrived (the ordering
-    argument is in the module docstring: barrier, acq_rel increment, acquire polls, barrier)."""
+    argument is in docs/kernels/cross_entropy_single_read.md: barrier, acq_rel increment, acquire polls, barrier)."""
     tl.debug_barrier()
     arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu") + 1
     while arrived < num_chunks:
@@ -275,8 +198,9 @@ def _ce_single_read_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALPHA: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """Program (row, chunk) of the single-read schedule (module docstring). MODE "ticket": publish, wait for the
-    row's other chunks, write the gradient; "publish" / "finish": the two launches of the two-phase form.
+    """Program (row, chunk) of the single-read schedule (docs/kernels/cross_entropy_single_read.md). MODE "ticket":
+    publish, wait for the row's other chunks, write the gradient; "publish" / "finish": the two launches of the
+    two-phase form.
     ``counters`` holds the per-row arrival counts, then the ticket (ticket mode only; zero before the launch)."""
     eps = join_f64(eps_hi, eps_lo, DTYPE)
     gamma = join_f64(gamma_hi, gamma_lo, DTYPE)
@@ -380,8 +304,8 @@ def cross_entropy_single_read(
     n_rows, n_classes = logits.shape
     chunk, num_warps = config or single_read_config(n_classes, logits.dtype, softcap is not None)
     num_chunks, chunk_size = _chunking(n_classes, chunk)
-    # Forward progress of the ticket mode needs a row's num_chunks programs resident at once (module docstring):
-    # guaranteed up to one program per SM.
+    # Forward progress of the ticket mode needs a row's num_chunks programs resident at once
+    # (docs/kernels/cross_entropy_single_read.md): guaranteed up to one program per SM.
     ticket_safe = num_chunks <= num_sms(logits.device)
     if mode == "ticket" and not ticket_safe:
         raise ValueError(f"mode='ticket' needs at most one chunk per SM, got {num_chunks} chunks of {chunk} classes "

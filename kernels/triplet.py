@@ -2,65 +2,8 @@
 batch-hard triplet mining (Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss") by a tiled
 pairwise-distance kernel that never holds the ``B x B`` matrix.
 
-Triplet margin loss, per row (torch's ``pairwise_distance`` adds ``eps`` to the difference)::
-
-    d(x, y) = || x - y + eps ||_p,     loss = max(margin + d(a, p) - d_neg, 0)
-    d_neg   = d(a, n), or min(d(a, n), d(p, n)) with ``swap`` (Balntas et al. 2016)
-
-Gradient of ``||v||_p`` (torch's ``norm_backward``, including its conventions at 0)::
-
-    p = 2         v / ||v||                         (0 where ||v|| = 0)
-    p = 1         sign(v)
-    p = +-inf     sign(v) [|v_k| = ||v||] / #{k : |v_k| = ||v||}     (ties share the gradient)
-    p = 0         none (a count of non-zeros)
-    other p       sign(v) |v|^(p - 1) ||v||^(1 - p)  (0 where v_k = 0, and where ||v|| = 0)
-
-``clamp_min`` passes the gradient where ``margin + d_pos - d_neg >= 0`` and ``min`` splits it in half on a tie,
-as torch's autograd does. A row reads anchor, positive and negative once for the distances and once more (in
-reverse block order, so the blocks read last are still in L2) to write the three gradients.
-
-Non-finite inputs give torch's answers, value and gradient, element by element: the factors above are formed
-as torch's ``norm_backward`` forms them (``0 * inf`` and ``0 * NaN`` are NaN there too), a NaN entry makes the
-+-inf norms NaN (torch's ``amax`` / ``amin`` propagate it, and the NaN entries alone then share the gradient),
-``min`` and ``clamp_min`` propagate NaN, and a NaN ``min`` passes the whole gradient to both of its sides
-(neither compares smaller).
-
-Batch-hard mining, per anchor ``i`` of a batch ``x`` (B, d) with labels ``y``::
-
-    pos(i) = argmax_{j != i, y_j = y_i} ||x_i - x_j||,   neg(i) = argmin_{y_j != y_i} ||x_i - x_j||
-
-``_batch_hard_mine_kernel`` walks the columns in ``BLOCK_N`` tiles; each tile's Gram block ``x_i . x_j`` is a
-``tl.dot`` over ``BLOCK_K`` slices of d, and only the per-row running max / argmax and min / argmin survive a
-tile: memory O(B d), time O(B^2 d) on tensor cores. The score is ``||x_j||^2 - 2 x_i . x_j``, which is
-``||x_i - x_j||^2`` minus ``||x_i||^2``, a constant per row that does not change its argmax / argmin (and there
-is no ``sqrt`` or clamp at 0 to get wrong: the Gram form only ranks candidates).
-
-Non-finite embeddings are ranked as the definition's ``amax`` / ``amin`` over exact distances would see them, so
-that the loss is the definition's: for a finite anchor, a candidate holding a NaN (``||x_j||^2`` NaN) is at a
-NaN distance, which wins both the max and the min (NaN propagates), and one holding an infinity
-(``||x_j||^2 = inf``) is at distance inf, the largest; the Gram score of either is meaningless (``0 * inf``), so
-it is replaced by that rank. A non-finite anchor is at distance inf or NaN from every row, so its loss is NaN
-whichever candidates it gets: it is mined as the zero vector (its scores are the candidates' squared norms).
-(Finite rows whose squared norm overflows the compute dtype, ``|x| > 1.8e19`` in fp32, rank as infinite.)
-
-``_batch_hard_loss_kernel`` then recomputes the two selected distances exactly from differences, O(B d): the
-Gram form loses ``||x||^2 * ulp`` to cancellation, which matters exactly where the gradient ``(x_i - x_j) / d``
-is largest. With ``z = d(i, pos) - d(i, neg)``, ``loss = max(margin + z, 0)`` (``softplus(z)`` with
-``soft_margin``) and::
-
-    dloss/dx_i   = c (x_i - x_pos) / d_pos - c (x_i - x_neg) / d_neg,    c = dloss/dz
-    dloss/dx_pos = -c (x_i - x_pos) / d_pos,      dloss/dx_neg = c (x_i - x_neg) / d_neg
-
-(a term is 0 where its distance is 0: the subgradient of ``||v||`` at ``v = 0``; NaN and inf distances
-propagate as torch's ``norm_backward`` propagates them). Several anchors may select the same row, so by default the
-three terms are accumulated with atomic adds into an fp32 (fp64) buffer: the gradient is O(B d) but its summation
-order, and so its last bits, vary between runs. The deterministic route (``deterministic=True``, which the host
-takes under ``torch.use_deterministic_algorithms(True)``) has no atomics: the program of anchor ``i`` writes
-``dloss/dx_i`` to row ``i`` and its two partner terms to rows ``i`` and ``B + i`` of a (2B, d) workspace, and
-torch's ``index_add_`` adds the workspace into the partners' rows (deterministic on CUDA under that flag, serial on
-CPU): 2 B d more memory, the same sum in a fixed order.
-An anchor without a positive or without a negative gets index -1, loss 0 and no gradient. Ties (identical
-rows) go to the lowest index, so the whole gradient follows one of them.
+Derivations, byte and FLOP counts, design choices:
+``docs/kernels/triplet.md``.
 """
 
 from typing import Optional
@@ -151,7 +94,7 @@ def _norm_finish(acc, nans, row_mask, p, NORM: tl.constexpr):
 
 @triton.jit
 def _norm_grad_factor(norm, count, nans, p, NORM: tl.constexpr):
-    """Per-row factor f with d||v||/dv = f * _norm_grad_direction(v) (module docstring), NaN and inf where
+    """Per-row factor f with d||v||/dv = f * _norm_grad_direction(v) (docs/kernels/triplet.md), NaN and inf where
     torch's ``norm_backward`` forms them: ``1 / norm`` (p = 2) and ``norm^(1 - p)`` are NaN for a NaN norm and 0
     for an infinite one (p > 1); only an exact 0 is masked."""
     if NORM == "two":
@@ -306,7 +249,8 @@ def _batch_hard_mine_kernel(
     PRECISION: tl.constexpr,
 ):
     """For BLOCK_M anchors: the index of the farthest positive and of the nearest negative (-1 when none),
-    over column tiles of BLOCK_N candidates (module docstring). Labels of any integer dtype, compared in int64."""
+    over column tiles of BLOCK_N candidates (docs/kernels/triplet.md). Labels of any integer dtype, compared in
+    int64."""
     if ACC_DTYPE == tl.float64:
         big = 1.7976931348623157e308
     else:
@@ -348,8 +292,8 @@ def _batch_hard_mine_kernel(
             col_sq += tl.sum(b_acc * b_acc, axis=1)
         # ||x_i - x_j||^2 - ||x_i||^2, clamped so that an overflow stays apart from the no-candidate sentinels
         score = tl.minimum(tl.maximum(col_sq[None, :] - 2.0 * gram, -big), big)
-        # Non-finite candidates (module docstring): a NaN one wins both extremes, an infinite one ranks at big (the
-        # largest distance).
+        # Non-finite candidates (docs/kernels/triplet.md): a NaN one wins both extremes, an infinite one ranks at big
+        # (the largest distance).
         nan_col = (col_sq != col_sq)[None, :]
         score = tl.where((col_sq == float("inf"))[None, :], big, score)
         key_pos = tl.where(nan_col, float("inf"), score)

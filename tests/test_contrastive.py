@@ -444,7 +444,7 @@ def test_nan_and_inf_features_propagate_as_in_torch(tier, schedule, gen):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The fixed-shift schedule and the cuBLAS band GEMMs (kernels/contrastive.py's docstring): against the fp64
+# The fixed-shift schedule and the cuBLAS band GEMMs (docs/kernels/contrastive.md): against the fp64
 # references and the exact schedule, at the scales of training, at the bounds, where the bound does not hold
 
 

@@ -305,7 +305,7 @@ def test_zero_width_hidden(tier, gen, reduction):
 
 
 def workspace_bound(cfg, schedule, n, hidden, vocab, itemsize):
-    """The workspace bound of fusedloss.kernels.linear_cross_entropy's docstring (bytes beyond inputs, outputs
+    """The workspace bound of docs/kernels/linear_cross_entropy.md (bytes beyond inputs, outputs
     and gradients, a bias that needs its gradient included), for config ``cfg`` of the named ``schedule``."""
     features = host.SCHEDULES[schedule]
     splits, _ = kernels.num_splits(cfg, vocab)

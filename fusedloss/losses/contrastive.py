@@ -3,7 +3,7 @@ direction) and ``siglip_loss`` (SigLIP's pairwise sigmoid loss), tiled so that t
 once; ``clip_loss`` and ``siglip_loss`` also across ranks.
 
 The math (each softmax loss written through its negatives, the statistics the forward keeps, the gradient) and the
-kernels are in the docstring of ``fusedloss.kernels.contrastive``. Paths:
+kernels are in ``docs/kernels/contrastive.md``. Paths:
 
 - Triton backends: ``_Contrastive`` on the kernels: the forward kernel's statistics, the backward's band kernel and
   GEMMs. Memory beyond the O(N d) features and gradients: one ``R x N`` band. Under ``torch.compile`` each pass
@@ -212,7 +212,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, proce
         process_group: a ``torch.distributed`` group: every rank passes its own ``n`` rows (the same ``n`` on every
             rank) and gets what open_clip's ``SigLipLoss(rank=r, world_size=W)`` gives on that rank: its images
             against the texts of every rank, ``/ n``, and its gradients (texts: the sum over every rank's loss).
-            The text features are all-gathered in the forward (module docstring: why not a ring) and their
+            The text features are all-gathered in the forward (docs/kernels/contrastive.md: why not a ring) and their
             gradient reduce-scattered (fp32) in the backward. Every rank must call it and backpropagate it.
         schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
             ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
@@ -356,7 +356,7 @@ def _softplus(v):
 
 def _definition(opts, x, y, scale, bias):
     """The loss in torch ops, the logits materialized. Each softmax loss is written through its negatives
-    (``softplus(logsumexp_{j != pos} S_ij - S_i,pos)``, the cross-entropy; kernels' docstring), whose autograd
+    (``softplus(logsumexp_{j != pos} S_ij - S_i,pos)``, the cross-entropy; docs/kernels/contrastive.md), whose autograd
     gradient keeps its accuracy at a small loss where ``F.cross_entropy``'s ``softmax - 1`` cancels. Across ranks
     the collectives are differentiable (functional collectives); there the per-rank split of
     ``logit_scale``'s gradient is that of the objective ``sum_r loss_r`` (the sum over ranks is open_clip's; the
@@ -393,13 +393,13 @@ def _definition(opts, x, y, scale, bias):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Statistics shared by both engines (kernels' docstring)
+# Statistics shared by both engines (docs/kernels/contrastive.md)
 
 
 def _finish(m, s, t, pos_dot, scale):
     """(lse, loss, dloss/ds, negatives' lse), stacked as (L, 4), from the negatives' (max, sum-exp, moment) and the
     positive's dot product of L rows (or columns). The fourth column tells the fixed-shift backward where its bound
-    holds (kernels' docstring)."""
+    holds (docs/kernels/contrastive.md)."""
     negatives = torch.where(m > float("-inf"), m, 0.0) + torch.log(s)
     positive = scale * pos_dot
     gap = negatives - positive
@@ -504,7 +504,7 @@ class _Contrastive(_family.LossFunction):
 
 
 def _weights(opts, grad, n_rows):
-    """(a, b): the per-row and per-column weights of the logit gradient (kernels' docstring); b None without a
+    """(a, b): the per-row and per-column weights of the logit gradient (docs/kernels/contrastive.md); b None without a
     column term. Broadcast (stride-0) vectors where one number serves every row."""
     if opts.kind == "info_nce":
         a = grad.reshape(-1) if opts.reduction == "none" else (grad / n_rows if opts.reduction == "mean" else grad)
@@ -587,7 +587,7 @@ def _triton_stats(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: O
     contrastive_forward(q, k, scale, bias if sigmoid else None, rows, ws, pos_offset=offset, pos_modulus=modulus,
                         self_mask=self_mask, sigmoid=sigmoid, schedule=schedule)
     fixed = schedule == "fixed_shift" and not sigmoid
-    if fixed:  # the rows whose negatives the fixed shift could not hold, exactly (kernels' docstring)
+    if fixed:  # the rows whose negatives the fixed shift could not hold, exactly (docs/kernels/contrastive.md)
         contrastive_forward(q, k, scale, None, rows, None, pos_offset=offset, pos_modulus=modulus,
                             self_mask=self_mask, sigmoid=False, schedule="fallback")
     if ws is None:
@@ -670,7 +670,7 @@ class _TorchEngine:
     @staticmethod
     def _sigmoid_logits(c, scale, bias, local, pos):
         """SigLIP's ``z = s C + b`` of a band with its positives set to -inf, where the negatives' terms
-        ``softplus(z)`` and ``u = sigmoid(z)`` (kernels' docstring, l = -1) are 0, and z at the positives: the
+        ``softplus(z)`` and ``u = sigmoid(z)`` (docs/kernels/contrastive.md, l = -1) are 0, and z at the positives: the
         positives' terms are then added per row, with no (R, N) label mask or select alive besides ``z``."""
         z = c * scale + bias
         z_pos = z[local, pos]

@@ -2,7 +2,7 @@
 focal weighting, z-loss and soft-capping on top) and ``focal_loss``.
 
 The math, and the four per-row gradient coefficients the kernels use, are derived in the docstring of
-``fusedloss.kernels.cross_entropy``; ``definition`` below states the loss in torch ops (the torch backend, and
+``fusedloss.kernels.cross_entropy_rows``; ``definition`` below states the loss in torch ops (the torch backend, and
 the higher-order gradients of the kernels). Memory on the Triton path: the logits' gradient in the logits' dtype
 (or in the logits themselves with ``inplace_backward=True``) and O(rows) fp32 vectors, never an N x C fp32 buffer.
 """
@@ -288,7 +288,7 @@ def sharded_rows_and_lse(opts, input, target, weight, alpha):
     """Per-row losses (the target's shape) and log-sum-exps when ``input`` is this rank's shard of the classes
     (``opts.process_group``), in torch ops: each shard's (m, s, B, A, x_y) per row, gathered from every rank and
     merged (``_distributed.gather_shards``: each rank differentiates only through its own shard), then the
-    definition of the module docstring of ``fusedloss.kernels.cross_entropy`` on the merged statistics."""
+    definition of the module docstring of ``fusedloss.kernels.cross_entropy_rows`` on the merged statistics."""
     dtype = _family.compute_dtype(input, target)
     x = input.to(dtype)
     x = x.unsqueeze(0) if x.dim() == 1 else x.movedim(1, -1)  # (..., classes of this shard)

@@ -4,8 +4,9 @@ optional causal shift) without ever holding the ``(tokens, vocab)`` logits.
 
 Backends:
 - Triton (compiled or interpreted): the kernels of ``fusedloss.kernels.linear_cross_entropy`` (algorithm, FLOP and
-  byte counts, the two schedules and the workspace bound in its docstring). The forward keeps the per-row state of
-  the cross-entropy kernels (O(tokens)); the backward recomputes the logits chunk by chunk of the vocabulary.
+  byte counts, the schedules and the workspace bound in ``docs/kernels/linear_cross_entropy.md``). The forward keeps
+  the per-row state of the cross-entropy kernels (O(tokens)); the backward recomputes the logits chunk by chunk of
+  the vocabulary.
   ``accumulate_in_input_dtype=True`` instead forms the gradient in the forward, token chunk by token chunk, from
   logits in the input's dtype, with dW summed over the chunks in the weight's dtype (``_fast_forward``).
 - torch: the definition (``_definition``: ``F.linear``, then the cross-entropy definition), on chunks of tokens so
@@ -99,7 +100,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     Equals ``F.cross_entropy(F.linear(input, weight, bias).reshape(-1, V), target.reshape(-1), ...)`` (reshaped
     back for ``reduction='none'``), with the extras of ``fusedloss.cross_entropy``, and gradients for ``input``,
     ``weight`` and ``bias``. Peak memory beyond inputs and gradients is O(tokens) plus a bounded workspace (the
-    bound is in ``fusedloss.kernels.linear_cross_entropy``'s docstring), never ``tokens x vocab``.
+    bound is in ``docs/kernels/linear_cross_entropy.md``), never ``tokens x vocab``.
 
     Args:
         input: hidden states ``(..., H)``; float16, bfloat16, float32 or float64; any strides.
@@ -467,8 +468,8 @@ def _live_tiles(target, opts, n_rows, tile_rows):
 
 
 def _recompute(ctx, inputs, state, grad_outputs):
-    """dX, dW, db by vocabulary chunks: recompute each chunk's logits and G, then two GEMMs (kernels' docstring,
-    which describes the two schedules this follows)."""
+    """dX, dW, db by vocabulary chunks: recompute each chunk's logits and G, then two GEMMs
+    (docs/kernels/linear_cross_entropy.md, which describes the two schedules this follows)."""
     from ..kernels._gemm import dot_precision, matmul
     from ..kernels.linear_cross_entropy import gemm_tile, linear_cross_entropy_dlogits
 
@@ -511,7 +512,7 @@ def _recompute(ctx, inputs, state, grad_outputs):
     # dX sums over the vocabulary chunks in the compute dtype: in dx itself when that is its dtype; for bf16 under
     # compensated_dx in a compensated pair (dx the high half, dx_lo the low); else in a buffer of the compute dtype
     # whose last chunk writes dx. A shard's sum is summed over the ranks in the compute dtype before the scale and the
-    # cast. See the kernels' docstring for the traffic.
+    # cast. See the docs/kernels/linear_cross_entropy.md for the traffic.
     dx_acc, dx_lo = dx, None
     if need_x and (n_chunks > 1 or sharded) and x2d.dtype != dtype:
         if schedule.compensated_dx and x2d.dtype == torch.bfloat16 and not sharded:

@@ -205,7 +205,7 @@ def _first_extreme(score, candidate, nan_col, largest):
 def _mine_rows(x, sq, y, rows):
     """(hardest positive, hardest negative) indices (int64, -1 where none) of the anchors ``x[rows]`` (a slice)
     among all B rows of ``x`` (compute dtype), with ``sq`` the rows' squared norms and ``y`` the int64 labels: the
-    kernel's criterion and its ranking of non-finite rows (module docstring of ``fusedloss.kernels.triplet``),
+    kernel's criterion and its ranking of non-finite rows (``docs/kernels/triplet.md``),
     ``||x_j||^2 - 2 x_i . x_j`` for finite anchors. Holds a few (rows, B) blocks."""
     big = torch.finfo(x.dtype).max
     nan_col, inf_col = torch.isnan(sq)[None, :], torch.isinf(sq)[None, :]
