@@ -25,6 +25,9 @@ Providers:
 - ``cce``: Cut Cross-Entropy's ``linear_cross_entropy`` with its defaults (``filter_eps="auto"``: gradient entries
   below the dtype's resolution are skipped, so its gradient is approximate: see the error column);
   ``cce_exact``: ``filter_eps=None``, exact;
+- ``torch-chunked``: torch's own ``F.linear_cross_entropy(x, W, y, options=LinearCrossEntropyOptions())`` (torch
+  >= 2.13: batch chunks, the gradients computed in the forward), plain configuration only (it has no z-loss or
+  soft-cap);
 - ``matmul``: the bare matmuls.
 
 Sizes: ``--quick`` (CPU, fp32, the torch backend): N = 512, H = 256, V = 8192. GPU (bf16): the target N = 8192,
@@ -112,10 +115,15 @@ PROVIDERS = {
                          "gradient filtering)", "cut_cross_entropy"),
     "cce_exact": (cce(None), "cut_cross_entropy.linear_cross_entropy(x, W, y, softcap, filter_eps=None): exact",
                   "cut_cross_entropy"),
+    "torch-chunked": (lambda **kw: lambda x, w, y: F.linear_cross_entropy(
+                          x, w, y, options=torch.nn.LinearCrossEntropyOptions(), **kw),
+                      "F.linear_cross_entropy(x, W, y, options=torch.nn.LinearCrossEntropyOptions()) (torch >= 2.13)",
+                      None),
     "matmul": (None, "x @ W.T; G @ W and G.T @ x (forward + backward)", None),
 }
 GPU_ONLY = ("torch.compile", "liger", "liger_fp32", "cce", "cce_exact", "fusedloss-tma", "fusedloss-fast")
-PLAIN_ONLY = ("torch.compile", "matmul", "cce_exact")  # compile time; the matmuls have no options; one CCE suffices
+# compile time; the matmuls have no options; one CCE suffices; torch's own has no z-loss or soft-cap
+PLAIN_ONLY = ("torch.compile", "matmul", "cce_exact", "torch-chunked")
 
 
 def shapes(quick):
@@ -137,6 +145,8 @@ def test_linear_cross_entropy(run_bench, device, quick, provider, config, mode, 
         pytest.skip(f"{provider} is benchmarked on GPU only")
     if module is not None:
         pytest.importorskip(module, reason=f"{provider} is not installed")
+    if provider == "torch-chunked" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        pytest.skip(f"this torch ({torch.__version__}) has no chunked F.linear_cross_entropy (torch >= 2.13)")
     if provider in PLAIN_ONLY and config != "plain":
         pytest.skip(f"{provider} runs the plain configuration only")
     if provider in ("fusedloss-tma", "fusedloss-fast") and mode != "fwd_bwd":
