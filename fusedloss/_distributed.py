@@ -35,8 +35,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.in
 
 
 def shard_classes(process_group, local_classes, device, **must_agree):
-    """(n_classes, class_offset): the class count of the whole vocabulary and the first class of this rank's
-    contiguous slice, from every rank's slice width, so that shards need not be even (11 classes on 2 ranks: 6
+    """(n_classes, class_offset, widths): the class count of the whole vocabulary, the first class of this rank's
+    contiguous slice and every rank's slice width, so that shards need not be even (11 classes on 2 ranks: 6
     and 5). ``must_agree``: name -> an int or a dtype that every rank must hold the same (rows, hidden size, dtypes);
     a disagreement raises the same ValueError on every rank, before the loss's own collectives, instead of a
     one-sided abort or a wrong answer. One all-gather of a few int64 per rank, read on the host: on a GPU group a
@@ -57,8 +57,8 @@ def shard_classes(process_group, local_classes, device, **must_agree):
             raise ValueError(f"process_group: the ranks disagree on {name} ("
                              + ", ".join(f"{v} on rank {r}" for r, v in enumerate(shown))
                              + "); every rank must call the loss on the same rows with the same dtypes")
-    widths = [row[0] for row in table]
-    return sum(widths), sum(widths[:rank])
+    widths = tuple(row[0] for row in table)
+    return sum(widths), sum(widths[:rank]), widths
 
 
 def all_gather(t, process_group):

@@ -155,7 +155,7 @@ def _options(input, target, weight, ignore_index, reduction, label_smoothing, fo
     _checks.check_reduction(reduction)
     n_classes, class_offset = _n_classes(input), 0
     if process_group is not None:
-        n_classes, class_offset = _distributed.shard_classes(
+        n_classes, class_offset, _ = _distributed.shard_classes(
             _distributed.check_group(process_group), n_classes, input.device, rows=input.numel() // max(n_classes, 1),
             dimensions=input.dim(), input_dtype=input.dtype, target_dtype=target.dtype)
     prob_target = target.is_floating_point()

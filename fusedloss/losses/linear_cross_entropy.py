@@ -77,9 +77,11 @@ class LinearCrossEntropyOptions:
     accumulate_in_input_dtype: bool = False
     schedule: LinearCrossEntropySchedule = LinearCrossEntropySchedule()
     out_dtype: torch.dtype = torch.float32
-    # vocabulary parallelism: the weight holds classes class_offset .. of n_classes, split over process_group
+    # vocabulary parallelism: the weight holds classes class_offset .. of n_classes, split over process_group in
+    # slices of shard_widths classes (rank order)
     n_classes: int = 0
     class_offset: int = 0
+    shard_widths: tuple = ()
     process_group: Optional[object] = dataclasses.field(default=None, compare=False)
 
     def row_options(self, dtype):
@@ -134,8 +136,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
             integers per call, read on the host), ``input`` and ``target`` (global class indices) are the same on
             every rank. Every rank returns the loss (and lse) of the whole problem; ``weight`` and ``bias`` get their
             slice of the single-process gradient and ``input`` the whole single-process gradient (summed over the
-            ranks inside, so no collective is needed around the call). Communication: one all-gather of 5 numbers
-            per row in the forward (each rank sends ``20 N`` bytes, 40 for fp64, N the rows) and one all-reduce
+            ranks inside, so no collective is needed around the call). Communication: one all-gather of 4 numbers
+            per row in the forward (each rank sends ``16 N`` bytes, 32 for fp64, N the rows) and one all-reduce
             of the ``N x H`` input gradient in the compute dtype in the backward (``4 N H`` bytes per rank before
             the collective's own factor, about ``2 (W - 1) / W`` for a ring). Every rank must call it.
         accumulate_in_input_dtype: trade exactness for speed, with Liger-Kernel's semantics (its default
@@ -222,12 +224,12 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
     if input_precision is not None and input_precision not in _PRECISIONS:
         raise ValueError(f"input_precision must be one of {', '.join(map(repr, _PRECISIONS))}, "
                          f"got {input_precision!r}")
-    n_classes, class_offset = weight.shape[0], 0
+    n_classes, class_offset, shard_widths = weight.shape[0], 0, ()
     if process_group is not None:
         if accumulate_in_input_dtype:
             raise ValueError("accumulate_in_input_dtype=True forms the gradient per token chunk from the whole "
                              "vocabulary's logits: it does not combine with process_group (a shard of the classes)")
-        n_classes, class_offset = _distributed.shard_classes(
+        n_classes, class_offset, shard_widths = _distributed.shard_classes(
             _distributed.check_group(process_group), n_classes, input.device, rows=input.numel() // input.shape[-1],
             hidden_size=input.shape[-1], input_dtype=input.dtype, weight_dtype=weight.dtype, bias=bias is not None)
     return LinearCrossEntropyOptions(
@@ -246,6 +248,7 @@ def _options(input, weight, target, bias, ignore_index, reduction, label_smoothi
         out_dtype=_checks.autocast_fp32(input.device, input.dtype),
         n_classes=n_classes,
         class_offset=class_offset,
+        shard_widths=shard_widths,
         process_group=process_group,
     )
 
@@ -355,15 +358,15 @@ class _LinearCrossEntropy(_family.LossFunction):
             linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, row_state, softcap=opts.softcap,
                                          input_precision=opts.input_precision, skip_ignored=skip,
                                          tma_loads=opts.schedule.tma_loads, **kw)
-        else:  # this shard's statistics (m, s, A, x_y), with its width, every shard's merged in torch ops
-            partial = _alloc.empty((5, n_rows), dtype=dtype, device=input.device)
-            linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, partial[:4], softcap=opts.softcap,
+        else:  # this shard's statistics (m, s, A, x_y), every shard's merged in torch ops
+            partial = _alloc.empty((4, n_rows), dtype=dtype, device=input.device)
+            linear_cross_entropy_forward(x2d, weight, bias, target_k, rows, partial, softcap=opts.softcap,
                                          input_precision=opts.input_precision, class_offset=opts.class_offset,
                                          partial=True, tma_loads=opts.schedule.tma_loads, **kw)
             # merged as cross-entropy merges its shards: (m, s, B, A, x_y) with B the shard's width, since the
             # shards may differ in width (the kernel's own split merge assumes equal splits)
-            partial[4] = weight.shape[0]
-            m, s, a, x_y, width = _distributed.all_gather(partial, opts.process_group).unbind(1)
+            m, s, a, x_y = _distributed.all_gather(partial, opts.process_group).unbind(1)
+            width = torch.tensor(opts.shard_widths, dtype=dtype, device=input.device)[:, None].expand_as(m)
             merged = ce.merge_partial_stats(torch.stack([m, s, width, a, x_y], dim=-1))
             linear_cross_entropy_combine(merged[:, [0, 1, 3, 4]].T.contiguous(), target_k, rows, row_state,
                                          n_classes=opts.n_classes, split_width=opts.n_classes, **kw)
