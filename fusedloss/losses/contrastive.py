@@ -212,7 +212,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, proce
         process_group: a ``torch.distributed`` group: every rank passes its own ``n`` rows (the same ``n`` on every
             rank) and gets what open_clip's ``SigLipLoss(rank=r, world_size=W)`` gives on that rank: its images
             against the texts of every rank, ``/ n``, and its gradients (texts: the sum over every rank's loss).
-            The text features are all-gathered in the forward (docs/kernels/contrastive.md: why not a ring) and their
+            The text features are all-gathered in the forward (module docstring: why not a ring) and their
             gradient reduce-scattered (fp32) in the backward. Every rank must call it and backpropagate it.
         schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
             ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
