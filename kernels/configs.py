@@ -53,21 +53,14 @@ def cross_entropy_config(n_rows, n_classes, class_stride_is_one):
     return block_r, block_c, 8
 
 
-# (BLOCK_C, num_warps) for n_classes >= 2048, one program per row. Measured with bench/sweep_cross_entropy.py on
-# an H100 80GB HBM3 (2026-11-26, triton 3.6, bf16, 16384 rows, forward + backward, bench/results/): 4096 x 8 warps
-# was the fastest or within 1% at V = 32000, 128256 and 256000, plain and with label smoothing + focal + z-loss:
-# 60% of the copy bandwidth by the one-read count (the second pass re-reads each row from HBM, so ~90% of it
-# by the bytes actually moved). A schedule that split rows into 8-32K-class chunks whose last finisher wrote the
-# gradient was no faster (plain) and 6-13% slower (ls+focal+z): the finisher's re-read did not come from L2. It
-# was removed; the single-read schedule (kernels.cross_entropy_single_read) is its replacement.
+# (BLOCK_C, num_warps) for n_classes >= 2048, one program per row: the sweep's winner (bench/NOTES.md, "Where the
+# default configs come from").
 CE_LARGE_VOCAB = (4096, 8)
 
 
 # --- pointwise losses, triplet losses, distillation KL (kernels.pointwise, kernels.triplet, kernels.distillation) -
-# Chosen from the compile report (registers, no spills on sm_80 / sm_90, HGMMA on sm_90 for the bf16 tl.dot) and the
-# usual shapes, not swept. Measured as they are on an H100 (bench/results/h100-2026-11-26.md, bf16, fwd+bwd): the
-# pointwise kernel at 55-67% of the copy bandwidth, triplet margin 63-68%, distillation KL 46-52%, batch-hard mining
-# 10% of the bf16 matmul rate. A sweep is the next step.
+# Chosen from the compile report (registers, no spills on sm_80 / sm_90, HGMMA on sm_90 for the bf16 tl.dot), not
+# swept (bench/NOTES.md has what they measured).
 
 # Streaming elementwise kernel, the same shape as BINARY_*: 8 warps x 2048 elements (8 per thread).
 POINTWISE_BLOCK = 2048
@@ -119,25 +112,14 @@ def distillation_config(n_classes, dtype):
 
 
 # --- contrastive losses: NT-Xent, CLIP, InfoNCE, SigLIP (kernels.contrastive) -----------------------------------
-# Chosen from tile arithmetic for sm_90 (H100) and checked with bench/compile_report.py for sm_80 / sm_90 (HGMMA in
-# every 16-bit variant on sm_90; no LDL/STL in the SASS), not swept. Measured as they are on an H100
-# (bench/results/h100-2026-11-26.md): CLIP N = 65536, d = 768, bf16 forward + backward at 27% of the bf16 matmul
-# rate. Replace with a sweep's winners. fp32 (IEEE, FMA pipes) and fp64 configs are sized for correctness, not speed.
-# The forward holds a [BLOCK_M, BLOCK_N] fp32 logits tile plus per-row state; the band (dlogits) kernel and the band
+# Chosen from tile arithmetic for sm_90 and checked with bench/compile_report.py (HGMMA in every 16-bit variant on
+# sm_90, no LDL/STL), not swept; fp32 (IEEE, FMA pipes) and fp64 configs are sized for correctness, not speed. The
+# forward holds a [BLOCK_M, BLOCK_N] fp32 logits tile plus per-row state; the band (dlogits) kernel and the band
 # GEMMs are plain GEMM tiles, 128 x 128 x 64 with 3 stages for 16-bit (8 warps, two warpgroups of wgmma m64).
-#
-# Two switches of the host's options (fusedloss.losses.contrastive.SCHEDULES, GEMMS), each opt-in until a GPU
-# measures it; these are the values the kernels are compiled for:
-# - schedule: "exact" (default: online max, with column statistics
-#   two exps per element) or "fixed_shift" (docs/kernels/contrastive.md: one exp per element in the forward
-#   and in the logit gradient for normalized features, the exact kernels for the rows and columns where its bound
-#   does not hold). Compile report, sm_90, bf16, d = 768, whole-kernel SASS (bench/NOTES.md has every variant):
-#   CLIP forward exact 128 x 64 x 64: 246 registers, 83 MUFU, 304 SHFL, 164 FMNMX per 8192-element tile; fixed
-#   128 x 128 x 32: 255 registers (none spilled), 65 MUFU, 396 SHFL, 0 FMNMX per 16384 elements (MUFU per element
-#   2.6 -> 1, SHFL -35%, half the L2 bytes per flop); CLIP logit gradient 128 x 128: 254 -> 220 registers.
-# - gemm: the backward's two band GEMMs on "triton"
-#   (kernels._gemm.matmul, default) or "cublas" (torch.mm / addmm with fp32 output; the design study measured
-#   cuBLAS at 84% of the bf16 matmul rate on these shapes, the Triton GEMMs' share of the calibrated model is ~60%).
+# The host's two switches (fusedloss.losses.contrastive.SCHEDULES, GEMMS), opt-in until a GPU measures them, are
+# the values the kernels are compiled for: schedule "exact" (online max, column statistics, two exps per element) or
+# "fixed_shift" (one exp per element, docs/kernels/contrastive.md); gemm "triton" (kernels._gemm.matmul) or
+# "cublas" (torch.mm / addmm, fp32 output). Their register and instruction counts and measurements: bench/NOTES.md.
 CONTRASTIVE_SCHEDULES = ("exact", "fixed_shift")
 CONTRASTIVE_GEMMS = ("triton", "cublas")
 CONTRASTIVE_FWD_PROGRAMS_PER_SM = 2  # symmetric CLIP: programs ~ 2 x SMs, each a band of consecutive row tiles
@@ -200,12 +182,10 @@ def contrastive_band_rows(n_cols, itemsize):
 
 
 # --- linear + cross-entropy (kernels.linear_cross_entropy) -----------------------------------------------------
-# "pointer" schedule (the default): the usual Ampere/Hopper GEMM tiles for each dtype, checked with
-# bench/compile_report.py (HGMMA on sm_90 for 16-bit inputs; no spills on sm_80/sm_90), not swept. Measured as
-# they are on an H100 (bench/results/h100-2026-11-26.md): N = 8192, H = 4096, V = 128256 bf16 forward + backward
-# in 2.07x the bare matmuls' time. "tma" schedule: opt-in until a GPU measures it (bench/NOTES.md holds the
-# predictions; bench/phases_linear_cross_entropy.py measures each phase). The byte budgets bound the workspace
-# stated in docs/kernels/linear_cross_entropy.md.
+# "pointer" loads (the default): the usual Ampere/Hopper GEMM tiles for each dtype, checked with
+# bench/compile_report.py (HGMMA on sm_90 for 16-bit inputs; no spills on sm_80/sm_90), not swept (bench/NOTES.md:
+# what they measured; bench/phases_linear_cross_entropy.py times each schedule feature). The byte budgets bound the
+# workspace stated in docs/kernels/linear_cross_entropy.md.
 LCE_WORKSPACE_BYTES = 64 << 20  # the G chunk (rows x chunk x itemsize) stays under this
 # compact workspace (the compensated dX sum): 32 MiB of G chunk + the 2 N H bytes of the sum's low half = 4.8% of
 # the bf16 logits at N = 8192, H = 4096, V = 128256 (the target is < 5%); the dX sum then moves 4 / w = 2e-3 bytes
