@@ -4,10 +4,10 @@ the bare matmuls.
 Work, per problem (N tokens, H hidden, V vocabulary), counted as the matmuls the loss needs, whoever computes it:
     forward            flops = 2 N H V   (the logits, x @ W^T)
     forward + backward flops = 6 N H V   (plus dX = G @ W and dW = G^T @ x, 2 N H V each)
-fusedloss's Triton backend does more, ``hw_flops`` = 8 N H V forward + backward: the backward recomputes the
-logits instead of keeping them (so the floor for exact gradients without the logits is 4/3 of the bare matmuls).
-Its torch backend (CPU) keeps a chunk of tokens' logits for the whole vocabulary and forms the gradient in the
-forward pass: 6 N H V. The ``matmul`` provider times just the bare matmuls at this shape (x @ W^T; then G @ W and
+fusedloss's recompute schedules ("pointer", "tma") do more, ``hw_flops`` = 8 N H V forward + backward: the backward
+recomputes the logits instead of keeping them. Its chunked schedule (the default for 16-bit CUDA inputs) and its
+torch backend (CPU) keep a chunk of tokens' logits for the whole vocabulary and form the gradient in the forward
+pass: 6 N H V. The ``matmul`` provider times just the bare matmuls at this shape (x @ W^T; then G @ W and
 G^T @ x with a random G of the logits' shape), the practical ceiling for any implementation; the report divides
 each time by it (target for fusedloss at N = 8192, H = 4096, V = 128256, bf16, forward + backward: <= 1.15x).
 
@@ -15,7 +15,9 @@ Memory: the report gives ``peak_mem_mb`` (beyond inputs, weight and their gradie
 fraction of the logits, ``logits_mb`` = N V s in the input dtype (target: < 5%).
 
 Providers:
-- ``fusedloss``: ``fusedloss.linear_cross_entropy`` (exact gradients);
+- ``fusedloss``: ``fusedloss.linear_cross_entropy`` with its default schedule ("chunked" for bf16 on CUDA);
+  ``fusedloss-pointer``: the recompute schedule (the low-memory mode), ``fusedloss-tma`` its opt-in features,
+  ``fusedloss-fast``: ``accumulate_in_input_dtype=True`` (the chunked schedule with dW summed in bf16);
 - ``eager``: ``F.cross_entropy(F.linear(x, W).float(), y)``, as Hugging Face causal LMs write it (logits
   materialized, upcast to fp32);
 - ``torch.compile``: that function compiled (plain forward + backward only: compile time);
@@ -97,7 +99,10 @@ def bare_matmuls(x, w, g):
 # provider -> (the loss for a configuration's keyword arguments, how it is called, module it needs)
 PROVIDERS = {
     "fusedloss": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, **kw),
-                  "fusedloss.linear_cross_entropy(x, W, y, **config)", None),
+                  "fusedloss.linear_cross_entropy(x, W, y, **config): the default schedule", None),
+    "fusedloss-pointer": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, schedule="pointer",
+                                                                                    **kw),
+                          "fusedloss.linear_cross_entropy(..., schedule='pointer'): the recompute schedule", "triton"),
     "fusedloss-tma": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y, schedule="tma", **kw),
                       "fusedloss.linear_cross_entropy(..., schedule='tma') (opt-in)", "triton"),
     "fusedloss-fast": (lambda **kw: lambda x, w, y: fusedloss.linear_cross_entropy(x, w, y,
@@ -121,7 +126,8 @@ PROVIDERS = {
                       None),
     "matmul": (None, "x @ W.T; G @ W and G.T @ x (forward + backward)", None),
 }
-GPU_ONLY = ("torch.compile", "liger", "liger_fp32", "cce", "cce_exact", "fusedloss-tma", "fusedloss-fast")
+GPU_ONLY = ("torch.compile", "liger", "liger_fp32", "cce", "cce_exact", "fusedloss-pointer", "fusedloss-tma",
+            "fusedloss-fast")
 # compile time; the matmuls have no options; one CCE suffices; torch's own has no z-loss or soft-cap
 PLAIN_ONLY = ("torch.compile", "matmul", "cce_exact", "torch-chunked")
 
@@ -149,7 +155,7 @@ def test_linear_cross_entropy(run_bench, device, quick, provider, config, mode, 
         pytest.skip(f"this torch ({torch.__version__}) has no chunked F.linear_cross_entropy (torch >= 2.13)")
     if provider in PLAIN_ONLY and config != "plain":
         pytest.skip(f"{provider} runs the plain configuration only")
-    if provider in ("fusedloss-tma", "fusedloss-fast") and mode != "fwd_bwd":
+    if provider in ("fusedloss-pointer", "fusedloss-tma", "fusedloss-fast") and mode != "fwd_bwd":
         pytest.skip(f"{provider} differs from the default in its backward (and the fast mode's forward is its step)")
     if provider == "torch.compile" and mode != "fwd_bwd":
         pytest.skip("torch.compile is timed on the forward+backward only (compile time)")
@@ -161,9 +167,12 @@ def test_linear_cross_entropy(run_bench, device, quick, provider, config, mode, 
     w = skip_if_oom(lambda: torch.randn(vocab, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5)
     y = torch.randint(0, vocab, (n,), device=device, generator=gen)
     matmuls = 2 if mode == "fwd" else 6
-    # the exact schedules recompute the logits in the backward (8 N H V FLOPs done); the fast mode does not
-    recompute = (provider in ("fusedloss", "fusedloss-tma") and mode == "fwd_bwd"
-                 and fusedloss.backend(device) != "torch")
+    # the recompute schedules recompute the logits in the backward (8 N H V FLOPs done); the chunked one (the
+    # default for 16-bit CUDA inputs) and the torch backend do not
+    default_recomputes = not (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16))
+    recompute = (mode == "fwd_bwd" and fusedloss.backend(device) != "torch"
+                 and (provider in ("fusedloss-pointer", "fusedloss-tma") or (provider == "fusedloss"
+                                                                            and default_recomputes)))
     common = dict(flops=matmuls * n * hidden * vocab, hw_flops=(8 if recompute else matmuls) * n * hidden * vocab,
                   logits_mb=n * vocab * x.element_size() / 2**20,
                   **row("linear_cross_entropy", provider, mode, f"{n}x{hidden}x{vocab}", config, dtype, settings))

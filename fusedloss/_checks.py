@@ -12,6 +12,11 @@ import torch
 from ._backend import runs_definition
 
 REDUCTIONS = ("none", "mean", "sum")
+
+
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument of a function whose torch counterpart raises RuntimeError for it: a ValueError, as every
+    fusedloss argument check raises, that ``except RuntimeError`` written for torch also catches."""
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -143,7 +143,7 @@ def backward(ctx, recompute, definition, grad_outputs):
     if all(g is None for g in grad_outputs):
         return (None,) * (2 + ctx.n_inputs)
     if torch.is_grad_enabled():
-        return (None, None, *_definition_grads(ctx, definition, grad_outputs))
+        return (None, None, *definition_grads(ctx, definition, grad_outputs))
     only_loss = all(g is None for g in grad_outputs[1:ctx.n_differentiable])
     if ctx.fused is not None and only_loss:
         fused = ctx.fused
@@ -159,7 +159,9 @@ def backward(ctx, recompute, definition, grad_outputs):
     return (None, None, *recompute(ctx, saved[:ctx.n_inputs], saved[ctx.n_inputs:], grad_outputs))
 
 
-def _definition_grads(ctx, definition, grad_outputs):
+def definition_grads(ctx, definition, grad_outputs):
+    """The gradients of the saved inputs through ``definition`` (differentiable: higher-order gradients, and the
+    outputs a family's recompute does not cover)."""
     if not ctx.kept_inputs:
         raise RuntimeError("higher-order gradients (create_graph=True, torch.func) need the input, which "
                            "inplace_backward=True overwrote with its gradient")

@@ -4,6 +4,8 @@ Tensors given to a constructor (``weight``, ``pos_weight``, a per-class ``focal_
 as torch's losses do, so they follow ``.to(device)`` and the state dict.
 """
 
+import math
+
 import torch
 
 from . import _checks
@@ -198,22 +200,41 @@ class InfoNCELoss(_Loss):
 
 
 class LinearCrossEntropyLoss(_Loss):
-    """``fusedloss.linear_cross_entropy`` as a module: the loss of a linear classifier (an LM head) applied to hidden
-    states, without the logits; see it for shapes, dtypes and the extras, which take the keyword arguments (in the
-    order) of ``CrossEntropyLoss``'s. The classifier's ``weight`` (and ``bias``) are arguments of ``forward``, not
-    buffers of the loss: they are the model's parameters, e.g. ``lm_head.weight``."""
+    """``fusedloss.linear_cross_entropy`` as a module, with ``torch.nn.LinearCrossEntropyLoss``'s constructor: given
+    ``in_features`` and ``num_classes`` it owns the classifier, ``self.linear`` (an ``nn.Linear`` to
+    ``num_classes * prod(out_features)`` outputs, with ``bias``, ``device``, ``dtype``), and ``forward(input,
+    target)`` computes the loss of its logits without them. Without them it holds no parameter and ``forward(input,
+    linear_weight, target, linear_bias=None)`` takes the classifier of the model, e.g. ``lm_head.weight``. The class
+    ``weight`` is a buffer; the extras of ``linear_cross_entropy`` are keywords of the constructor."""
 
-    def __init__(self, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, focal_gamma=0.0, z_loss=0.0,
-                 softcap=None, shift=False, return_lse=False, input_precision=None, accumulate_in_input_dtype=False,
-                 process_group=None):
+    def __init__(self, in_features=None, num_classes=None, *, out_features=(), bias=False, device=None, dtype=None,
+                 reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None, focal_gamma=0.0,
+                 z_loss=0.0, softcap=None, shift=False, return_lse=False, input_precision=None,
+                 accumulate_in_input_dtype=False, process_group=None, schedule=None):
         super().__init__()
-        self.options = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                            focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap, shift=shift,
+        if (in_features is None) != (num_classes is None):
+            raise TypeError("LinearCrossEntropyLoss takes both in_features and num_classes (it owns the "
+                            "classifier), or neither (forward takes it)")
+        self.num_classes, self.out_features = num_classes, tuple(out_features)
+        self.linear = None
+        if in_features is not None:
+            outputs = num_classes * math.prod(self.out_features)
+            self.linear = torch.nn.Linear(in_features, outputs, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                            options=options, focal_gamma=focal_gamma, z_loss=z_loss, softcap=softcap, shift=shift,
                             return_lse=return_lse, input_precision=input_precision,
-                            accumulate_in_input_dtype=accumulate_in_input_dtype, process_group=process_group)
+                            accumulate_in_input_dtype=accumulate_in_input_dtype, process_group=process_group,
+                            schedule=schedule)
 
-    def forward(self, input, weight, target, bias=None):
-        return linear_cross_entropy(input, weight, target, bias, **self.options)
+    def forward(self, input, *args, linear_bias=None):
+        if self.linear is None:
+            return linear_cross_entropy(input, *args, linear_bias=linear_bias, weight=self.weight, **self.options)
+        (target,) = args
+        shape = (self.num_classes, *self.out_features)
+        bias = None if self.linear.bias is None else self.linear.bias.reshape(shape)
+        return linear_cross_entropy(input, self.linear.weight.reshape(*shape, self.linear.in_features), target,
+                                    linear_bias=bias, weight=self.weight, **self.options)
 
 
 class MSELoss(_Loss):

@@ -197,11 +197,11 @@ LCE_TMA_PROGRAMS_PER_SM = 1
 LCE_MAX_PARTIAL_BYTES = 16 << 20  # forward: the per-split partials (16 bytes x rows x splits, fp32)
 LCE_COMBINE_BLOCK_R = 64
 LCE_COMBINE_NUM_WARPS = 4
-# accumulate_in_input_dtype=True (Liger-Kernel's schedule): the logits of this many bytes (a token chunk, the whole
-# vocabulary, in the input dtype) exist at once. 128 MiB = 512 tokens at V = 128256 in bf16 (6.2% of the logits):
-# each chunk also reads and writes the whole dW (2 V H s bytes, 1 GB at H = 4096), so fewer, larger chunks pay
-# less of that (16 chunks: 0.7 ms each on an H100 by bandwidth, against 0.7 ms of matmul).
-LCE_FAST_CHUNK_BYTES = 128 << 20
+# chunked schedule: one logits chunk (tokens x the whole vocabulary, in the input's dtype) of at most this many
+# bytes. Each chunk also reads and writes the fp32 dW accumulator (8 V H bytes): at 770 TFLOP/s and 3 TB/s that
+# costs 8 V H / 3e12 s against 6 n H V / 770e12 s of GEMMs, 340 / n of the GEMM time for n tokens per chunk, so
+# chunks of ~4096 tokens keep it near 8%: 1 GiB is 4186 tokens at V = 128256 in bf16 (half the logits at N = 8192).
+LCE_CHUNK_BYTES = 1 << 30
 # Tests only: a dict merged over the chosen config (e.g. 16-wide tiles, 3 splits, a 32-column chunk) so that
 # small problems in the interpreter cross several tiles, splits and chunks. None in normal use.
 LCE_OVERRIDE = None
@@ -214,7 +214,7 @@ def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms, 
     and ``dlogits`` (logit tiles BLOCK_N x BLOCK_V stepping BLOCK_H along
     H), ``gemm_dw`` and ``gemm_dx`` (the backward's two GEMMs), ``n_splits`` (the forward's vocabulary splits),
     ``chunk`` (the backward's vocabulary chunk), ``programs`` (the persistent grid of ``tma_loads``, else 0) and
-    ``fast_rows`` (the token chunk of ``accumulate_in_input_dtype``).
+    and, for tests only, ``chunk_rows`` (the chunked schedule's tokens per chunk, else from LCE_CHUNK_BYTES).
 
     16-bit inputs, on the tensor cores (wgmma on sm_90, mma.sync on sm_80), pointer loads:
     - fwd: 128 x 128 logit tiles, 64 along H, 8 warps (two warpgroups of m64n128 wgmma), 3 stages (96 KB of
@@ -273,5 +273,4 @@ def linear_cross_entropy_config(n_rows, n_hidden, n_classes, itemsize, num_sms, 
     budget = LCE_COMPACT_WORKSPACE_BYTES if compact_workspace else LCE_WORKSPACE_BYTES
     chunk = max(unit, budget // (rows * itemsize) // unit * unit)
     cfg.setdefault("chunk", min(chunk, triton.cdiv(n_classes, unit) * unit))
-    cfg.setdefault("fast_rows", max(128, LCE_FAST_CHUNK_BYTES // (max(n_classes, 1) * itemsize) // 128 * 128))
     return cfg

@@ -10,10 +10,11 @@ classes of 16, H = 24 in steps of 16), with tiles, vocabulary splits and backwar
 3 row tiles, 7 vocabulary tiles in 3 splits, 4 backward chunks with a 4-wide last one. The CUDA tier runs the
 shipped configs on larger odd sizes, in bf16 as well (the interpreter computes bf16 ``tl.dot`` wrongly).
 
-The Triton tiers run both kernel schedules (``FUSEDLOSS_LCE_SCHEDULE``): "pointer" and "tma" (tensor-descriptor
-loads, a persistent grid of 2 programs on the CPU tiers so that every program walks several items, cuBLAS / torch
-dW, the compensated dX sum, ignored token tiles skipped). ``accumulate_in_input_dtype`` (Liger-Kernel's schedule)
-runs its GEMMs in torch, so it is tested in bf16 in the interpreter too.
+The Triton tiers run every schedule (``FUSEDLOSS_LCE_SCHEDULE``): "pointer" and "tma" (tensor-descriptor loads, a
+persistent grid of 2 programs on the CPU tiers so that every program walks several items, cuBLAS / torch dW, the
+compensated dX sum, ignored token tiles skipped), and "chunked" (16-token chunks: 3 of them), whose GEMMs run in
+torch, so it is tested in bf16 in the interpreter too (also with ``accumulate_in_input_dtype``, Liger-Kernel's
+accumulation). torch's own contract (its OpInfo samples) is tested in ``test_linear_cross_entropy_opinfo.py``.
 """
 
 import dataclasses
@@ -36,8 +37,8 @@ except ImportError:  # no triton: only the torch tier runs
 
 _TILE = dict(BLOCK_N=16, BLOCK_V=16, BLOCK_H=16)
 _GEMM = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-SMALL = dict(fwd=_TILE, dlogits=_TILE, gemm_dw=_GEMM, gemm_dx=_GEMM, n_splits=3, chunk=32, fast_rows=16)
-SCHEDULES = ("pointer", "tma")
+SMALL = dict(fwd=_TILE, dlogits=_TILE, gemm_dw=_GEMM, gemm_dx=_GEMM, n_splits=3, chunk=32, chunk_rows=16)
+SCHEDULES = ("pointer", "tma", "chunked")
 
 
 def use_schedule(monkeypatch, tier, schedule):
@@ -118,7 +119,7 @@ def make_inputs(gen, tier, lead, hidden, vocab, dtype, *, bias=False, ignore_fra
 def check(tier, gen, x, w, b, t, dtype, factor=1.0, **kw):
     """Value and the gradients of input, weight, bias (random grad_output, and a random gradient into the returned
     lse when asked for) against the reference."""
-    out = linear_cross_entropy(x, w, t, b, **kw)
+    out = linear_cross_entropy(x, w, t, linear_bias=b, **kw)
     ref_kw = {k: v for k, v in kw.items()
               if k not in ("return_lse", "input_precision", "accumulate_in_input_dtype", "schedule")}
     leaves = [a for a in (x, w, b) if a is not None and a.requires_grad]
@@ -249,7 +250,7 @@ def test_lse_only_backward(small, gen):
     """A gradient through the returned lse alone (the loss unused): d lse / d logits = softmax."""
     lead, hidden, vocab = sizes(small)
     x, w, b, t = make_inputs(gen, small, lead, hidden, vocab, torch.float32, bias=True)
-    _, lse = linear_cross_entropy(x, w, t, b, return_lse=True)
+    _, lse = linear_cross_entropy(x, w, t, linear_bias=b, return_lse=True)
     gx, gw, gb = torch.autograd.grad(lse.square().sum(), (x, w, b))
     leaves = [a.detach().double().requires_grad_() for a in (x, w, b)]
     _, ref_lse = reference(*leaves[:2], t, leaves[2])
@@ -270,11 +271,11 @@ def test_all_ignored(small, gen):
     x, w, b, t = make_inputs(gen, small, lead, hidden, vocab, torch.float32, bias=True)
     t = torch.full_like(t, -100)
     assert torch.isnan(F.cross_entropy(torch.zeros(1, 3), torch.tensor([-100])))
-    mean = linear_cross_entropy(x, w, t, b)
+    mean = linear_cross_entropy(x, w, t, linear_bias=b)
     assert torch.isnan(mean)
     for g in torch.autograd.grad(mean, (x, w, b)):
         assert torch.all(g == 0)
-    assert linear_cross_entropy(x, w, t, b, reduction="sum") == 0
+    assert linear_cross_entropy(x, w, t, linear_bias=b, reduction="sum") == 0
 
 
 def test_empty(tier):
@@ -295,7 +296,7 @@ def test_zero_width_hidden(tier, gen, reduction):
     w = torch.zeros(7, 0, dtype=torch.float64, device=tier.device, requires_grad=True)
     b = randn(gen, 7, dtype=torch.float64, device=tier.device, requires_grad=True)
     t = torch.randint(0, 7, (2, 3), generator=gen).to(tier.device)
-    loss = linear_cross_entropy(x, w, t, b, reduction=reduction, label_smoothing=0.1)
+    loss = linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, label_smoothing=0.1)
     expected, _ = reference(x, w, t, b, reduction=reduction, label_smoothing=0.1)
     assert_close(loss, expected, torch.float64)
     go = torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(tier.device)
@@ -343,7 +344,7 @@ def test_no_logits_allocated(tier, gen, monkeypatch, schedule, dtype):
     monkeypatch.setattr(_alloc, "empty", recording)
     n, hidden, vocab = (40, 24, 640) if tier.name == "interpret" else (4096, 256, 40_000)
     x, w, b, t = make_inputs(gen, tier, (n,), hidden, vocab, dtype, bias=True)
-    linear_cross_entropy(x, w, t, b).backward()
+    linear_cross_entropy(x, w, t, linear_bias=b).backward()
     gradients = 2 * (n * hidden + vocab * hidden + vocab)
     assert sum(sizes_seen) <= workspace_bound(config(x, w, schedule), schedule, n, hidden, vocab, 2) + gradients
     assert max(sizes_seen) < n * vocab * 2, "a rows x vocab buffer was allocated"
@@ -367,7 +368,7 @@ def test_tma_workspace_under_5_percent(monkeypatch):
 def test_schedule_is_checked(tier, monkeypatch):
     x, w = torch.randn(4, 8, device=tier.device), torch.randn(10, 8, device=tier.device)
     t = torch.tensor([1, 2, 3, 4], device=tier.device)
-    with pytest.raises(ValueError, match="schedule must be one of 'pointer', 'tma'"):
+    with pytest.raises(ValueError, match="schedule must be one of 'chunked', 'pointer', 'tma'"):
         linear_cross_entropy(x, w, t, schedule="fastest")
     with pytest.raises(TypeError, match="schedule must be a str or a LinearCrossEntropySchedule"):
         linear_cross_entropy(x, w, t, schedule=1)
@@ -389,7 +390,7 @@ def test_forward_and_backward_run_the_schedule_of_the_call(tier, gen, monkeypatc
     small_configs(monkeypatch, tier, host.SCHEDULES["tma"])
     monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", "pointer")
     x, w, b, t = make_inputs(gen, tier, (37,), 24, 100, torch.float32, bias=True, ignore_frac=0.2)
-    loss = linear_cross_entropy(x, w, t, b, schedule="tma")
+    loss = linear_cross_entropy(x, w, t, linear_bias=b, schedule="tma")
     monkeypatch.setenv("FUSEDLOSS_LCE_SCHEDULE", "pointer")
     loss.backward()
     assert loss.grad_fn.opts.schedule == host.SCHEDULES["tma"]
@@ -397,7 +398,68 @@ def test_forward_and_backward_run_the_schedule_of_the_call(tier, gen, monkeypatc
     assert all(tma and skip for _, tma, skip in launches), launches
 
 
-FEATURES = [field.name for field in dataclasses.fields(host.LinearCrossEntropySchedule)]
+def _count_chunks(monkeypatch):
+    """The (tokens) of every chunk the chunked schedule's forward sweep runs, recorded."""
+    from fusedloss.kernels import cross_entropy as ce_kernels
+
+    chunks = []
+    real = ce_kernels.cross_entropy_forward
+    monkeypatch.setattr(ce_kernels, "cross_entropy_forward",
+                        lambda logits, *a, **k: chunks.append(logits.shape[0]) or real(logits, *a, **k))
+    return chunks
+
+
+def test_chunked_skips_ignored_tokens(tier, gen, monkeypatch):
+    """The chunked schedule runs its GEMMs over the tokens with a target only (SFT prompts and padding cost no
+    GEMM work); the ignored ones get a zero loss and a zero input gradient, as the definition gives them."""
+    if tier.name == "torch":
+        pytest.skip("the torch backend has no kernel schedule")
+    small_configs(monkeypatch, tier, host.SCHEDULES["chunked"])
+    chunks = _count_chunks(monkeypatch)
+    x, w, b, t = make_inputs(gen, tier, (6, 7), 24, 100, torch.float64, bias=True)
+    t[:, :4] = -100  # a prompt of 4 tokens per sequence: 18 of 42 tokens have a target
+    for reduction in ("mean", "none"):
+        chunks.clear()
+        out = linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, schedule="chunked")
+        assert sum(chunks) == 18, chunks
+        expected, _ = reference(x, w, t, b, reduction=reduction)
+        assert_close(out, expected, torch.float64)
+        go = torch.rand(out.shape, generator=gen, dtype=torch.float64).to(tier.device)
+        got, want = torch.autograd.grad(out, (x, w, b), go), torch.autograd.grad(expected, (x, w, b), go)
+        for g, e, name in zip(got, want, ("input", "weight", "bias")):
+            assert_close(g, e, torch.float64, f"{reduction}: {name} gradient")
+        assert torch.all(got[0][:, :4] == 0)
+    chunks.clear()
+    all_ignored = linear_cross_entropy(x, w, torch.full_like(t, -100), reduction="sum", schedule="chunked")
+    gx, gw = torch.autograd.grad(all_ignored, (x, w))
+    assert chunks == [] and all_ignored == 0 and torch.all(gx == 0) and torch.all(gw == 0)
+
+
+def test_chunked_honours_torch_options(tier, gen, monkeypatch):
+    """``options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=k)`` runs chunks of k tokens (and selects the
+    chunked schedule when none is named); ``LinearCrossEntropySchedule(workspace_bytes=...)`` sizes them from a
+    budget."""
+    if tier.name == "torch":
+        pytest.skip("the torch backend has no kernel schedule")
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        pytest.skip("torch < 2.13 has no LinearCrossEntropyOptions")
+    chunks = _count_chunks(monkeypatch)
+    x, w, b, t = make_inputs(gen, tier, (37,), 24, 100, torch.float64, bias=True)
+    expected, _ = reference(x, w, t, b)
+    out = linear_cross_entropy(x, w, t, linear_bias=b, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=10))
+    assert chunks == [10, 10, 10, 7]
+    assert_close(out, expected, torch.float64)
+    chunks.clear()
+    budget = host.LinearCrossEntropySchedule(chunked=True, workspace_bytes=100 * 8 * 16)  # 16 tokens of fp64 logits
+    assert_close(linear_cross_entropy(x, w, t, linear_bias=b, schedule=budget), expected, torch.float64)
+    assert chunks == [16, 16, 5]
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        host.LinearCrossEntropySchedule(chunked=True, workspace_bytes=0)
+
+
+# the recompute schedule's features, each alone
+FEATURES = [field.name for field in dataclasses.fields(host.LinearCrossEntropySchedule)
+            if field.type is bool and field.name != "chunked"]
 
 
 @pytest.mark.parametrize("feature", FEATURES)
@@ -455,7 +517,7 @@ def test_skipped_tiles(tier, gen, monkeypatch, reduction, dw_on_cublas):
         x[dead.to(x.device)] = float("nan")
         x.requires_grad_(True)
     kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
-    out = linear_cross_entropy(x, w, t, b, schedule=schedule, **kw)
+    out = linear_cross_entropy(x, w, t, linear_bias=b, schedule=schedule, **kw)
     go = (randn(gen, max(out.numel(), 1), dtype=torch.float64).reshape(out.shape) + 1.5).to(tier.device)
     gx, gw, gb = torch.autograd.grad((out * go.to(out.dtype)).sum(), (x, w, b))
     assert torch.all(gx[dead.to(gx.device)] == 0)
@@ -537,10 +599,10 @@ def test_precision_follows_torch(tier, gen, monkeypatch):
         monkeypatch.setattr(kernels, "dot_precision", lambda *a: resolved.append(_gemm.dot_precision(*a)) or
                             resolved[-1])
         x, w, b, t = make_inputs(gen, tier, (8,), 16, 40, torch.float32, bias=True)
-        linear_cross_entropy(x, w, t, b).backward()
+        linear_cross_entropy(x, w, t, linear_bias=b).backward()
         assert resolved and set(resolved) == {"tf32"}
         resolved.clear()
-        linear_cross_entropy(x, w, t, b, input_precision="ieee").backward()
+        linear_cross_entropy(x, w, t, linear_bias=b, input_precision="ieee").backward()
         assert set(resolved) == {"ieee"}
     finally:
         torch.set_float32_matmul_precision(saved)
@@ -647,10 +709,28 @@ def test_public_api(small, gen):
     lead, hidden, vocab = sizes(small)
     x, w, b, t = make_inputs(gen, small, lead, hidden, vocab, torch.float32, bias=True, ignore_frac=0.1)
     kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, focal_gamma=1.0, reduction="sum")
-    expected = linear_cross_entropy(x, w, t, b, **kw)
-    assert torch.equal(fusedloss.linear_cross_entropy(x, w, t, b, **kw), expected)
+    expected = linear_cross_entropy(x, w, t, linear_bias=b, **kw)
+    assert torch.equal(fusedloss.linear_cross_entropy(x, w, t, linear_bias=b, **kw), expected)
     module = fusedloss.nn.LinearCrossEntropyLoss(**kw)
-    assert torch.equal(module(x, w, t, b), expected)
+    assert torch.equal(module(x, w, t, linear_bias=b), expected)
+    # torch's constructor: the module owns the classifier
+    owner = fusedloss.nn.LinearCrossEntropyLoss(hidden, vocab, bias=True, dtype=torch.float32, **kw)
+    with torch.no_grad():
+        owner.linear.weight.copy_(w)
+        owner.linear.bias.copy_(b)
+    assert torch.equal(owner(x, t), expected)
+
+
+def test_deprecated_positional_bias(tier, gen):
+    """fusedloss <= 0.2's positional ``bias`` (and ``bias=``) still works, with a DeprecationWarning."""
+    x, w, b, t = make_inputs(gen, tier, (3, 4), 8, 20, torch.float64, bias=True)
+    expected = linear_cross_entropy(x, w, t, linear_bias=b)
+    with pytest.warns(DeprecationWarning, match="linear_bias"):
+        assert torch.equal(linear_cross_entropy(x, w, t, b), expected)
+    with pytest.warns(DeprecationWarning, match="linear_bias"):
+        assert torch.equal(linear_cross_entropy(x, w, t, bias=b), expected)
+    with pytest.raises(TypeError, match="both"), pytest.warns(DeprecationWarning):
+        linear_cross_entropy(x, w, t, b, linear_bias=b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -667,7 +747,7 @@ def _bad_cases():
     yield "weight", ValueError, (x, torch.randn(10, 7), t), {}
     yield "weight", ValueError, (x, torch.randn(10), t), {}
     yield "weight", ValueError, (x, torch.randn(0, 8), t), {}
-    yield "target", TypeError, (x, w, t.float()), {}
+    yield "target", ValueError, (x, w, t.float()), {}  # probabilities of the wrong shape
     yield "target", TypeError, (x, w, t.to(torch.int16)), {}
     yield "target", ValueError, (x, w, t[:5]), {}
     yield "bias", ValueError, (x, w, t, torch.randn(9)), {}
@@ -764,9 +844,14 @@ def _lce_case(lead, hidden, vocab, *, bias=True, **kw):
     return make
 
 
+def _lce(input, weight, target, bias=None, **kw):
+    """``linear_cross_entropy`` with the bias positional, as the contract cases pass their tensors."""
+    return linear_cross_entropy(input, weight, target, linear_bias=bias, **kw)
+
+
 def _loss_plus_lse(*args, **kw):
     """Both differentiable outputs in one tensor: the loss per row plus a tenth of the log-sum-exp."""
-    loss, lse = linear_cross_entropy(*args, return_lse=True, **kw)
+    loss, lse = _lce(*args, return_lse=True, **kw)
     return loss + 0.1 * lse
 
 
@@ -775,14 +860,14 @@ def _expand_bias(args, kw):
 
 
 CONTRACT_CASES = [
-    Case("linear_cross_entropy-shift-every_extra", linear_cross_entropy,
+    Case("linear_cross_entropy-shift-every_extra", _lce,
          _lce_case((2, 9), 16, 50, shift=True, label_smoothing=0.1, z_loss=1e-3, softcap=4.0, focal_gamma=1.0),
          grad_args=(0, 1, 3), compile=True, stride0=_expand_bias),
     Case("linear_cross_entropy-none-lse", _loss_plus_lse, _lce_case((11,), 8, 30, reduction="none"),
          grad_args=(0, 1, 3)),
-    Case("linear_cross_entropy-sum-no_bias", linear_cross_entropy,
+    Case("linear_cross_entropy-sum-no_bias", _lce,
          _lce_case((7,), 12, 40, bias=False, reduction="sum", label_smoothing=0.2), grad_args=(0, 1)),
-    Case("linear_cross_entropy-accumulate_in_input_dtype", linear_cross_entropy,
+    Case("linear_cross_entropy-accumulate_in_input_dtype", _lce,
          _lce_case((2, 9), 16, 50, shift=True, z_loss=1e-3, softcap=4.0, accumulate_in_input_dtype=True),
          grad_args=(0, 1, 3), compile=True),
 ]

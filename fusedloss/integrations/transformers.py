@@ -39,7 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .. import linear_cross_entropy
 
-__all__ = ["patch_causal_lm", "unpatch_causal_lm"]
+__all__ = ["for_causal_lm_loss", "patch_causal_lm", "unpatch_causal_lm"]
 
 _PATCH_ATTR = "_fusedloss_patch"
 _HEAD_FORWARD_ATTR = "_fusedloss_head_forward"  # on the head: its instance-level forward before the patch, if any
@@ -288,24 +288,48 @@ class _Capture:
             raise ValueError(f"{'labels' if shift_labels is None else 'shift_labels'} of shape {tuple(target.shape)} "
                              f"do not match the positions the head received {tuple(hidden.shape[:-1])} (a "
                              "logits_to_keep that drops positions cannot be combined with labels)")
-        device_type = hidden.device.type
-        if torch.is_autocast_enabled(device_type):
-            # What autocast would do to F.linear(hidden, weight, bias); the loss then runs at its own precision.
-            dtype = torch.get_autocast_dtype(device_type)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        # ForCausalLMLoss upcasts the logits, so its loss is fp32 for a 16-bit model too. Autocast at the inputs'
-        # own 16-bit dtype casts nothing and makes linear_cross_entropy return its fp32 value, as torch's autocast
-        # policy for cross-entropy does, instead of rounding it to 16 bits.
-        low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
-        with torch.autocast(device_type, dtype=hidden.dtype if low_precision else None, enabled=low_precision):
-            loss = linear_cross_entropy(
-                hidden, weight, target, bias, ignore_index=ignore_index,
-                reduction="mean" if num_items_in_batch is None else "sum", softcap=self.softcap,
-                shift=shift_labels is None, **self.loss_options)
-        loss = loss.float()  # an fp32 model's loss is fp32 already: a no-op there
-        if num_items_in_batch is not None:
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
-        return loss
+        return _causal_lm_loss(hidden, weight, target, bias, num_items_in_batch, ignore_index, shift_labels is None,
+                               self.softcap, self.loss_options)
+
+
+def for_causal_lm_loss(hidden_states, lm_head_weight, labels, hidden_size=None, num_items_in_batch=None,
+                       ignore_index=-100, shift_labels=None, final_logit_softcapping=None, *, lm_head_bias=None,
+                       **kwargs):
+    """The causal-LM loss from the last hidden states and the LM head, with the keyword arguments of the kernel
+    hub's ``ForCausalLMLoss`` replacements (the form Liger-Kernel registers there): transformers'
+    ``ForCausalLMLoss(logits, labels, ...)`` of ``logits = hidden_states @ lm_head_weight.T (+ lm_head_bias)``,
+    soft-capped by ``final_logit_softcapping``, without the logits. ``labels`` are shifted by one position unless
+    ``shift_labels`` are given; ``num_items_in_batch`` turns the mean into a sum divided by it (gradient
+    accumulation). ``hidden_size`` and the forward's other keyword arguments are accepted and unused, as
+    ``ForCausalLMLoss`` ignores them. Returns the fp32 loss."""
+    target = labels if shift_labels is None else shift_labels
+    if tuple(target.shape) != tuple(hidden_states.shape[:-1]):
+        raise ValueError(f"{'labels' if shift_labels is None else 'shift_labels'} of shape {tuple(target.shape)} do "
+                         f"not match hidden_states {tuple(hidden_states.shape)}")
+    return _causal_lm_loss(hidden_states, lm_head_weight, target.to(lm_head_weight.device), lm_head_bias,
+                           num_items_in_batch, ignore_index, shift_labels is None, final_logit_softcapping, {})
+
+
+def _causal_lm_loss(hidden, weight, target, bias, num_items_in_batch, ignore_index, shift, softcap, loss_options):
+    """ForCausalLMLoss's value from the hidden states: its fp32 mean (or sum / num_items_in_batch)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # What autocast would do to F.linear(hidden, weight, bias); the loss then runs at its own precision.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    # ForCausalLMLoss upcasts the logits, so its loss is fp32 for a 16-bit model too. Autocast at the inputs' own
+    # 16-bit dtype casts nothing and makes linear_cross_entropy return its fp32 value, as torch's autocast policy
+    # for cross-entropy does, instead of rounding it to 16 bits.
+    low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(device_type, dtype=hidden.dtype if low_precision else None, enabled=low_precision):
+        loss = linear_cross_entropy(
+            hidden, weight, target, linear_bias=bias, ignore_index=ignore_index,
+            reduction="mean" if num_items_in_batch is None else "sum", softcap=softcap, shift=shift,
+            **loss_options)
+    loss = loss.float()  # an fp32 model's loss is fp32 already: a no-op there
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss

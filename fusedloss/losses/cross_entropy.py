@@ -236,7 +236,7 @@ def definition(opts, input, target, weight, alpha):
     if opts.process_group is not None:
         rows, _ = sharded_rows_and_lse(opts, input, target, weight, alpha)
         dtype = rows.dtype
-        denominator = _mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
+        denominator = mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
         return _family.reduce(rows.reshape(-1), opts.reduction, denominator, rows.shape).to(opts.out_dtype)
     if not opts.has_extras and alpha is None:  # ATen's function, the one F.cross_entropy calls
         out = torch._C._nn.cross_entropy_loss(input, target, weight, _family.REDUCTION_ENUM[opts.reduction],
@@ -268,7 +268,7 @@ def definition(opts, input, target, weight, alpha):
         rows = rows * torch.where(positive, torch.where(positive, one_minus, 1.0) ** opts.focal_gamma, 0.0)
     rows = rows * (opts.focal_alpha if alpha is None else alpha.to(dtype)[y_safe])
     rows = torch.where(valid, rows + opts.z_loss * lse * lse, 0.0)
-    denominator = _mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
+    denominator = mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
     return _family.reduce(rows.reshape(-1), opts.reduction, denominator, rows.shape).to(opts.out_dtype)
 
 
@@ -344,7 +344,7 @@ def sharded_rows_and_lse(opts, input, target, weight, alpha):
     return rows.reshape(shape), lse.reshape(shape)
 
 
-def _mean_denominator(target, weight, opts, dtype):
+def mean_denominator(target, weight, opts, dtype):
     """What ``mean`` divides by, as a 0-d device tensor (no host sync): the sum of the target classes' weights
     over non-ignored rows (an ignored row contributes 0 even if its clamped class has an inf weight), or the
     number of rows for probability targets."""
@@ -412,7 +412,7 @@ class _CrossEntropy(_family.LossFunction):
         # Fused: the forward writes the gradient, already divided by the mean's denominator, and the backward
         # only rescales it. Not when the target needs a gradient too, nor for 'none' (a per-row grad_output).
         fused = needs[0] and not needs[1] and opts.reduction != "none"
-        denominator = _mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
+        denominator = mean_denominator(target, weight, opts, dtype) if opts.reduction == "mean" else None
         rows = _alloc.empty(n_rows, dtype=dtype, device=input.device)
         row_state = _alloc.empty((n_rows, ROW_STATE), dtype=dtype, device=input.device)
         grad = grad_scale = None
