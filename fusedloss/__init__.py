@@ -6,16 +6,19 @@ implementation a call on that device runs.
 
 from . import nn
 from ._backend import backend
+from ._checks import ArgumentError
 from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
 from .losses.contrastive import clip_loss, info_nce, nt_xent, siglip_loss
 from .losses.cross_entropy import cross_entropy, focal_loss
 from .losses.distillation import kl_div_with_logits
 from .losses.linear_cross_entropy import LinearCrossEntropySchedule, linear_cross_entropy
+from .losses.log_probs import linear_log_probs, log_probs
 from .losses.perplexity import perplexity, perplexity_from_loss
 from .losses.pointwise import bradley_terry_loss, huber_loss, kl_div, l1_loss, mse_loss, smooth_l1_loss
 from .losses.triplet import batch_hard_triplet_loss, triplet_margin_loss
 
 __all__ = [
+    "ArgumentError",
     "LinearCrossEntropySchedule",
     "backend",
     "batch_hard_triplet_loss",
@@ -30,6 +33,8 @@ __all__ = [
     "kl_div_with_logits",
     "l1_loss",
     "linear_cross_entropy",
+    "linear_log_probs",
+    "log_probs",
     "mse_loss",
     "nn",
     "nt_xent",

@@ -1,6 +1,7 @@
-"""Vocabulary-parallel cross-entropy and linear cross-entropy (``process_group=``): 2 and 4 gloo ranks on CPU, each
-holding a shard of the classes, reproduce the single-process loss and that shard of its gradients to fp64
-round-off, for every option of both families (tests/vocab_parallel_worker.py lists the cases), on both CPU backends.
+"""Vocabulary-parallel cross-entropy, linear cross-entropy and linear log-probs (``process_group=``): 2 and 4 gloo
+ranks on CPU, each holding a shard of the classes, reproduce the single-process result and that shard of its
+gradients to fp64 round-off, for every option of each family (tests/vocab_parallel_worker.py lists the cases), on
+both CPU backends.
 """
 
 import pytest
@@ -23,9 +24,10 @@ def test_shards_reproduce_the_single_process_result(tmp_path, world, backend_nam
     results = run_gloo_ranks(tmp_path, "vocab_parallel_worker.py", backend_name, world, 2024)
     expected_backend = "triton-interpret" if backend_name == "interpret" else "torch"
     assert {r.pop("backend") for r in results} == {expected_backend}
-    from vocab_parallel_worker import CE_CASES, DISAGREEMENTS, LCE_CASES
+    from vocab_parallel_worker import CE_CASES, DISAGREEMENTS, LCE_CASES, LOG_PROB_CASES
 
-    assert len(results[0]) == len(CE_CASES) + len(LCE_CASES) + len(DISAGREEMENTS), "every case of the worker ran"
+    cases = len(CE_CASES) + len(LCE_CASES) + len(LOG_PROB_CASES) + len(DISAGREEMENTS)
+    assert len(results[0]) == cases, "every case of the worker ran"
     for what, _ in DISAGREEMENTS:  # the same error on every rank, naming what differs, not a one-sided abort
         messages = [r.pop(f"disagree/{what}") for r in results]
         for message in messages[0]:

@@ -39,6 +39,12 @@ LCE_CASES = [
     ("lse-none", {"return_lse": True, "reduction": "none", "bias": True}),
     ("uneven-bias-smoothing-lse-mean", {"uneven": True, "bias": True, "label_smoothing": 0.1, "return_lse": True}),
 ]
+LOG_PROB_CASES = [
+    ("entropy", {"return_entropy": True}),
+    ("uneven-bias-shift-softcap-temperature_tensor-entropy", {"uneven": True, "bias": True, "shift": True,
+                                                             "softcap": 4.0, "temperature": "tensor",
+                                                             "return_entropy": True}),
+]
 # (name, what this rank changes): ranks that disagree get the same ValueError on every rank, naming what differs
 DISAGREEMENTS = [("rows", "one row fewer on rank 1"), ("input_dtype", "float32 input on rank 1")]
 
@@ -87,9 +93,11 @@ def _cross_entropy_case(opts, gen, rank, world, group):
     return mine, [whole[0]] + [sliced(g) for g in whole[1:]]
 
 
-def _linear_cross_entropy_case(opts, gen, rank, world, group):
-    import fusedloss
-
+def _lm_head_case(opts, gen, rank, world, group, call, n_out, grad_outs):
+    """An LM-head problem (hidden states (3, 5, 16), a vocabulary of ``world`` shards of 23 classes, 20% ignored
+    targets): ``call(x, w, b, target, group)`` once with this rank's shard and once whole; returns (this rank's
+    outputs and gradients, the whole problem's with this rank's slice of the weight's and bias's gradients).
+    ``grad_outs(target)`` gives the gradients of the ``n_out`` outputs."""
     n_local, hidden = 23, 16
     shards = _shards(n_local, world, opts.get("uneven"))
     vocab = shards[-1].stop
@@ -98,27 +106,48 @@ def _linear_cross_entropy_case(opts, gen, rank, world, group):
     b = torch.randn(vocab, generator=gen, dtype=torch.float64) if opts.get("bias") else None
     target = torch.randint(0, vocab, (3, 5), generator=gen)
     target[torch.rand(target.shape, generator=gen) < 0.2] = -100
-    kw = {k: v for k, v in opts.items() if k not in ("bias", "uneven")}
+    gos = grad_outs(target)
     shard = shards[rank]
-    out_shape = (3, 5) if opts.get("reduction") == "none" else ()
-    grad_out = torch.rand(out_shape, generator=gen, dtype=torch.float64)
-    grad_lse = torch.rand((3, 5), generator=gen, dtype=torch.float64)
 
     def run(w_, b_, group=None):
         leaves = [x.clone().requires_grad_(), w_.detach().requires_grad_()]
         if b_ is not None:
             leaves.append(b_.detach().requires_grad_())
-        out = fusedloss.linear_cross_entropy(leaves[0], leaves[1], target, leaves[2] if b_ is not None else None,
-                                             process_group=group, **kw)
-        outs, gos = ([out[0], out[1]], [grad_out, grad_lse]) if opts.get("return_lse") else ([out], [grad_out])
-        return list(outs) + list(torch.autograd.grad(outs, leaves, gos))
+        out = call(leaves[0], leaves[1], leaves[2] if b_ is not None else None, target, group)
+        outs = list(out) if n_out == 2 else [out]
+        return outs + list(torch.autograd.grad(outs, leaves, gos[:n_out]))
 
     whole = run(w, b)
     mine = run(w[shard], None if b is None else b[shard], group)
-    n_out = 2 if opts.get("return_lse") else 1
     expected = whole[:n_out] + [whole[n_out], whole[n_out + 1][shard]] + ([whole[n_out + 2][shard]] if b is not None
                                                                            else [])
     return mine, expected
+
+
+def _linear_cross_entropy_case(opts, gen, rank, world, group):
+    import fusedloss
+
+    kw = {k: v for k, v in opts.items() if k not in ("bias", "uneven")}
+    out_shape = (3, 5) if opts.get("reduction") == "none" else ()
+    return _lm_head_case(
+        opts, gen, rank, world, group,
+        lambda x, w, b, t, g: fusedloss.linear_cross_entropy(x, w, t, linear_bias=b, process_group=g, **kw),
+        2 if opts.get("return_lse") else 1,
+        lambda t: [torch.rand(out_shape, generator=gen, dtype=torch.float64),
+                   torch.rand((3, 5), generator=gen, dtype=torch.float64)])
+
+
+def _linear_log_probs_case(opts, gen, rank, world, group):
+    import fusedloss
+
+    kw = {k: v for k, v in opts.items() if k in ("shift", "softcap", "return_entropy")}
+    if opts.get("temperature") == "tensor":
+        kw["temperature"] = torch.rand(3, 5, generator=gen, dtype=torch.float64) + 0.5
+    return _lm_head_case(
+        opts, gen, rank, world, group,
+        lambda x, w, b, t, g: fusedloss.linear_log_probs(x, w, t, linear_bias=b, process_group=g, **kw),
+        2 if opts.get("return_entropy") else 1,
+        lambda t: [torch.randn(3, 5, generator=gen, dtype=torch.float64) for _ in range(2)])
 
 
 def _disagreement(what, gen, rank, group):
@@ -149,7 +178,8 @@ def main(rank, world, init_file, out_file, seed):
     try:
         results = {"backend": fusedloss.backend("cpu")}
         for family, cases, run in (("cross_entropy", CE_CASES, _cross_entropy_case),
-                                   ("linear_cross_entropy", LCE_CASES, _linear_cross_entropy_case)):
+                                   ("linear_cross_entropy", LCE_CASES, _linear_cross_entropy_case),
+                                   ("linear_log_probs", LOG_PROB_CASES, _linear_log_probs_case)):
             for name, opts in cases:
                 gen = torch.Generator().manual_seed(seed)  # the same problem on every rank
                 mine, expected = run(opts, gen, rank, world, dist.group.WORLD)
