@@ -15,11 +15,13 @@ from .losses.linear_cross_entropy import LinearCrossEntropySchedule, linear_cros
 from .losses.log_probs import linear_log_probs, log_probs
 from .losses.perplexity import perplexity, perplexity_from_loss
 from .losses.pointwise import bradley_terry_loss, huber_loss, kl_div, l1_loss, mse_loss, smooth_l1_loss
+from .losses.token_metrics import LossWithMetrics
 from .losses.triplet import batch_hard_triplet_loss, triplet_margin_loss
 
 __all__ = [
     "ArgumentError",
     "LinearCrossEntropySchedule",
+    "LossWithMetrics",
     "backend",
     "batch_hard_triplet_loss",
     "binary_cross_entropy_with_logits",

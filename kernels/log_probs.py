@@ -170,3 +170,23 @@ def log_probs_backward(
         BLOCK_R=block_r, BLOCK_C=block_c, HAS_SOFTCAP=softcap is not None, HAS_G=grad_logprob is not None,
         HAS_H=grad_entropy is not None, DTYPE=math_dtype(logits), num_warps=num_warps,
     )
+
+
+def compile_variants():
+    """Call the launchers on small CPU tensors, once per variant that matters (``bench/compile_report.py``): each
+    dtype at an LLM vocabulary (one row per program, 4096-class blocks) and at a small one (a tile of rows), with
+    and without the soft cap; the backward with the log-prob gradient, the entropy gradient and both."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for n_classes in (50000, 100):
+            for softcap in (None, 30.0):
+                logits = torch.zeros(4, n_classes, dtype=dtype)
+                target = torch.zeros(4, dtype=torch.long)
+                inv_t = torch.ones(4, dtype=acc)
+                state = torch.zeros(4, LOG_PROB_STATE, dtype=acc)
+                log_probs_forward(logits, target, inv_t, torch.zeros(4, dtype=acc), torch.zeros(4, dtype=acc), state,
+                                  ignore_index=-100, softcap=softcap)
+                for g, h in ((True, False), (False, True), (True, True)):
+                    log_probs_backward(logits, target, inv_t, state, torch.ones(4, dtype=acc) if g else None,
+                                       torch.ones(4, dtype=acc) if h else None, logits, ignore_index=-100,
+                                       softcap=softcap)

@@ -180,6 +180,9 @@ BATCHED = {
     "kl_div_with_logits": lambda x, t: fl.kl_div_with_logits(x, x.detach().flip(1), temperature=2.0),
     "bradley_terry_loss": lambda x, t: fl.bradley_terry_loss(x[:, 0], x[:, 1], margin=0.1),
     "perplexity": lambda x, t: fl.perplexity(x.repeat(1, 2)[:, :10], t),
+    "log_probs": lambda x, t: fl.log_probs(x.repeat(1, 2)[:, :10], t, return_entropy=True)[1].sum(),
+    "linear_log_probs": lambda x, t: fl.linear_log_probs(x, torch.linspace(-1, 1, 80).view(10, 8), t,
+                                                         temperature=0.7).sum(),
 }
 
 

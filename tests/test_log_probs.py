@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import fusedloss
 from fusedloss.losses import log_probs as host
 
-from conftest import assert_close, randn
+from conftest import Case, assert_close, randn
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -279,3 +279,37 @@ def test_kernel_hub_causal_lm_loss(tier, gen):
         g_got, g_want = torch.autograd.grad(got, (hidden, weight)), torch.autograd.grad(want, (hidden, weight))
         for a, b in zip(g_got, g_want):
             assert_close(a, b, torch.float32, f"gradient with {sorted(kw)}, cap {cap}")
+
+
+def _lp_case(kind, **kw):
+    def make(gen, dtype):
+        logits = randn(gen, 2, 7, 30, dtype=dtype, scale=2.0)
+        target = torch.randint(0, 30, (2, 7), generator=gen)
+        target[0, :2] = -100
+        if kind == "logits":
+            return [logits, target], kw
+        x = randn(gen, 2, 7, 8, dtype=dtype)
+        w = randn(gen, 30, 8, dtype=dtype, scale=8 ** -0.5)
+        return [x, w, target, randn(gen, 30, dtype=dtype)], kw
+
+    return make
+
+
+def _logprob_plus_entropy(*args, **kw):
+    """Both differentiable outputs in one tensor: the log-probs plus half the entropies."""
+    lp, ent = fusedloss.log_probs(*args, return_entropy=True, **kw)
+    return lp + 0.5 * ent
+
+
+def _linear(input, weight, target, bias=None, **kw):
+    lp, ent = fusedloss.linear_log_probs(input, weight, target, linear_bias=bias, return_entropy=True, **kw)
+    return lp - 0.3 * ent
+
+
+CONTRACT_CASES = [
+    Case("log_probs-entropy-softcap-temperature", _logprob_plus_entropy,
+         _lp_case("logits", softcap=3.0, temperature=0.8), compile=True),
+    Case("log_probs-plain", fusedloss.log_probs, _lp_case("logits")),
+    Case("linear_log_probs-entropy-shift-bias", _linear, _lp_case("linear", shift=True, temperature=1.3),
+         grad_args=(0, 1, 3), compile=True),
+]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .. import _alloc, _checks, _distributed, _family, _schedules
 from .._backend import backend, runs_definition
+from . import token_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,8 @@ SCHEDULE_ENV = "FUSEDLOSS_CE_SCHEDULE"
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                   reduction="mean", label_smoothing=0.0, *, focal_gamma=0.0, focal_alpha=None, z_loss=0.0,
-                  softcap=None, inplace_backward=False, process_group=None, schedule=None):
+                  softcap=None, inplace_backward=False, process_group=None, schedule=None, return_token_accuracy=False,
+                  return_entropy=False):
     """Softmax cross-entropy between logits and class indices or class probabilities, fused in one kernel.
 
     A drop-in for ``torch.nn.functional.cross_entropy`` (same positional order, same deprecated
@@ -96,15 +98,42 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             row read once and its gradient written from registers: 2-D logits of at least 2048 classes with class
             indices, ``mean``/``sum`` with the logits' gradient only; other calls run ``"two_pass"``); None takes
             ``FUSEDLOSS_CE_SCHEDULE``, unset ``"two_pass"``. The same loss and gradient either way.
+        return_token_accuracy, return_entropy: also return the per-token accuracy (class indices) and entropy
+            (``fusedloss.losses.token_metrics``: detached, 0 on ignored tokens; one more read of the logits each,
+            the entropy by a row kernel on the Triton backends). Not with ``process_group``.
 
     Returns:
         The loss, in the dtype torch would return (the input's; the promoted one for probability targets; fp32
-        under autocast).
+        under autocast); with a metric asked for, a ``LossWithMetrics`` holding it and the metrics.
 
     Out-of-range class indices raise ``IndexError`` on the CPU backends (outside ``torch.compile``) and give the
     row a NaN loss and gradient on GPU, where checking would need a host sync.
     """
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    metrics = token_metrics.check(return_token_accuracy, return_entropy,
+                                  isinstance(target, torch.Tensor) and target.is_floating_point())
+    if metrics and process_group is not None:
+        raise ValueError("return_token_accuracy and return_entropy need the whole vocabulary: not with process_group")
+    loss = _cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, focal_gamma, focal_alpha,
+                          z_loss, softcap, inplace_backward, process_group, schedule, metrics)
+    if not metrics:
+        return loss
+    rows_view = (input.unsqueeze(0) if input.dim() == 1 else input).detach()
+    y = target.unsqueeze(0) if input.dim() == 1 else target
+    rows = rows_view.numel() // rows_view.shape[1] if rows_view.shape[1] else y.numel()
+    accuracy, entropy = token_metrics.buffers(metrics, rows, _family.compute_dtype(input), input.device)
+    token_metrics.of_logits(rows_view, y.detach(), ignore_index, softcap, accuracy, entropy,
+                            kernels=not runs_definition(input) and backend(input.device) != "torch")
+    shape = _row_shape(input)
+    return token_metrics.LossWithMetrics(loss, None if accuracy is None else accuracy.reshape(shape),
+                                         None if entropy is None else entropy.reshape(shape))
+
+
+def _cross_entropy(input, target, weight, reduction, ignore_index, label_smoothing, focal_gamma, focal_alpha, z_loss,
+                   softcap, inplace_backward, process_group, schedule, metrics):
+    """``cross_entropy``'s loss."""
+    if metrics and inplace_backward:
+        raise ValueError("inplace_backward=True overwrites the logits that the token metrics read")
     opts, alpha = _options(input, target, weight, ignore_index, reduction, label_smoothing, focal_gamma,
                            focal_alpha, z_loss, softcap, inplace_backward, process_group, schedule)
     traced = runs_definition(input)

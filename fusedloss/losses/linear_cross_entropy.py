@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .. import _alloc, _checks, _distributed, _family, _lm_head, _schedules
 from .._backend import matmul_backend, runs_definition
 from . import cross_entropy as ce
+from . import token_metrics
 
 # torch backend: the logits of at most this many bytes (in the compute dtype) exist at once. Differentiating the
 # definition of a chunk with every extra (softcap, smoothing, focal, z-loss) keeps ~5 chunk-sized temporaries alive.
@@ -83,6 +84,7 @@ class LinearCrossEntropyOptions:
     focal_gamma: float = 0.0
     shift: bool = False
     return_lse: bool = False
+    token_metrics: tuple = ()  # names of the metrics asked for (fusedloss.losses.token_metrics)
     input_precision: Optional[str] = None
     accumulate_in_input_dtype: bool = False
     schedule: LinearCrossEntropySchedule = LinearCrossEntropySchedule()
@@ -111,7 +113,8 @@ _UNSET = object()
 def linear_cross_entropy(input, linear_weight, target, *legacy_bias, linear_bias=None, weight=None,
                          reduction="mean", ignore_index=None, label_smoothing=0.0, options=None, focal_gamma=0.0,
                          z_loss=0.0, softcap=None, shift=False, return_lse=False, input_precision=None,
-                         accumulate_in_input_dtype=False, process_group=None, schedule=None, bias=_UNSET):
+                         accumulate_in_input_dtype=False, process_group=None, schedule=None,
+                         return_token_accuracy=False, return_entropy=False, bias=_UNSET):
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, without the logits: a drop-in for
     ``torch.nn.functional.linear_cross_entropy`` (same arguments, names and defaults; ``options`` accepted) with
     the extras of ``fusedloss.cross_entropy``.
@@ -170,11 +173,16 @@ def linear_cross_entropy(input, linear_weight, target, *legacy_bias, linear_bias
             ``LinearCrossEntropySchedule``; None takes ``FUSEDLOSS_LCE_SCHEDULE``, unset ``"chunked"`` for 16-bit
             inputs on CUDA or with ``options``, and ``"pointer"`` otherwise. Class weights, probability targets and
             K-dimensional weights always run the chunked schedule. Ignored by the torch backend.
+        return_token_accuracy, return_entropy: also return the per-token accuracy and entropy of the logits
+            (``fusedloss.losses.token_metrics``: detached, 0 on ignored tokens), computed from each token chunk's
+            logits in the same sweep (the chunked schedule, which a call asking for them runs on the Triton
+            backends; no extra matmul). Not with ``process_group``.
         bias: deprecated: the positional 4th argument (or ``bias=``) of fusedloss <= 0.2; use ``linear_bias=``.
 
     Returns:
         The loss in the dtype torch would return (``input``'s; the promoted one for probability targets; fp32
-        under autocast), or ``(loss, lse)`` with ``return_lse``.
+        under autocast), or ``(loss, lse)`` with ``return_lse``; with a metric asked for, a ``LossWithMetrics``
+        holding the loss, the metrics and the lse (with ``return_lse``).
 
     CPU backends raise ``IndexError`` on an out-of-range class index; on GPU that row's loss is NaN. Bad shapes
     raise ``fusedloss.ArgumentError``, a ``ValueError`` that ``except RuntimeError`` (torch's type) also catches.
@@ -188,7 +196,7 @@ def linear_cross_entropy(input, linear_weight, target, *legacy_bias, linear_bias
         linear_bias = None if linear_bias is None else linear_bias.to(dtype)
     opts = _options(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
                     options, z_loss, softcap, focal_gamma, shift, return_lse, input_precision, process_group,
-                    accumulate_in_input_dtype, schedule)
+                    accumulate_in_input_dtype, schedule, return_token_accuracy, return_entropy)
     unbatched = input.dim() == 1
     if unbatched:  # one row of torch's (H,) input: the loss of shape () for 'none', as torch's
         input, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -200,9 +208,14 @@ def linear_cross_entropy(input, linear_weight, target, *legacy_bias, linear_bias
         _checks.check_class_range(target[..., 1:] if shift else target, opts.n_classes, opts.ignore_index)
     needs = _family.needs_grad(input, weight2d, bias1d, target if prob_target else None, weight)
     with _checks.autocast_off(input.device):  # the engines' math runs at their own precision (inputs cast above)
-        loss, lse = _dispatch(opts, needs, input, weight2d, bias1d, target, weight)
+        loss, lse, accuracy, entropy = _dispatch(opts, needs, input, weight2d, bias1d, target, weight)
+    lead = _lead_shape(input, opts)
+    accuracy, entropy = (None if m is None else m.reshape(lead) for m in (accuracy, entropy))
     if unbatched:
-        loss, lse = (loss.squeeze(0) if opts.reduction == "none" else loss), lse.squeeze(0)
+        loss = loss.squeeze(0) if opts.reduction == "none" else loss
+        lse, accuracy, entropy = (None if t is None else t.squeeze(0) for t in (lse, accuracy, entropy))
+    if opts.token_metrics:
+        return token_metrics.LossWithMetrics(loss, accuracy, entropy, lse if return_lse else None)
     return (loss, lse) if return_lse else loss
 
 
@@ -213,21 +226,40 @@ linear_cross_entropy.__signature__ = inspect.signature(linear_cross_entropy).rep
 
 
 def _dispatch(opts, needs, input, weight, bias, target, class_weight):
-    """(loss, lse) from the engine that serves the call (module docstring)."""
+    """(loss, lse, token accuracy, entropy) from the engine that serves the call (module docstring); the metrics
+    flat per row, None where not asked for."""
     traced = runs_definition(input)
     torch_only = class_weight is not None or target.is_floating_point() or bool(opts.out_features)
-    if traced or torch.compiler.is_compiling() or needs[4] or (opts.process_group is not None and torch_only):
+    if (traced or torch.compiler.is_compiling() or needs[4] or input.numel() == 0
+            or (opts.process_group is not None and torch_only)):
         # the chunked engines run torch.autograd.grad or Triton launches per chunk, which Dynamo and torch.func do
         # not trace: they get the definition itself (its logits materialized, as eager torch's are); so does a
         # class weight that needs a gradient (probability targets), which the kernels do not produce
-        return _definition(opts, input, weight, bias, target, class_weight)
-    if matmul_backend(input.device, input.dtype) == "torch" or input.numel() == 0:
+        return (*_definition(opts, input, weight, bias, target, class_weight),
+                *_definition_metrics(opts, input, weight, bias, target))
+    if matmul_backend(input.device, input.dtype) == "torch":
         if opts.process_group is not None:  # a shard's logits are a 1 / W slice
-            return _definition(opts, input, weight, bias, target, class_weight)
-        return _LinearCrossEntropyTorch.apply(opts, needs, input, weight, bias, target, class_weight)[:2]
-    if opts.schedule.chunked or torch_only or opts.accumulate_in_input_dtype:
-        return _LinearCrossEntropyChunked.apply(opts, needs, input, weight, bias, target, class_weight)[:2]
-    return _LinearCrossEntropy.apply(opts, needs[:4], input, weight, bias, target)[:2]
+            return (*_definition(opts, input, weight, bias, target, class_weight), None, None)
+        return _LinearCrossEntropyTorch.apply(opts, needs, input, weight, bias, target, class_weight)[:4]
+    if opts.schedule.chunked or torch_only or opts.accumulate_in_input_dtype or opts.token_metrics:
+        return _LinearCrossEntropyChunked.apply(opts, needs, input, weight, bias, target, class_weight)[:4]
+    return (*_LinearCrossEntropy.apply(opts, needs[:4], input, weight, bias, target)[:2], None, None)
+
+
+def _definition_metrics(opts, input, weight, bias, target):
+    """The token metrics (flat per row, None where not asked for) from the materialized logits."""
+    if not opts.token_metrics:
+        return None, None
+    x2d = _as_rows(input).detach()
+    dtype = _family.compute_dtype(input, target)
+    with torch.no_grad():
+        logits = F.linear(x2d.to(dtype), weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype))
+        logits = _class_view(logits, opts)
+    rows = logits.numel() // max(logits.shape[1], 1)
+    metrics = token_metrics.buffers(opts.token_metrics, rows, dtype, input.device)
+    token_metrics.of_logits(logits, _token_targets(target, opts), opts.ignore_index, opts.softcap, *metrics,
+                            kernels=False)
+    return metrics
 
 
 def _legacy_bias(legacy_bias, bias, linear_bias):
@@ -257,7 +289,7 @@ def _fail(message):
 
 def _options(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, options, z_loss,
              softcap, focal_gamma, shift, return_lse, input_precision, process_group=None,
-             accumulate_in_input_dtype=False, schedule=None):
+             accumulate_in_input_dtype=False, schedule=None, return_token_accuracy=False, return_entropy=False):
     _checks.check_tensor("input", input, floating=True)
     if input.dim() == 0:
         _fail("expected input with dimensionality at least 1 (..., in_features), got 0")
@@ -321,6 +353,9 @@ def _options(input, weight, target, bias, class_weight, ignore_index, reduction,
         raise ValueError(f"input_precision must be one of {', '.join(map(repr, _PRECISIONS))}, "
                          f"got {input_precision!r}")
     chunk_rows = _chunk_rows_option(options)
+    metrics = token_metrics.check(return_token_accuracy, return_entropy, prob_target)
+    if metrics and process_group is not None:
+        raise ValueError("return_token_accuracy and return_entropy need the whole vocabulary: not with process_group")
     class_offset, shard_widths = 0, ()
     if process_group is not None:
         if accumulate_in_input_dtype:
@@ -344,6 +379,7 @@ def _options(input, weight, target, bias, class_weight, ignore_index, reduction,
         focal_gamma=_checks.check_number("focal_gamma", focal_gamma, low=0.0, finite=True),
         shift=shift,
         return_lse=return_lse,
+        token_metrics=metrics,
         input_precision=input_precision,
         accumulate_in_input_dtype=accumulate_in_input_dtype,
         schedule=_schedule(schedule, input, options),
@@ -435,7 +471,7 @@ def _rows_and_lse(opts, x2d, weight, bias, y, class_weight=None):
 def _rows_and_lse_of_logits(opts, logits, y, class_weight):
     """``_rows_and_lse`` from the (rows, C prod(out_features)) logits."""
     dtype = logits.dtype
-    logits = logits.view(logits.shape[0], -1, *opts.out_features)
+    logits = _class_view(logits, opts)
     class_weight = None if class_weight is None else class_weight.to(dtype)
     if opts.process_group is not None:
         return ce.sharded_rows_and_lse(opts.row_options(dtype), logits, y, class_weight, None)
@@ -443,6 +479,12 @@ def _rows_and_lse_of_logits(opts, logits, y, class_weight):
     if opts.softcap is not None:
         logits = opts.softcap * torch.tanh(logits / opts.softcap)
     return rows, torch.logsumexp(logits, dim=1)
+
+
+def _class_view(logits, opts):
+    """(rows, C prod(out_features)) logits as (rows, C, *out_features), the class dimension second."""
+    per_class = math.prod(opts.out_features)
+    return logits.view(logits.shape[0], logits.shape[1] // per_class, *opts.out_features)
 
 
 def _denominator(y, class_weight, opts, dtype):
@@ -549,12 +591,14 @@ def _chunk_rows(opts, x2d, weight):
     return _lm_head.chunk_rows(weight.shape[0], x2d.dtype.itemsize, opts.schedule.workspace_bytes or LCE_CHUNK_BYTES)
 
 
-def _chunked_sweep(opts, needs, x2d, weight, bias, y, class_weight, row_state, *, rows=None, scale):
+def _chunked_sweep(opts, needs, x2d, weight, bias, y, class_weight, row_state, *, rows=None, scale,
+                   metrics=(None, None)):
     """One sweep of the LM-head engine (``fusedloss._lm_head``) with the cross-entropy kernels as its row kernel, in
     place: with ``rows`` the forward kernel (per-row loss and state, the gradient times the 0-d ``scale``), else the
     backward kernel from ``row_state`` (times ``scale``, 0-d or per row, and a probability target's gradient). dW
     summed in the compute dtype (the weight's with ``accumulate_in_input_dtype``, Liger-Kernel's semantics).
-    Returns (dX, dW, db, dtarget), None where not needed."""
+    The forward fills the token ``metrics`` buffers (accuracy, entropy: None where not asked) from each chunk's
+    logits before the kernel overwrites them. Returns (dX, dW, db, dtarget), None where not needed."""
     from ..kernels.cross_entropy import cross_entropy_backward, cross_entropy_forward
 
     need_t = needs[3]
@@ -570,6 +614,9 @@ def _chunked_sweep(opts, needs, x2d, weight, bias, y, class_weight, row_state, *
         view = logits.view(stop - start, *view_shape)
         r0, r1 = start * per_row, stop * per_row
         if rows is not None:
+            if opts.token_metrics:
+                token_metrics.of_logits(view, y[start:stop], opts.ignore_index, opts.softcap,
+                                        *(None if m is None else m[r0:r1] for m in metrics), kernels=True)
             cross_entropy_forward(view, y[start:stop], class_weight, None, kernel_scale if gradient else None,
                                   rows[r0:r1], row_state[r0:r1], view if gradient else None,
                                   ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
@@ -615,16 +662,18 @@ class _LinearCrossEntropyChunked(_family.LossFunction):
         fused = opts.reduction != "none" and any(needs[:3]) and not needs[3]
         scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, input.device) if fused else \
             torch.ones((), dtype=dtype, device=input.device)
+        metrics = token_metrics.buffers(opts.token_metrics, n_rows, dtype, input.device)
         grads = _chunked_sweep(opts, needs if fused else (False,) * 4, xs, weight, bias, ys, class_weight,
-                               row_state, rows=rows, scale=scale)
+                               row_state, rows=rows, scale=scale, metrics=metrics)
         lead = _lead_shape(input, opts)
         rows = _lm_head.spread(rows, live, x2d.shape[0])
         loss = _family.reduce(rows, opts.reduction, denominator, lead).to(opts.out_dtype)
         lse = _lm_head.spread(row_state[:, 0] + row_state[:, 1], live, x2d.shape[0]).reshape(lead)
+        accuracy, entropy = (None if m is None else _lm_head.spread(m, live, x2d.shape[0]) for m in metrics)
         if not fused:
-            return loss, lse, row_state, denominator, live
+            return loss, lse, accuracy, entropy, row_state, denominator, live
         dx, dw, db, _ = grads
-        return (loss, lse, row_state, denominator, live,
+        return (loss, lse, accuracy, entropy, row_state, denominator, live,
                 None if dx is None else _lm_head.spread(dx, live, x2d.shape[0]).view(input.shape),
                 None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
 
@@ -632,8 +681,8 @@ class _LinearCrossEntropyChunked(_family.LossFunction):
     def setup_context(ctx, inputs, output):
         opts, needs, input, weight, bias, target, class_weight = inputs
         ctx.mark_non_differentiable(*(t for t in output[2:] if t is not None))
-        fused = [*output[5:], None, None] if len(output) > 5 else None
-        _family.save(ctx, opts, needs, (input, weight, bias, target, class_weight), state=output[2:5], fused=fused,
+        fused = [*output[7:], None, None] if len(output) > 7 else None
+        _family.save(ctx, opts, needs, (input, weight, bias, target, class_weight), state=output[4:7], fused=fused,
                      differentiable=2)
 
     @staticmethod
@@ -819,7 +868,8 @@ def _plain_chunk(opts, logits, y, class_weight, grad_rows):
     return rows, lse
 
 
-def _chunk_grads(opts, needs, x2d, weight, bias, y, class_weight, rows, grad_rows, grad_lse, grads):
+def _chunk_grads(opts, needs, x2d, weight, bias, y, class_weight, rows, grad_rows, grad_lse, grads,
+                 metrics=(None, None)):
     """The gradients of tokens ``rows`` with output gradients ``grad_rows`` (and ``grad_lse``): the chunk's logits
     (compute dtype; ``weight`` and ``bias`` already in it), their gradient G (``_plain_chunk``'s closed form in
     place, else autograd through the cross-entropy alone), then dX = G W into ``grads[0]``'s rows, dW += G^T X and
@@ -828,6 +878,7 @@ def _chunk_grads(opts, needs, x2d, weight, bias, y, class_weight, rows, grad_row
     x_chunk = x2d[rows].to(weight.dtype)
     with torch.no_grad():
         logits = F.linear(x_chunk, weight, bias)
+    _chunk_metrics(opts, logits, y[rows], rows, metrics)
     if _plain(opts, y, grad_lse, needs):
         with torch.no_grad():
             out_rows, out_lse = _plain_chunk(opts, logits, y[rows], class_weight,
@@ -854,6 +905,15 @@ def _chunk_grads(opts, needs, x2d, weight, bias, y, class_weight, rows, grad_row
     if needs[3]:
         grads[3][rows] = g_target[0]
     return out_rows.detach(), out_lse.detach()
+
+
+def _chunk_metrics(opts, logits, y, rows, metrics):
+    """The token metrics of tokens ``rows`` from their logits (rows, C prod(out_features)), into ``metrics``."""
+    if opts.token_metrics:
+        per_row = math.prod(opts.out_features)
+        token_metrics.of_logits(_class_view(logits, opts), y, opts.ignore_index,
+                                opts.softcap, *(None if m is None else m[rows.start * per_row:rows.stop * per_row]
+                                                for m in metrics), kernels=False)
 
 
 def _new_grads(needs, x2d, weight, bias, y, dtype):
@@ -891,23 +951,25 @@ class _LinearCrossEntropyTorch(_family.LossFunction):
         grads = _new_grads(need, x2d, weight, bias, y, dtype) if fused else None
         scale = _family.fused_grad_scale(opts.reduction, denominator, dtype, input.device) if fused else None
         weight_c, bias_c = _in_compute_dtype(weight, bias, dtype)
+        metrics = token_metrics.buffers(opts.token_metrics, rows.numel(), dtype, input.device)
         for chunk in _chunks(n_rows, weight.shape[0], dtype, x2d, fused and _plain(opts, y, None, need)):
             if fused:  # the chunk's loss and its gradient from one evaluation: 6 N H V FLOPs in all
                 rows[chunk], lse[chunk] = _chunk_grads(opts, need, x2d, weight_c, bias_c, y, class_weight, chunk,
-                                                       scale, None, grads)
+                                                       scale, None, grads, metrics)
             else:
                 with torch.no_grad():
-                    rows[chunk], lse[chunk] = _rows_and_lse(opts, x2d[chunk], weight_c, bias_c, y[chunk],
-                                                            class_weight)
+                    logits = F.linear(x2d[chunk].to(dtype), weight_c, bias_c)
+                    _chunk_metrics(opts, logits, y[chunk], chunk, metrics)
+                    rows[chunk], lse[chunk] = _rows_and_lse_of_logits(opts, logits, y[chunk], class_weight)
         lead = _lead_shape(input, opts)
         loss = _family.reduce(rows.reshape(-1), opts.reduction, denominator, lead).to(opts.out_dtype)
         fused_grads = _as_param_grads(grads, input, weight, bias, target) if fused else (None,) * 4
-        return loss, lse.reshape(lead), *fused_grads, denominator
+        return loss, lse.reshape(lead), *metrics, *fused_grads, denominator
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         opts, needs, input, weight, bias, target, class_weight = inputs
-        _, _, dx, dw, db, dt, denominator = output
+        _, _, _, _, dx, dw, db, dt, denominator = output
         ctx.mark_non_differentiable(*(t for t in output[2:] if t is not None))
         fused = [dx, dw, db, dt, None] if any(t is not None for t in (dx, dw, db, dt)) else None
         _family.save(ctx, opts, needs, (input, weight, bias, target, class_weight), state=(denominator,),

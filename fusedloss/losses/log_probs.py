@@ -62,7 +62,10 @@ def log_probs(logits, target, *, temperature=1.0, ignore_index=-100, softcap=Non
                            return_entropy, False, None)
     rows2d = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
     y = target.reshape(-1)
-    if runs_definition(logits) or backend(logits.device) == "torch" or rows2d.numel() == 0:
+    # the definition where the kernels do not run: torch.func transforms, meta / fake tensors, torch.compile (its
+    # graph then holds the torch ops), the torch backend, empty inputs
+    if (runs_definition(logits) or torch.compiler.is_compiling() or backend(logits.device) == "torch"
+            or rows2d.numel() == 0):
         lp, ent = _rows(opts, rows2d.to(_family.compute_dtype(logits)), y, inv_t)
     else:
         lp, ent = _LogProbs.apply(opts, rows2d, y, inv_t)[:2]
@@ -121,7 +124,7 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
         y = torch.cat([y[..., 1:], torch.full_like(y[..., :1], opts.ignore_index)], dim=-1)
     y = y.reshape(-1)
     with _checks.autocast_off(input.device):  # the math at its own precision (inputs cast above)
-        if process_group is not None or runs_definition(input):
+        if process_group is not None or runs_definition(input) or torch.compiler.is_compiling():
             lp, ent = _linear_definition(opts, x2d, linear_weight, linear_bias, y, inv_t)
         else:
             lp, ent = _LinearLogProbs.apply(opts, x2d, linear_weight, linear_bias, y, inv_t)[:2]
@@ -275,13 +278,12 @@ class _LogProbs(torch.autograd.Function):
 
         logits, y, inv_t, state = ctx.saved_tensors
         opts = ctx.opts
-        if torch.is_grad_enabled():  # higher order: through the definition
-            with torch.enable_grad():
-                leaf = logits.detach().requires_grad_()
-                outs = _rows(opts, leaf.to(state.dtype), y, inv_t)
-                pairs = [(o, g) for o, g in zip(outs, grad_outputs[:2]) if g is not None]
-                (grad,) = torch.autograd.grad([o for o, _ in pairs], [leaf], [g for _, g in pairs],
-                                              create_graph=True)
+        if grad_outputs[0] is None and grad_outputs[1] is None:
+            return None, None, None, None
+        if torch.is_grad_enabled():  # higher order: through the definition, on the saved input itself
+            outs = _rows(opts, logits.to(state.dtype), y, inv_t)
+            pairs = [(o, g) for o, g in zip(outs, grad_outputs[:2]) if g is not None]
+            (grad,) = torch.autograd.grad([o for o, _ in pairs], [logits], [g for _, g in pairs], create_graph=True)
             return None, grad, None, None
         g, h = _row_grads(grad_outputs, logits.shape[0], state.dtype)
         grad = _alloc.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
@@ -351,15 +353,13 @@ class _LinearLogProbs(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         x2d, weight, bias, y, inv_t, state = ctx.saved_tensors
         opts, needs = ctx.opts, ctx.needs_input_grad[1:4]
-        if torch.is_grad_enabled():  # higher order: through the definition
-            with torch.enable_grad():
-                leaves = [None if t is None else t.detach().requires_grad_(need)
-                          for t, need in zip((x2d, weight, bias), needs)]
-                outs = _linear_definition(opts, *leaves, y, inv_t)
-                pairs = [(o, g) for o, g in zip(outs, grad_outputs[:2]) if g is not None]
-                wanted = [t for t, need in zip(leaves, needs) if need]
-                grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                                 create_graph=True))
+        if grad_outputs[0] is None and grad_outputs[1] is None:
+            return (None,) * 6
+        if torch.is_grad_enabled():  # higher order: through the definition, on the saved inputs themselves
+            outs = _linear_definition(opts, x2d, weight, bias, y, inv_t)
+            pairs = [(o, g) for o, g in zip(outs, grad_outputs[:2]) if g is not None]
+            wanted = [t for t, need in zip((x2d, weight, bias), needs) if need]
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True))
             return None, *(next(grads) if need else None for need in needs), None, None
         with _checks.autocast_off(x2d.device):
             return _linear_backward(opts, needs, x2d, weight, bias, y, inv_t, state, grad_outputs)
