@@ -21,8 +21,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ["bench_cross_entropy.py", "bench_linear_cross_entropy.py", "bench_contrastive.py", "bench_distillation.py",
-         "bench_pointwise.py", "bench_binary.py", "bench_triplet.py", "bench_largest_batch.py"]
+ORDER = ["bench_cross_entropy.py", "bench_linear_cross_entropy.py", "bench_log_probs.py", "bench_contrastive.py",
+         "bench_distillation.py", "bench_pointwise.py", "bench_binary.py", "bench_triplet.py", "bench_largest_batch.py"]
 GRACE_S = 30  # after SIGINT: time for pytest to finish the current measurement and write its JSON
 # glibc's malloc moves its mmap and trim thresholds as a process runs, so the same CPU benchmark allocates from warm
 # heap pages in one process and from fresh (page-faulting) mmaps in another: up to 8x apart. Fixed thresholds

@@ -296,24 +296,55 @@ class _LogProbs(torch.autograd.Function):
 # linear_log_probs on the LM-head engine: the Triton row kernels, or their torch-ops equivalent (torch backend)
 
 
+def _shift_in_place(opts, logits, inv_t, m=None):
+    """``logits`` (the engine's chunk buffer, compute dtype) overwritten by ``z - m`` with ``z = softcap(x) / T``;
+    returns (m, the cap's derivative or None). ``m``: the rows' max, computed here when not given."""
+    dcap = None
+    if opts.softcap is not None:
+        t = logits.div_(opts.softcap).tanh_()
+        dcap = 1.0 - t * t
+        t.mul_(opts.softcap)
+    logits.mul_(inv_t if inv_t.dim() == 0 else inv_t[:, None])
+    if m is None:
+        m = logits.amax(dim=1)
+    logits.sub_(torch.where(m > float("-inf"), m, 0.0)[:, None])
+    return m, dcap
+
+
 def _torch_row_forward(opts, logits, y, inv_t, lp, ent, state):
-    """The forward row kernel in torch ops (the torch backend): per-row log-probs, entropies and (m, log s, H)."""
-    z = _scaled(opts, logits, inv_t)
-    m = z.amax(dim=1)
-    log_s = torch.logsumexp(z - torch.where(m > float("-inf"), m, 0.0)[:, None], dim=1)
-    lp[:], ent[:] = _rows(opts, logits, y, inv_t)
-    state[:, 0], state[:, 1] = m, log_s
-    state[:, 2] = ent
+    """The forward row kernel in torch ops (the torch backend), the math of ``kernels/log_probs.py`` over the chunk
+    buffer in place: per-row log-probs, entropies and (m, log s, H)."""
+    m, _ = _shift_in_place(opts, logits, inv_t)
+    e = logits.exp()
+    s = e.sum(dim=1)
+    a = torch.where(e > 0, e * logits, 0.0).sum(dim=1)
+    log_s = s.log()
+    valid = y != opts.ignore_index
+    z_y = logits.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
+    lp.copy_(torch.where(valid, z_y - log_s, 0.0))
+    entropy = log_s - a / s
+    ent.copy_(torch.where(valid, entropy, 0.0))
+    state[:, 0], state[:, 1], state[:, 2] = m, log_s, entropy
 
 
 def _torch_row_backward(opts, logits, y, inv_t, state, g, h, grad):
-    """The backward row kernel in torch ops: ``grad = d/dlogits (g log p_y + h H)`` (``kernels/log_probs.py``)."""
-    with torch.enable_grad():
-        leaf = logits.detach().requires_grad_()
-        outs = _rows(opts, leaf, y, inv_t)
-        pairs = [(o, t) for o, t in zip(outs, (g, h)) if t is not None]
-        (result,) = torch.autograd.grad([o for o, _ in pairs], [leaf], [t for _, t in pairs])
-    grad.copy_(result)
+    """The backward row kernel in torch ops, in place over the chunk buffer (``grad`` is ``logits``):
+    ``dz_c = g ([c == y] - p_c) - h p_c (log p_c + H)``, times ``1 / T`` and the cap's derivative."""
+    m, log_s, entropy = state.unbind(1)
+    _, dcap = _shift_in_place(opts, logits, inv_t, m)
+    valid = y != opts.ignore_index
+    g = torch.zeros_like(log_s) if g is None else torch.where(valid, g, 0.0)
+    h = torch.zeros_like(log_s) if h is None else torch.where(valid, h, 0.0)
+    log_p = logits.sub_(log_s[:, None])
+    p = log_p.exp()
+    dz = log_p.add_(entropy[:, None]).mul_(h[:, None]).add_(g[:, None]).mul_(p).neg_()
+    dz.masked_fill_(p == 0, 0.0)  # a -inf logit: p log p is 0, not 0 * -inf
+    dz.scatter_add_(1, torch.where(valid, y, 0).unsqueeze(1), g.unsqueeze(1))
+    dz.mul_(inv_t if inv_t.dim() == 0 else inv_t[:, None])
+    if dcap is not None:
+        dz.mul_(dcap)
+    if dz is not grad:
+        grad.copy_(dz)
 
 
 class _LinearLogProbs(torch.autograd.Function):
