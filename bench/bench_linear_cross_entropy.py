@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 import fusedloss
 
-from benchutil import at_least_fp32, compiled, row, skip_if_oom
+from benchutil import at_least_fp32, compiled, lm_head_matmuls, lm_head_problem, row
 
 CONFIGS = {
     "plain": {},
@@ -86,14 +86,6 @@ def cce(filter_eps):
         return lambda x, w, y: linear_cross_entropy(x, w, y, softcap=softcap, filter_eps=filter_eps)
 
     return make
-
-
-def bare_matmuls(x, w, g):
-    """x @ W^T, and with G (the logits' shape) the two gradient products G @ W and G^T @ x."""
-    x @ w.t()
-    if g is not None:
-        g @ w
-        g.t() @ x
 
 
 # provider -> (the loss for a configuration's keyword arguments, how it is called, module it needs)
@@ -162,10 +154,7 @@ def test_linear_cross_entropy(run_bench, device, quick, provider, config, mode, 
     n, hidden, vocab = sizes[size]
     kw = CONFIGS[config]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = skip_if_oom(lambda: torch.randn(n, hidden, device=device, dtype=dtype, generator=gen))
-    w = skip_if_oom(lambda: torch.randn(vocab, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5)
-    y = torch.randint(0, vocab, (n,), device=device, generator=gen)
+    x, w, y = lm_head_problem(device, dtype, n, hidden, vocab)
     matmuls = 2 if mode == "fwd" else 6
     # the recompute schedules recompute the logits in the backward (8 N H V FLOPs done); the chunked one (the
     # default for 16-bit CUDA inputs) and the torch backend do not
@@ -177,9 +166,7 @@ def test_linear_cross_entropy(run_bench, device, quick, provider, config, mode, 
                   logits_mb=n * vocab * x.element_size() / 2**20,
                   **row("linear_cross_entropy", provider, mode, f"{n}x{hidden}x{vocab}", config, dtype, settings))
     if provider == "matmul":
-        g = None if mode == "fwd" else skip_if_oom(
-            lambda: torch.randn(n, vocab, device=device, dtype=dtype, generator=gen))
-        run_bench(bare_matmuls, [x, w, g], **common)
+        lm_head_matmuls(run_bench, x, w, mode, **common)
     else:
         run_bench(make(**kw), [x, w, y], differentiable=[x, w] if mode == "fwd_bwd" else [],
                   reference=lambda a, b, c: eager_loss(a, b, c, **kw), **common)

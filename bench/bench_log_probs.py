@@ -25,7 +25,7 @@ import torch
 
 import fusedloss
 
-from benchutil import at_least_fp32, compiled, row, skip_if_oom
+from benchutil import at_least_fp32, compiled, lm_head_matmuls, lm_head_problem, row
 
 TEMPERATURE = 0.7
 
@@ -41,13 +41,6 @@ def ours(x, w, y):
     return logprobs + 0.01 * entropy
 
 
-def bare_matmuls(x, w, g):
-    x @ w.t()
-    if g is not None:
-        g @ w
-        g.t() @ x
-
-
 PROVIDERS = {"fusedloss": ours, "eager": eager, "torch.compile": None, "matmul": None}
 
 
@@ -58,10 +51,7 @@ def test_log_probs(run_bench, device, quick, provider, mode):
         pytest.skip("torch.compile is timed on GPU, forward + backward only (compile time)")
     n, hidden, vocab = (512, 256, 8192) if quick else (8192, 4096, 131072)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = skip_if_oom(lambda: torch.randn(n, hidden, device=device, dtype=dtype, generator=gen))
-    w = skip_if_oom(lambda: torch.randn(vocab, hidden, device=device, dtype=dtype, generator=gen) / hidden ** 0.5)
-    y = torch.randint(0, vocab, (n,), device=device, generator=gen)
+    x, w, y = lm_head_problem(device, dtype, n, hidden, vocab)
     matmuls = 2 if mode == "fwd" else 6
     done = 8 if provider == "fusedloss" and mode == "fwd_bwd" else matmuls
     common = dict(flops=matmuls * n * hidden * vocab, hw_flops=done * n * hidden * vocab,
@@ -70,9 +60,7 @@ def test_log_probs(run_bench, device, quick, provider, mode):
                         "linear_log_probs(..., temperature=0.7, return_entropy=True)" if provider == "fusedloss"
                         else None))
     if provider == "matmul":
-        g = None if mode == "fwd" else skip_if_oom(
-            lambda: torch.randn(n, vocab, device=device, dtype=dtype, generator=gen))
-        run_bench(bare_matmuls, [x, w, g], **common)
+        lm_head_matmuls(run_bench, x, w, mode, **common)
         return
     fn = compiled(eager, "log_probs") if provider == "torch.compile" else PROVIDERS[provider]
     run_bench(lambda a, b, c: fn(a, b, c).sum(), [x, w, y], differentiable=[x, w] if mode == "fwd_bwd" else [],

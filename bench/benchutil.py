@@ -80,6 +80,30 @@ def provider_fn(provider, ours, eager, key):
     return {"fusedloss": ours, "eager": eager}[provider]
 
 
+def lm_head_problem(device, dtype, n, hidden, vocab):
+    """(x, W, y): an LM-head problem of N tokens, H hidden, V classes, seeded, W scaled to logits of order 1."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = skip_if_oom(lambda: torch.randn(n, hidden, device=device, dtype=dtype, generator=gen))
+    w = skip_if_oom(lambda: torch.randn(vocab, hidden, device=device, dtype=dtype, generator=gen) / hidden**0.5)
+    return x, w, torch.randint(0, vocab, (n,), device=device, generator=gen)
+
+
+def lm_head_matmuls(run_bench, x, w, mode, **common):
+    """Time the bare matmuls of an LM head's step: x @ W^T; with ``mode`` "fwd_bwd" also G @ W and G^T @ x for a
+    random G of the logits' shape (the practical ceiling of any LM-head loss)."""
+    g = None
+    if mode != "fwd":
+        g = skip_if_oom(lambda: torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype))
+
+    def bare(x, w, g):
+        x @ w.t()
+        if g is not None:
+            g @ w
+            g.t() @ x
+
+    run_bench(bare, [x, w, g], **common)
+
+
 def at_least_fp32(t):
     """Upcast to fp32 as a user's eager code does with ``.float()``, but keep fp64 inputs in fp64 (so the fp64
     reference of ``max_rel_error`` stays fp64 throughout)."""
