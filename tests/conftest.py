@@ -118,10 +118,19 @@ def randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, requires_gr
 def run_gloo_ranks(tmp_path, worker, backend_name, world, *args):
     """Run ``tests/<worker> RANK WORLD INIT_FILE OUT_FILE *args`` as ``world`` processes (a gloo group through a file
     in ``tmp_path``), on the backend ``backend_name`` names (``"interpret"`` or ``"torch"``) with poisoned buffers,
-    and return what each rank saved to its OUT_FILE. A rank that fails or hangs fails the test with its output."""
+    and return what each rank saved to its OUT_FILE (a dict whose "backend" entry, ``fusedloss.backend("cpu")`` on
+    that rank, is checked and removed). A rank that fails or hangs fails the test with its output."""
     import subprocess
     import sys
 
+    import torch.distributed as dist
+
+    if DEVICE != "cpu":
+        pytest.skip("the gloo tests run in the CPU session; the CUDA tier runs the kernels on one GPU")
+    if backend_name == "interpret":
+        pytest.importorskip("triton")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEDLOSS_BACKEND")}
     env.update({"TRITON_INTERPRET": "1"} if backend_name == "interpret" else {"FUSEDLOSS_BACKEND": "torch"})
     env["FUSEDLOSS_POISON"] = "1"
@@ -140,7 +149,10 @@ def run_gloo_ranks(tmp_path, worker, backend_name, world, *args):
             pytest.fail(f"a gloo rank of {worker} did not finish in 300 s")
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} of {worker} failed (exit {p.returncode}):\n{log[-4000:]}"
-    return [torch.load(o) for o in outs]
+    results = [torch.load(o) for o in outs]
+    expected = {"interpret": "triton-interpret", "torch": "torch"}[backend_name]
+    assert all(r.pop("backend") == expected for r in results), f"a rank ran another backend than {expected}"
+    return results
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,6 @@ Saves the losses and gradients to OUT_FILE. The backend comes from the environme
 FUSEDLOSS_BACKEND=torch), set by the test.
 """
 
-import sys
 
 import torch
 import torch.distributed as dist
@@ -27,36 +26,29 @@ def dist_batch(world, n_local, dim, seed):
     return images, texts, torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64), grad_outs
 
 
-def main(rank, world, init_file, out_file, n_local, dim, seed):
+def main(rank, world, n_local, dim, seed):
     import fusedloss
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        images, texts, scale, bias, grad_outs = dist_batch(world, n_local, dim, seed)
-        rows = slice(rank * n_local, (rank + 1) * n_local)
-        results = {"backend": fusedloss.backend("cpu")}
-        modules = {"clip": fusedloss.nn.ClipLoss(process_group=dist.group.WORLD),
-                   "siglip": fusedloss.nn.SigLipLoss(process_group=dist.group.WORLD)}
-        for kind, module in modules.items():
-            image = images[rows].clone().requires_grad_()
-            text = texts[rows].clone().requires_grad_()
-            logit_scale = scale.clone().requires_grad_()
-            logit_bias = bias.clone().requires_grad_()
-            model_out = {"image_features": image, "text_features": text, "logit_scale": logit_scale,
-                         "logit_bias": logit_bias}
-            loss = module(**model_out, output_dict=True)["contrastive_loss"]
-            leaves = [image, text, logit_scale, logit_bias]
-            grads = torch.autograd.grad(loss, leaves, grad_outs[rank], retain_graph=True)
-            higher = torch.autograd.grad(loss, leaves, grad_outs[rank], create_graph=True)
-            results[kind] = {"loss": loss.detach(), "grads": [g.detach() for g in grads],
-                             "create_graph": [g.detach() for g in higher]}
-        torch.save(results, out_file)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    gloo_rank.finish(dist)
+    images, texts, scale, bias, grad_outs = dist_batch(world, n_local, dim, seed)
+    rows = slice(rank * n_local, (rank + 1) * n_local)
+    results = {"backend": fusedloss.backend("cpu")}
+    modules = {"clip": fusedloss.nn.ClipLoss(process_group=dist.group.WORLD),
+               "siglip": fusedloss.nn.SigLipLoss(process_group=dist.group.WORLD)}
+    for kind, module in modules.items():
+        image = images[rows].clone().requires_grad_()
+        text = texts[rows].clone().requires_grad_()
+        logit_scale = scale.clone().requires_grad_()
+        logit_bias = bias.clone().requires_grad_()
+        model_out = {"image_features": image, "text_features": text, "logit_scale": logit_scale,
+                     "logit_bias": logit_bias}
+        loss = module(**model_out, output_dict=True)["contrastive_loss"]
+        leaves = [image, text, logit_scale, logit_bias]
+        grads = torch.autograd.grad(loss, leaves, grad_outs[rank], retain_graph=True)
+        higher = torch.autograd.grad(loss, leaves, grad_outs[rank], create_graph=True)
+        results[kind] = {"loss": loss.detach(), "grads": [g.detach() for g in grads],
+                         "create_graph": [g.detach() for g in higher]}
+    return results
 
 
 if __name__ == "__main__":
-    rank, world, init_file, out_file, n_local, dim, seed = sys.argv[1:8]
-    main(int(rank), int(world), init_file, out_file, int(n_local), int(dim), int(seed))
+    gloo_rank.serve(main)

@@ -5,6 +5,23 @@ import os
 import sys
 
 
+def serve(main):
+    """Run ``main(rank, world, *args)`` as one rank of a gloo group, from ``sys.argv``: RANK WORLD INIT_FILE OUT_FILE
+    and the integer ARGS of ``conftest.run_gloo_ranks``; save the dict it returns to OUT_FILE, then ``finish``. A
+    failure tears the group down and propagates (the test reports the rank's output)."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world, init_file, out_file, *args = sys.argv[1:]
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=int(rank), world_size=int(world))
+    try:
+        torch.save(main(int(rank), int(world), *map(int, args)), out_file)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    finish(dist)
+
+
 def finish(dist):
     """A worker's last step once its results are saved: wait for every rank (so none tears the group down while a
     peer still sends), destroy the group, and leave without the interpreter's finalization. At finalization gloo's

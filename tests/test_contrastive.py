@@ -902,17 +902,8 @@ def test_gloo_ranks_match_open_clip(tmp_path, backend_name, world):
     """``nn.ClipLoss`` / ``nn.SigLipLoss`` with a process group, fp64, each rank a different grad_output: each rank's
     loss and every gradient are what open_clip's distributed loss gives on that rank; gradients through
     ``create_graph=True`` (the definition, differentiable collectives) agree, the scale's summed over ranks."""
-    if DEVICE != "cpu":
-        pytest.skip("the gloo test runs in the CPU session")
-    if backend_name == "interpret":
-        pytest.importorskip("triton")
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
     n_local, dim, seed = 13, 12, 1234
     results = run_gloo_ranks(tmp_path, "contrastive_dist_worker.py", backend_name, world, n_local, dim, seed)
-    assert {r["backend"] for r in results} == {"triton-interpret" if backend_name == "interpret" else "torch"}
     for kind in ("clip", "siglip"):
         images, texts, scale, bias, grad_outs = dist_batch(world, n_local, dim, seed)
         leaves_ = [t.clone().requires_grad_() for t in (images, texts, scale, bias)]

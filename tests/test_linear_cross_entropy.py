@@ -750,8 +750,8 @@ def _bad_cases():
     yield "target", ValueError, (x, w, t.float()), {}  # probabilities of the wrong shape
     yield "target", TypeError, (x, w, t.to(torch.int16)), {}
     yield "target", ValueError, (x, w, t[:5]), {}
-    yield "bias", ValueError, (x, w, t, torch.randn(9)), {}
-    yield "bias", TypeError, (x, w, t, torch.randn(10, dtype=torch.float64)), {}
+    yield "linear_bias", ValueError, (x, w, t), dict(linear_bias=torch.randn(9))
+    yield "linear_bias", TypeError, (x, w, t), dict(linear_bias=torch.randn(10, dtype=torch.float64))
     yield "ignore_index", TypeError, (x, w, t), dict(ignore_index=1.5)
     yield "reduction", ValueError, (x, w, t), dict(reduction="avg")
     yield "label_smoothing", ValueError, (x, w, t), dict(label_smoothing=1.5)

@@ -7,23 +7,13 @@ both CPU backends.
 import pytest
 import torch
 
-from conftest import DEVICE, assert_close, run_gloo_ranks
+from conftest import assert_close, run_gloo_ranks
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend_name", ["interpret", "torch"])
 def test_shards_reproduce_the_single_process_result(tmp_path, world, backend_name):
-    if DEVICE != "cpu":
-        pytest.skip("the gloo tests run in the CPU session; the CUDA tier runs the kernels on one GPU")
-    if backend_name == "interpret":
-        pytest.importorskip("triton")
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
     results = run_gloo_ranks(tmp_path, "vocab_parallel_worker.py", backend_name, world, 2024)
-    expected_backend = "triton-interpret" if backend_name == "interpret" else "torch"
-    assert {r.pop("backend") for r in results} == {expected_backend}
     from vocab_parallel_worker import CE_CASES, DISAGREEMENTS, LCE_CASES, LOG_PROB_CASES
 
     cases = len(CE_CASES) + len(LCE_CASES) + len(LOG_PROB_CASES) + len(DISAGREEMENTS)

@@ -8,7 +8,6 @@ process (the single-process result, same backend), and saves both for the test t
 the environment (TRITON_INTERPRET=1 or FUSEDLOSS_BACKEND=torch), set by the test.
 """
 
-import sys
 
 import torch
 import torch.distributed as dist
@@ -171,29 +170,22 @@ def _disagreement(what, gen, rank, group):
     return messages
 
 
-def main(rank, world, init_file, out_file, seed):
+def main(rank, world, seed):
     import fusedloss
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {"backend": fusedloss.backend("cpu")}
-        for family, cases, run in (("cross_entropy", CE_CASES, _cross_entropy_case),
-                                   ("linear_cross_entropy", LCE_CASES, _linear_cross_entropy_case),
-                                   ("linear_log_probs", LOG_PROB_CASES, _linear_log_probs_case)):
-            for name, opts in cases:
-                gen = torch.Generator().manual_seed(seed)  # the same problem on every rank
-                mine, expected = run(opts, gen, rank, world, dist.group.WORLD)
-                results[f"{family}/{name}"] = ([t.detach() for t in mine], [t.detach() for t in expected])
-        for what, _ in DISAGREEMENTS:
-            results[f"disagree/{what}"] = _disagreement(what, torch.Generator().manual_seed(seed), rank,
-                                                        dist.group.WORLD)
-        torch.save(results, out_file)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    gloo_rank.finish(dist)
+    results = {"backend": fusedloss.backend("cpu")}
+    for family, cases, run in (("cross_entropy", CE_CASES, _cross_entropy_case),
+                               ("linear_cross_entropy", LCE_CASES, _linear_cross_entropy_case),
+                               ("linear_log_probs", LOG_PROB_CASES, _linear_log_probs_case)):
+        for name, opts in cases:
+            gen = torch.Generator().manual_seed(seed)  # the same problem on every rank
+            mine, expected = run(opts, gen, rank, world, dist.group.WORLD)
+            results[f"{family}/{name}"] = ([t.detach() for t in mine], [t.detach() for t in expected])
+    for what, _ in DISAGREEMENTS:
+        results[f"disagree/{what}"] = _disagreement(what, torch.Generator().manual_seed(seed), rank,
+                                                    dist.group.WORLD)
+    return results
 
 
 if __name__ == "__main__":
-    rank, world, init_file, out_file, seed = sys.argv[1:6]
-    main(int(rank), int(world), init_file, out_file, int(seed))
+    gloo_rank.serve(main)

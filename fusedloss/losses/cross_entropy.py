@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _checks, _distributed, _family, _schedules
+from .. import _alloc, _checks, _distributed, _dtensor, _family, _schedules
 from .._backend import backend, runs_definition
 from . import token_metrics
 
@@ -106,10 +106,27 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         The loss, in the dtype torch would return (the input's; the promoted one for probability targets; fp32
         under autocast); with a metric asked for, a ``LossWithMetrics`` holding it and the metrics.
 
+    DTensor arguments (``fusedloss._dtensor``): replicated logits, logits sharded on the class dimension
+    (``Shard(1)``, what ``loss_parallel()`` takes: the vocabulary-parallel path over the mesh's group, no
+    ``loss_parallel()`` needed) or on the rows (``Shard(0)``, with ``reduction='none'``); the results and gradients
+    are DTensors on the same mesh. Other placements raise a ValueError naming them.
+
     Out-of-range class indices raise ``IndexError`` on the CPU backends (outside ``torch.compile``) and give the
     row a NaN loss and gradient on GPU, where checking would need a host sync.
     """
     reduction = _checks.legacy_reduction(size_average, reduce, reduction)
+    if _dtensor.has_dtensor(input, target, weight, focal_alpha):
+        def call(input, target, weight, alpha, process_group=None):
+            return cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                 label_smoothing=label_smoothing, focal_gamma=focal_gamma,
+                                 focal_alpha=focal_alpha if alpha is None else alpha, z_loss=z_loss, softcap=softcap,
+                                 inplace_backward=inplace_backward, process_group=process_group, schedule=schedule,
+                                 return_token_accuracy=return_token_accuracy, return_entropy=return_entropy)
+
+        alpha = focal_alpha if isinstance(focal_alpha, torch.Tensor) else None
+        return _dtensor.dispatch(activations={"input": input}, weights={}, targets={"target": target},
+                                 replicated={"weight": weight, "alpha": alpha}, reduction=reduction,
+                                 process_group=process_group, call=call)
     metrics = token_metrics.check(return_token_accuracy, return_entropy,
                                   isinstance(target, torch.Tensor) and target.is_floating_point())
     if metrics and process_group is not None:

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _checks, _distributed, _family, _lm_head, _schedules
+from .. import _alloc, _checks, _distributed, _dtensor, _family, _lm_head, _schedules
 from .._backend import matmul_backend, runs_definition
 from . import cross_entropy as ce
 from . import token_metrics
@@ -184,10 +184,29 @@ def linear_cross_entropy(input, linear_weight, target, *legacy_bias, linear_bias
         under autocast), or ``(loss, lse)`` with ``return_lse``; with a metric asked for, a ``LossWithMetrics``
         holding the loss, the metrics and the lse (with ``return_lse``).
 
+    DTensor arguments (``fusedloss._dtensor``): a replicated LM head (or FSDP2's unsharded one inside the model's
+    forward) with replicated or token-sharded (``Shard(0)``, ``reduction='none'``) activations computes locally; a
+    head sharded on the vocabulary (``Shard(0)``) with replicated activations runs the vocabulary-parallel path over
+    the mesh's group; the results and gradients are DTensors on the same mesh. Other placements raise a ValueError
+    naming them.
+
     CPU backends raise ``IndexError`` on an out-of-range class index; on GPU that row's loss is NaN. Bad shapes
     raise ``fusedloss.ArgumentError``, a ``ValueError`` that ``except RuntimeError`` (torch's type) also catches.
     """
     linear_bias = _legacy_bias(legacy_bias, bias, linear_bias)
+    if _dtensor.has_dtensor(input, linear_weight, target, linear_bias, weight):
+        def call(input, linear_weight, target, linear_bias, weight, process_group=None):
+            return linear_cross_entropy(
+                input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+                ignore_index=ignore_index, label_smoothing=label_smoothing, options=options, focal_gamma=focal_gamma,
+                z_loss=z_loss, softcap=softcap, shift=shift, return_lse=return_lse, input_precision=input_precision,
+                accumulate_in_input_dtype=accumulate_in_input_dtype, process_group=process_group, schedule=schedule,
+                return_token_accuracy=return_token_accuracy, return_entropy=return_entropy)
+
+        return _dtensor.dispatch(activations={"input": input},
+                                 weights={"linear_weight": linear_weight, "linear_bias": linear_bias},
+                                 targets={"target": target}, replicated={"weight": weight}, reduction=reduction,
+                                 process_group=process_group, call=call)
     if _checks.autocast_enabled(getattr(input, "device", torch.device("cpu"))):
         # F.linear runs in the autocast dtype under autocast; cast here, differentiably, so that the gradients of
         # fp32 parameters come back in fp32, as autocast's own casts give

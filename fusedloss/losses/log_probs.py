@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _alloc, _checks, _distributed, _family, _lm_head
+from .. import _alloc, _checks, _distributed, _dtensor, _family, _lm_head
 from .._backend import backend, runs_definition
 
 # LM-head chunks: at most this many bytes of one chunk's logits (the input's dtype) at a time
@@ -55,6 +55,15 @@ def log_probs(logits, target, *, temperature=1.0, ignore_index=-100, softcap=Non
         ``logprobs`` of ``target``'s shape in fp32 (fp64 for fp64 logits), or ``(logprobs, entropy)``; both
         differentiable with respect to ``logits``.
     """
+    if _dtensor.has_dtensor(logits, target, temperature):
+        def call(logits, target, temperature):
+            return log_probs(logits, target, temperature=temperature_value if temperature is None else temperature,
+                             ignore_index=ignore_index, softcap=softcap, return_entropy=return_entropy)
+
+        temperature_value = temperature
+        return _dtensor.dispatch(activations={"logits": logits}, weights={},
+                                 targets={"target": target, "temperature": _tensor_or_none(temperature)},
+                                 replicated={}, reduction=None, process_group=None, call=call, vocab_parallel=False)
     _checks.check_tensor("logits", logits, floating=True)
     if logits.dim() == 0:
         raise ValueError("logits must have at least 1 dimension (..., V), got a 0-d tensor")
@@ -93,11 +102,26 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
             Computed in torch ops from the shard's logits (a 1 / W slice): one all-gather of 4 numbers per token,
             and an all-reduce of the input gradient in the backward.
 
+    DTensor arguments as ``linear_cross_entropy`` takes them (``fusedloss._dtensor``): per-token results, so
+    token-sharded activations need no reduction.
+
     Returns:
         ``logprobs`` of ``target``'s shape in fp32 (fp64 for fp64 inputs), or ``(logprobs, entropy)``;
         differentiable with respect to ``input``, ``linear_weight`` and ``linear_bias``, with any mix of gradients
         into the two. No host sync.
     """
+    if _dtensor.has_dtensor(input, linear_weight, target, linear_bias, temperature):
+        def call(input, linear_weight, target, linear_bias, temperature, process_group=None):
+            return linear_log_probs(input, linear_weight, target, linear_bias=linear_bias,
+                                    temperature=temperature_value if temperature is None else temperature,
+                                    ignore_index=ignore_index, shift=shift, softcap=softcap,
+                                    return_entropy=return_entropy, process_group=process_group)
+
+        temperature_value = temperature
+        return _dtensor.dispatch(activations={"input": input},
+                                 weights={"linear_weight": linear_weight, "linear_bias": linear_bias},
+                                 targets={"target": target, "temperature": _tensor_or_none(temperature)},
+                                 replicated={}, reduction=None, process_group=process_group, call=call)
     _checks.check_tensor("input", input, floating=True)
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension (..., H), got a 0-d tensor")
@@ -129,6 +153,10 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
         else:
             lp, ent = _LinearLogProbs.apply(opts, x2d, linear_weight, linear_bias, y, inv_t)[:2]
     return _outputs(opts, lp, ent, target.shape)
+
+
+def _tensor_or_none(value):
+    return value if isinstance(value, torch.Tensor) and value.dim() > 0 else None
 
 
 def _options(like, target, lead, temperature, ignore_index, softcap, return_entropy, shift, process_group,
