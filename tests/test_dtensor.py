@@ -26,3 +26,25 @@ def test_placements_reproduce_the_single_process_result(tmp_path, world, backend
         for case, rows in result.items():
             for what, got, want in rows:
                 assert_close(got, want, torch.float64, f"rank {rank}, {case}, {what}")
+
+
+@pytest.mark.parametrize("backend_name", ["interpret", "torch"])
+def test_fsdp2_training_matches_one_process(tmp_path, backend_name):
+    """A tiny Llama sharded by ``fully_shard`` on 2 gloo ranks (the same batch on both), 3 SGD steps with the loss
+    from the Hugging Face integration and from ``linear_cross_entropy`` in a method registered with
+    ``register_fsdp_forward_method``: the losses and the final parameters of the unwrapped model trained on one
+    process with transformers' own loss."""
+    pytest.importorskip("transformers")
+    from fsdp_worker import batch, make_model, train
+
+    seed = 11
+    results = run_gloo_ranks(tmp_path, "fsdp_worker.py", backend_name, 2, seed)
+    ref = make_model(seed)
+    input_ids, labels = batch(seed)
+    want_losses, want_params = train(ref, lambda ids, y: ref(input_ids=ids, labels=y).loss, input_ids, labels)
+    for rank, result in enumerate(results):
+        for way in ("integration", "direct"):
+            losses, params = result[way]
+            assert_close(torch.tensor(losses), torch.tensor(want_losses), torch.float32, f"rank {rank}, {way}: losses")
+            for name, p in params.items():
+                assert_close(p, want_params[name], torch.float32, f"rank {rank}, {way}: {name}")
