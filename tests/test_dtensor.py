@@ -48,3 +48,36 @@ def test_fsdp2_training_matches_one_process(tmp_path, backend_name):
             assert_close(torch.tensor(losses), torch.tensor(want_losses), torch.float32, f"rank {rank}, {way}: losses")
             for name, p in params.items():
                 assert_close(p, want_params[name], torch.float32, f"rank {rank}, {way}: {name}")
+
+
+def test_mesh_of_one_on_cuda(tier, gen, tmp_path):
+    """The CUDA tier's check of the DTensor plumbing on one GPU: an NCCL mesh of one rank, vocabulary-sharded logits
+    and LM head (the sharded paths with W = 1) give the plain call's results and gradients."""
+    if tier.name != "cuda":
+        pytest.skip("NCCL on a GPU (the CPU tiers run 2 and 4 gloo ranks above)")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import fusedloss
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        logits = (torch.randn(64, 1000, generator=gen) * 3).cuda().requires_grad_()
+        hidden = torch.randn(64, 32, generator=gen).cuda().requires_grad_()
+        weight = (torch.randn(1000, 32, generator=gen) / 32 ** 0.5).cuda().requires_grad_()
+        target = torch.randint(0, 1000, (64,), generator=gen).cuda()
+        plain = [fusedloss.cross_entropy(logits, target), fusedloss.linear_cross_entropy(hidden, weight, target)]
+        plain_grads = torch.autograd.grad(plain, [logits, hidden, weight])
+        leaves = [distribute_tensor(logits.detach(), mesh, [Shard(1)]).requires_grad_(),
+                  distribute_tensor(hidden.detach(), mesh, [Replicate()]).requires_grad_(),
+                  distribute_tensor(weight.detach(), mesh, [Shard(0)]).requires_grad_()]
+        dt_target = distribute_tensor(target, mesh, [Replicate()])
+        outs = [fusedloss.cross_entropy(leaves[0], dt_target),
+                fusedloss.linear_cross_entropy(leaves[1], leaves[2], dt_target)]
+        grads = torch.autograd.grad(outs, leaves)
+        for got, want in zip([*outs, *grads], [*plain, *plain_grads]):
+            assert_close(got.to_local(), want, torch.float32)
+    finally:
+        dist.destroy_process_group()
