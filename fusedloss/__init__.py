@@ -8,7 +8,15 @@ from . import nn
 from ._backend import backend
 from ._checks import ArgumentError
 from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
-from .losses.contrastive import clip_loss, info_nce, nt_xent, siglip_loss
+from .losses.contrastive import (
+    clip_loss,
+    clip_loss_and_grads,
+    info_nce,
+    info_nce_and_grads,
+    nt_xent,
+    siglip_loss,
+    siglip_loss_and_grads,
+)
 from .losses.cross_entropy import cross_entropy, focal_loss
 from .losses.distillation import kl_div_with_logits
 from .losses.linear_cross_entropy import LinearCrossEntropySchedule, linear_cross_entropy
@@ -27,10 +35,12 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "bradley_terry_loss",
     "clip_loss",
+    "clip_loss_and_grads",
     "cross_entropy",
     "focal_loss",
     "huber_loss",
     "info_nce",
+    "info_nce_and_grads",
     "kl_div",
     "kl_div_with_logits",
     "l1_loss",
@@ -44,6 +54,7 @@ __all__ = [
     "perplexity_from_loss",
     "sigmoid_focal_loss",
     "siglip_loss",
+    "siglip_loss_and_grads",
     "smooth_l1_loss",
     "triplet_margin_loss",
 ]

@@ -109,6 +109,15 @@ def peak_allocated_bytes(fn):
     return peak
 
 
+def readme_example(name):
+    """The code block marked ``<!-- example: name -->`` in the README, for a test to run."""
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(path) as f:
+        return re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", f.read(), re.S).group(1)
+
+
 def randn(gen, *shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
     """Normal(0, scale) drawn on the CPU from ``gen`` (so every tier sees the same numbers), then moved."""
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)

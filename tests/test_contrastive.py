@@ -23,7 +23,17 @@ import fusedloss
 from fusedloss.losses import contrastive as host
 from fusedloss.losses.contrastive import clip_loss, info_nce, nt_xent, siglip_loss
 
-from conftest import DEVICE, TOL, Case, assert_close, peak_allocated_bytes, randn, rel_err, run_gloo_ranks
+from conftest import (
+    DEVICE,
+    TOL,
+    Case,
+    assert_close,
+    peak_allocated_bytes,
+    randn,
+    readme_example,
+    rel_err,
+    run_gloo_ranks,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # References (fp64 eager)
@@ -1160,3 +1170,48 @@ CONTRACT_CASES = [
          grad_args=(0, 1, 2),
          stride0=lambda args, kwargs: ([args[0], args[1][:1].expand_as(args[1]), args[2]], kwargs)),
 ]
+
+
+def test_grad_cache_step_equals_the_uncached_step(tier, gen):
+    """The README's GradCache step (``clip_loss_and_grads`` on embeddings made without a graph, then each chunk
+    re-embedded and backpropagated) leaves the uncached step's loss and gradients in every parameter."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    encoders = [[torch.nn.Linear(12, 8, dtype=torch.float64).to(tier.device) for _ in range(2)] for _ in range(2)]
+    encoders[1][0].load_state_dict(encoders[0][0].state_dict())
+    encoders[1][1].load_state_dict(encoders[0][1].state_dict())
+    scales = [torch.tensor(7.0, dtype=torch.float64, device=tier.device, requires_grad=True) for _ in range(2)]
+    images_in = torch.randn(32, 12, generator=gen, dtype=torch.float64).to(tier.device)
+    texts_in = torch.randn(32, 12, generator=gen, dtype=torch.float64).to(tier.device)
+    (image_encoder, text_encoder), logit_scale = encoders[0], scales[0]
+    uncached = fusedloss.clip_loss(image_encoder(images_in), text_encoder(texts_in), logit_scale)
+    uncached.backward()
+    namespace = dict(torch=torch, fusedloss=fusedloss, image_encoder=encoders[1][0], text_encoder=encoders[1][1],
+                     logit_scale=scales[1], chunk_size=8, image_chunks=images_in.split(8),
+                     text_chunks=texts_in.split(8))
+    exec(readme_example("grad_cache"), namespace)
+    assert_close(namespace["loss"], uncached.detach(), torch.float64, "loss")
+    for a, b in zip([*encoders[0][0].parameters(), *encoders[0][1].parameters(), scales[0]],
+                    [*encoders[1][0].parameters(), *encoders[1][1].parameters(), scales[1]]):
+        assert_close(b.grad, a.grad, torch.float64, "gradient")
+
+
+@pytest.mark.parametrize("which", ["siglip", "info_nce"])
+def test_loss_and_grads_are_autograds(tier, gen, which):
+    """``siglip_loss_and_grads`` and ``info_nce_and_grads``: the loss and the gradients autograd gives, detached."""
+    x = torch.randn(20, 8, generator=gen, dtype=torch.float64).to(tier.device).requires_grad_()
+    y = torch.randn(20, 8, generator=gen, dtype=torch.float64).to(tier.device).requires_grad_()
+    a = torch.tensor(5.0, dtype=torch.float64, device=tier.device, requires_grad=True)
+    b = torch.tensor(-3.0, dtype=torch.float64, device=tier.device, requires_grad=True)
+    if which == "siglip":
+        loss, *grads = fusedloss.siglip_loss_and_grads(x, y, a, b)
+        leaves, want = [x, y, a, b], fusedloss.siglip_loss(x, y, a, b)
+    else:
+        loss, *grads = fusedloss.info_nce_and_grads(x, y, 0.1)
+        leaves, want = [x, y], fusedloss.info_nce(x, y, 0.1)
+        assert grads[2] is None  # a number temperature
+        grads = grads[:2]
+    expected = torch.autograd.grad(want, leaves)
+    assert not loss.requires_grad and all(not g.requires_grad for g in grads)
+    assert_close(loss, want.detach(), torch.float64, "loss")
+    for g, e in zip(grads, expected):
+        assert_close(g, e, torch.float64, "gradient")

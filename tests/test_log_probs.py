@@ -9,8 +9,6 @@ cross several chunks.
 """
 
 import dataclasses
-import os
-import re
 import types
 
 import pytest
@@ -20,7 +18,7 @@ import torch.nn.functional as F
 import fusedloss
 from fusedloss.losses import log_probs as host
 
-from conftest import Case, assert_close, randn
+from conftest import Case, assert_close, randn, readme_example
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -181,11 +179,6 @@ class _TinyPolicy(torch.nn.Module):
         return torch.tanh(self.embed[tokens] @ self.mix)
 
 
-def _readme_example(name):
-    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    return re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", text, re.S).group(1)
-
-
 def test_grpo_training_follows_eager(tier, gen):
     """Five GRPO-style steps of a tiny policy: the README's loss on ``linear_log_probs`` (shift, temperature,
     entropy bonus, prompt tokens ignored) and the eager log_softmax / gather / entropy give the same losses and
@@ -206,7 +199,7 @@ def test_grpo_training_follows_eager(tier, gen):
 
     with torch.no_grad():
         old_logprobs = eager_logprobs(models[1])[0]
-    example = _readme_example("grpo")
+    example = readme_example("grpo")
     for step in range(5):
         fused, eager = models
         fused.zero_grad()

@@ -7,21 +7,17 @@ The reference is the unpatched model in fp32 (its loss upcasts the logits to fp3
 fp64 model would not give a finer reference), hence the fp32 tolerance of conftest.TOL."""
 
 import copy
-import os
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close, peak_allocated_bytes, rel_err
+from conftest import assert_close, peak_allocated_bytes, readme_example, rel_err
 
 transformers = pytest.importorskip("transformers", reason="pip install 'fusedloss[transformers]' to test it")
 from fusedloss.integrations.transformers import patch_causal_lm, unpatch_causal_lm  # noqa: E402
 
 FP32 = torch.float32
-DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-
 VOCAB, BATCH, SEQ = 160, 2, 12
 _COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -285,12 +281,6 @@ def _train(model, args, dataset):
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
-def _docs_example(name):
-    """The code block that follows ``<!-- example: name -->`` in the docs."""
-    text = open(DOCS).read()
-    return re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", text, re.S).group(1)
-
-
 def test_trainer_parity(tier, gen, tmp_path):
     """The docs' Trainer example trains the patched model to the unpatched model's logged losses and parameters (up
     to fp32 rounding): 3 optimizer steps of AdamW, each accumulating 2 micro-batches whose labels have different
@@ -307,7 +297,7 @@ def test_trainer_parity(tier, gen, tmp_path):
         learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", use_cpu=tier.name != "cuda",
         disable_tqdm=True, seed=0)
     namespace = dict(model=model, args=args, train_dataset=dataset)
-    exec(_docs_example("trainer"), namespace)
+    exec(readme_example("trainer"), namespace)
     patched_losses = [log["loss"] for log in namespace["trainer"].state.log_history if "loss" in log]
     ref_losses = _train(ref, args, dataset)
     assert len(patched_losses) == len(ref_losses) == 3
@@ -323,7 +313,7 @@ def test_one_call_example(tier, gen):
     unpatch_causal_lm(model)
     input_ids, attention_mask, labels = _batch(gen, tier.device)
     namespace = dict(model=model, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    exec(_docs_example("one_call"), namespace)
+    exec(readme_example("one_call"), namespace)
     assert namespace["out"].logits is None and "forward" not in model.__dict__
     ref_loss = ref(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     ref_loss.backward()
@@ -338,7 +328,7 @@ def test_hand_written_recipe(tier, gen, family):
     unpatch_causal_lm(model)
     input_ids, attention_mask, labels = _batch(gen, tier.device)
     namespace = dict(model=model, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    exec(_docs_example("recipe"), namespace)
+    exec(readme_example("recipe"), namespace)
     loss = namespace["loss"]
     loss.backward()
     ref_loss = ref(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss

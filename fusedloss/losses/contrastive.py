@@ -228,6 +228,51 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, proce
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Loss and gradients without an autograd graph: cached-embedding training (GradCache)
+
+
+def clip_loss_and_grads(image_features, text_features, logit_scale, logit_bias=None, *, process_group=None,
+                        schedule=None, gemm=None):
+    """``clip_loss`` and its gradients, ``(loss, d_image_features, d_text_features, d_logit_scale[, d_logit_bias])``,
+    detached: for GradCache loops, which embed a large batch in chunks without a graph, take the loss's gradients
+    with respect to the cached embeddings here, then backpropagate each chunk's gradient through its re-embedded
+    chunk. Arguments as ``clip_loss``'s; a number for ``logit_scale`` / ``logit_bias`` gets None. The same kernels
+    (one forward, one backward pass); the gradients are those ``clip_loss(...).backward()`` would leave."""
+    tensors = (image_features, text_features, logit_scale) + (() if logit_bias is None else (logit_bias,))
+    return _loss_and_grads(lambda *t: clip_loss(*t, process_group=process_group, schedule=schedule, gemm=gemm),
+                           tensors)
+
+
+def siglip_loss_and_grads(image_features, text_features, logit_scale, logit_bias, *, process_group=None,
+                          schedule=None, gemm=None):
+    """``siglip_loss`` and its gradients, ``(loss, d_image_features, d_text_features, d_logit_scale,
+    d_logit_bias)``, detached, as ``clip_loss_and_grads`` (a None or number ``logit_bias`` gets None)."""
+    return _loss_and_grads(lambda *t: siglip_loss(*t, process_group=process_group, schedule=schedule, gemm=gemm),
+                           (image_features, text_features, logit_scale, logit_bias))
+
+
+def info_nce_and_grads(query, key, temperature=0.07, *, normalize=True, reduction="mean", schedule=None, gemm=None):
+    """``info_nce`` and its gradients, ``(loss, d_query, d_key, d_temperature)``, detached, as
+    ``clip_loss_and_grads`` (``reduction`` 'mean' or 'sum': a scalar loss; a number ``temperature`` gets None)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' (one loss to differentiate), got {reduction!r}")
+    return _loss_and_grads(lambda *t: info_nce(*t, normalize=normalize, reduction=reduction, schedule=schedule,
+                                               gemm=gemm), (query, key, temperature))
+
+
+def _loss_and_grads(loss_fn, values):
+    """(loss, one gradient per value) of ``loss_fn(*values)``, the tensors taken as fresh leaves (no graph reaches
+    back into the caller's), every result detached; None for the values that are not floating tensors."""
+    leaves = [v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for v in values]
+    wanted = [v for v in leaves if isinstance(v, torch.Tensor) and v.requires_grad]
+    with torch.enable_grad():
+        loss = loss_fn(*leaves)
+        grads = iter(torch.autograd.grad(loss, wanted))
+    return (loss.detach(), *(next(grads) if any(v is w for w in wanted) else None for v in leaves))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Arguments: checks (metadata only), the features as the Function sees them, the options
 
 
