@@ -11,6 +11,8 @@ and one read and write of the dW accumulator per chunk. Ignored tokens (no targe
 sweep (``live_tokens``), so they cost no GEMM work.
 """
 
+import functools
+
 import torch
 
 from . import _alloc
@@ -23,16 +25,36 @@ def chunk_rows(n_classes, itemsize, workspace_bytes):
     return rows - rows % 128 if rows > 128 else rows
 
 
+@functools.lru_cache(maxsize=None)
+def mixed_dtype_gemm_works(device, dtype):
+    """Whether ``torch.mm`` / ``torch.addmm`` with ``out_dtype=torch.float32`` into an fp32 ``out`` (the accumulator
+    itself, beta = 1) take ``dtype`` operands on ``device`` and sum right: probed once per (device, dtype) on a
+    16 x 16 problem against the fp32 product, so that a torch without the overload, or one whose in-place form is
+    wrong, costs the upcast path instead of a failure or a wrong gradient. The probe reads its result on the host:
+    the first call per dtype must not be inside CUDA graph capture (the warm-up before a capture is that call)."""
+    a = torch.randn(16, 16, device=device).to(dtype)
+    b = torch.randn(16, 16, device=device).to(dtype)
+    acc = torch.ones(16, 16, device=device)
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        product = torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    want = a.float() @ b.float()
+    return bool(torch.allclose(acc, want + 1, rtol=1e-3, atol=1e-3) and torch.allclose(product, want, rtol=1e-3,
+                                                                                          atol=1e-3))
+
+
 def accumulate(acc, a, b, first):
     """``acc (+)= a @ b`` with ``acc`` in its own dtype: fp32 sums of 16-bit products by cuBLAS where torch has the
     mixed-dtype GEMM (CUDA, ``out_dtype``: the fp32 accumulator is read and written once per chunk, in the
-    epilogue), by upcast operands elsewhere (CPU: the interpreter tier)."""
+    epilogue; ``mixed_dtype_gemm_works``), by upcast operands elsewhere (CPU: the interpreter tier)."""
     if acc.dtype == a.dtype:
         if first:
             torch.mm(a, b, out=acc)
         else:
             acc.addmm_(a, b)
-    elif acc.is_cuda:
+    elif acc.is_cuda and mixed_dtype_gemm_works(acc.device, a.dtype):
         if first:
             torch.mm(a, b, out_dtype=acc.dtype, out=acc)
         else:
