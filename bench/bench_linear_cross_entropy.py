@@ -166,7 +166,7 @@ def test_linear_cross_entropy(run_bench, device, quick, provider, config, mode, 
                   logits_mb=n * vocab * x.element_size() / 2**20,
                   **row("linear_cross_entropy", provider, mode, f"{n}x{hidden}x{vocab}", config, dtype, settings))
     if provider == "matmul":
-        lm_head_matmuls(run_bench, x, w, mode, **common)
+        lm_head_matmuls(run_bench, x, w, backward=mode == "fwd_bwd", **common)
     else:
         run_bench(make(**kw), [x, w, y], differentiable=[x, w] if mode == "fwd_bwd" else [],
                   reference=lambda a, b, c: eager_loss(a, b, c, **kw), **common)

@@ -60,7 +60,7 @@ def test_log_probs(run_bench, device, quick, provider, mode):
                         "linear_log_probs(..., temperature=0.7, return_entropy=True)" if provider == "fusedloss"
                         else None))
     if provider == "matmul":
-        lm_head_matmuls(run_bench, x, w, mode, **common)
+        lm_head_matmuls(run_bench, x, w, backward=mode == "fwd_bwd", **common)
         return
     fn = compiled(eager, "log_probs") if provider == "torch.compile" else PROVIDERS[provider]
     run_bench(lambda a, b, c: fn(a, b, c).sum(), [x, w, y], differentiable=[x, w] if mode == "fwd_bwd" else [],

@@ -88,11 +88,11 @@ def lm_head_problem(device, dtype, n, hidden, vocab):
     return x, w, torch.randint(0, vocab, (n,), device=device, generator=gen)
 
 
-def lm_head_matmuls(run_bench, x, w, mode, **common):
-    """Time the bare matmuls of an LM head's step: x @ W^T; with ``mode`` "fwd_bwd" also G @ W and G^T @ x for a
-    random G of the logits' shape (the practical ceiling of any LM-head loss)."""
+def lm_head_matmuls(run_bench, x, w, *, backward, **common):
+    """Time the bare matmuls of an LM head's step: x @ W^T; with ``backward`` also G @ W and G^T @ x for a random G
+    of the logits' shape (the practical ceiling of any LM-head loss)."""
     g = None
-    if mode != "fwd":
+    if backward:
         g = skip_if_oom(lambda: torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype))
 
     def bare(x, w, g):
