@@ -16,7 +16,9 @@ placements served:
   ``'mean'`` or ``'sum'`` needs every rank's rows, so it is refused with a ValueError naming the placement (reduce
   the ``'none'`` result, whose DTensor sum is exact);
 - anything else (``Partial``, a mesh of more than one dimension, the vocabulary sharded while the tokens are too,
-  or a sharded weight with plain activations, whose equality across ranks nothing guarantees): a ValueError naming
+  hidden states sharded on another dimension than the tokens' (sequence parallelism: redistribute first), a causal
+  shift across token shards of one sequence, or a sharded weight with plain activations, whose equality across
+  ranks nothing guarantees): a ValueError naming
   the argument and its placement, raised on every rank alike (placements are the same on every rank), before any
   collective.
 """
@@ -33,8 +35,10 @@ def has_dtensor(*values):
     return DTensor is not None and any(isinstance(v, DTensor) for v in values)
 
 
-def _placement(name, t, mesh):
-    """The placement of a DTensor argument on the common 1-D mesh ("replicate", "shard0", "shard1"), or "plain"."""
+def _placement(name, t, mesh, vocab_dim):
+    """The placement of an argument on the common 1-D mesh: "plain" (not a DTensor), "replicate", "shard0" (the
+    tokens: dimension 0) or "vocab" (Shard(vocab_dim): the classes; None where the argument has none). Any other
+    shard (a sequence-parallel Shard(1) of hidden states, a hidden dimension) and Partial raise, naming it."""
     if not isinstance(t, DTensor):
         return "plain"
     if t.device_mesh != mesh:
@@ -42,10 +46,14 @@ def _placement(name, t, mesh):
     (placement,) = t.placements
     if isinstance(placement, Replicate):
         return "replicate"
-    if isinstance(placement, Shard) and placement.dim in (0, 1, 1 - t.dim()):
-        return "shard0" if placement.dim == 0 else "shard1"
-    raise ValueError(f"{name}: placement {placement} is not supported (Replicate(), Shard(0) of the tokens or the "
-                     "vocabulary, Shard(1) of logits are); redistribute it first")
+    if isinstance(placement, Shard):
+        dim = placement.dim % t.dim()
+        if vocab_dim is not None and t.dim() > vocab_dim and dim == vocab_dim:
+            return "vocab"
+        if dim == 0:
+            return "shard0"
+    raise ValueError(f"{name}: placement {placement} of a tensor of shape {tuple(t.shape)} is not supported "
+                     "(Replicate(), Shard(0) of the tokens, or a shard of the vocabulary are); redistribute it first")
 
 
 def _mesh(named):
@@ -57,32 +65,37 @@ def _mesh(named):
     return mesh
 
 
-def _local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _wrap(outputs, mesh, placement):
-    """Each tensor of ``outputs`` (a tensor, a tuple, or a LossWithMetrics) as a DTensor of ``placement``."""
+def _wrap(outputs, mesh, placement, n_tokens=None):
+    """Each tensor of ``outputs`` (a tensor, a tuple, or a LossWithMetrics) as a DTensor of ``placement``; for a
+    ``Shard(0)`` of per-token results, of ``n_tokens`` tokens in all (shards may differ in size)."""
     if isinstance(outputs, torch.Tensor):
-        return DTensor.from_local(outputs, mesh, [placement], run_check=False)
+        if n_tokens is None:
+            return DTensor.from_local(outputs, mesh, [placement], run_check=False)
+        shape = (n_tokens, *outputs.shape[1:])
+        return DTensor.from_local(outputs, mesh, [placement], run_check=False, shape=torch.Size(shape),
+                                  stride=torch.empty(shape, device="meta").stride())
     if isinstance(outputs, tuple):
-        return tuple(_wrap(o, mesh, placement) for o in outputs)
+        return tuple(_wrap(o, mesh, placement, n_tokens) for o in outputs)
     if outputs is None:
         return None
-    fields = {f: _wrap(getattr(outputs, f), mesh, placement) for f in outputs.__dataclass_fields__}
+    fields = {f: _wrap(getattr(outputs, f), mesh, placement, n_tokens) for f in outputs.__dataclass_fields__}
     return type(outputs)(**fields)
 
 
-def dispatch(*, activations, weights, targets, replicated, reduction, process_group, call, vocab_parallel=True):
+def dispatch(*, activations, weights, targets, replicated, reduction, process_group, call, logits=False,
+             vocab_parallel=True, shift=False):
     """Run ``call(**local tensors[, process_group=...])`` for DTensor arguments (module docstring): name -> tensor or
-    None in each group. ``activations``: logits (class dimension 1) or hidden states; ``weights``: a linear weight
-    and bias (vocabulary dimension 0); ``targets``: per-token tensors (class indices, probabilities, temperatures);
-    ``replicated``: per-class tensors that every rank holds whole (class weights). ``reduction``: the call's, or
-    None for per-token results. ``vocab_parallel``: whether the function has a vocabulary-parallel path."""
+    None in each group. ``activations``: logits (``logits=True``: the class dimension is 1) or hidden states;
+    ``weights``: a linear weight and bias (vocabulary dimension 0); ``targets``: per-token tensors (class indices,
+    probabilities, temperatures); ``replicated``: per-class tensors that every rank holds whole (class weights).
+    ``reduction``: the call's, or None for per-token results. ``vocab_parallel``: whether the function has a
+    vocabulary-parallel path. ``shift``: the call's causal shift, which needs each sequence whole on a rank."""
     groups = (activations, weights, targets, replicated)
     named = [(n, t) for group in groups for n, t in group.items() if isinstance(t, torch.Tensor)]
     mesh = _mesh(named)
-    where = {n: _placement(n, t, mesh) for n, t in named}
+    vocab_dims = {**{n: (1 if logits and vocab_parallel else None) for n in activations},
+                  **{n: 0 for n in weights}, **{n: 1 for n in targets}, **{n: None for n in replicated}}
+    where = {n: _placement(n, t, mesh, vocab_dims[n]) for n, t in named}
 
     def of(group):
         return {where[n] for n, t in group.items() if isinstance(t, torch.Tensor)}
@@ -93,15 +106,18 @@ def dispatch(*, activations, weights, targets, replicated, reduction, process_gr
         raise ValueError("process_group comes from the DTensor arguments' mesh: do not pass it with DTensors")
     if reps - {"replicate", "plain"}:
         raise ValueError(f"per-class tensors must be Replicate() (every rank holds every class), got {described}")
-    vocab_sharded = "shard0" in wts or "shard1" in acts
+    vocab_sharded = "vocab" in wts or "vocab" in acts
     tokens_sharded = "shard0" in acts
-    if vocab_sharded and (tokens_sharded or not vocab_parallel):
-        raise ValueError(f"unsupported placements ({described}): "
-                         + ("the vocabulary and the tokens are both sharded; redistribute one of them" if vocab_parallel
-                            else "this function has no vocabulary-parallel path; redistribute the logits"))
+    if vocab_sharded and tokens_sharded:
+        raise ValueError(f"unsupported placements ({described}): the vocabulary and the tokens are both sharded; "
+                         "redistribute one of them")
     local = {n: (t.to_local() if isinstance(t, DTensor) else t) for group in groups for n, t in group.items()}
     if vocab_sharded:
-        if acts - {"replicate", "shard1"} or tgts - {"replicate", "shard1"} or wts - {"replicate", "shard0"}:
+        # per-token tensors replicated: every rank the same tokens (a plain tensor does not say so); a probability
+        # target may be sharded with the logits' classes
+        probs_with_logits = {where[n] for n, t in targets.items() if isinstance(t, torch.Tensor)
+                             and t.is_floating_point() and where[n] == "vocab"}
+        if acts - {"replicate", "vocab"} or tgts - {"replicate"} - probs_with_logits or wts - {"replicate", "vocab"}:
             raise ValueError(f"a vocabulary-sharded loss needs the activations and targets as Replicate() DTensors "
                              f"(every rank the same tokens: a plain tensor does not say so), got {described}")
         return _wrap(call(**local, process_group=mesh.get_group()), mesh, Replicate())
@@ -112,13 +128,17 @@ def dispatch(*, activations, weights, targets, replicated, reduction, process_gr
         if reduction not in (None, "none"):
             raise ValueError(f"reduction={reduction!r} of token-sharded activations ({described}) would need every "
                              "rank's tokens: compute reduction='none' and reduce the Shard(0) result")
+        sharded = next(t for t in activations.values() if isinstance(t, DTensor))
+        if shift and sharded.dim() <= 2:
+            raise ValueError("shift=True with token-sharded (T, H) activations would cut the sequence at every shard: "
+                             "shard a batch dimension, (B, T, H) Shard(0), or shift the targets before sharding")
         # each rank's weight gradient covers its own tokens: a Partial() gradient (the sum over the ranks pending),
         # as DTensor's own matmul gives a replicated weight multiplied by sharded activations
         for group in (weights, replicated):
             for n, t in group.items():
                 if isinstance(t, DTensor):
                     local[n] = t.to_local(grad_placements=[Partial()])
-        return _wrap(call(**local), mesh, Shard(0))
+        return _wrap(call(**local), mesh, Shard(0), n_tokens=sharded.shape[0])
     if set(where.values()) - {"replicate", "plain"}:
         raise ValueError(f"unsupported placements: {described}")
     return _wrap(call(**local), mesh, Replicate())

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import gloo_rank
 
 
-def _problem(gen):
-    n, hidden, vocab = 12, 16, 46
+def _problem(gen, n=12):
+    hidden, vocab = 16, 46
     return dict(
         logits=torch.randn(n, vocab, generator=gen, dtype=torch.float64) * 2,
         hidden=torch.randn(n, hidden, generator=gen, dtype=torch.float64),
@@ -64,6 +64,9 @@ CASES = [
      {"hidden": "R", "weight": "S0", "bias": "S0", "target": "R"}, ["hidden", "weight", "bias"]),
     ("linear_log_probs-tokens_sharded", _llp(dict(temperature=0.8)),
      {"hidden": "S0", "weight": "R", "target": "S0"}, ["hidden", "weight"]),
+    # 11 tokens: shards of unequal size (the outputs' global shape comes from the input's)
+    ("cross_entropy-tokens_sharded-uneven-none", _ce(dict(reduction="none")), {"logits": "S0", "target": "S0"},
+     ["logits"], 11),
 ]
 # (name, function, placements): refused with a ValueError on every rank
 REFUSED = [
@@ -71,6 +74,9 @@ REFUSED = [
     ("tokens_sharded-mean", _ce({}), {"logits": "S0", "target": "S0"}),
     ("sharded_weight-plain_hidden", _lce({}), {"weight": "S0"}),
     ("both_sharded", _lce({}), {"hidden": "S0", "weight": "S0", "target": "S0"}),
+    ("hidden_dimension_sharded", _lce(dict(reduction="none")), {"hidden": "S1", "weight": "R", "target": "R"}),
+    ("shift_across_token_shards", _lce(dict(reduction="none", shift=True)),
+     {"hidden": "S0", "weight": "R", "target": "S0"}),
 ]
 
 
@@ -98,8 +104,8 @@ def _local_view(t, code, rank, world):
     return chunks[rank] if rank < len(chunks) else t.narrow(dim, 0, 0)
 
 
-def _run_case(fn, placements, grads, gen, mesh, rank, world):
-    problem = _problem(gen)
+def _run_case(fn, placements, grads, gen, mesh, rank, world, n=12):
+    problem = _problem(gen, n)
     problem = {k: v for k, v in problem.items() if k in placements or k == "target" or
                (k == "bias" and "bias" in placements)}
     leaves = {k: problem[k].clone().requires_grad_(k in grads) for k in problem}
@@ -121,6 +127,7 @@ def _run_case(fn, placements, grads, gen, mesh, rank, world):
         code = "S0" if o.placements[0].is_shard() else "R"
         result.append((f"output {code}", o.to_local(), _local_view(w, code, rank, world)))
     tokens_sharded = "S0" in (placements.get("logits"), placements.get("hidden"))
+    assert all(tuple(o.shape) == tuple(w.shape) for o, w in zip(outs, whole)), "an output's global shape"
     for k, g, w in zip(grads, got_grads, whole_grads):
         if tokens_sharded and placements[k] == "R":  # each rank's share of a replicated weight's gradient
             assert g.placements[0].is_partial(), f"{k}'s gradient placement {g.placements}"
@@ -155,8 +162,8 @@ def main(rank, world, seed):
 
     mesh = init_device_mesh("cpu", (world,))
     results = {"backend": fusedloss.backend("cpu")}
-    for name, fn, placements, grads in CASES:
-        results[name] = _run_case(fn, placements, grads, torch.Generator().manual_seed(seed), mesh, rank, world)
+    for name, fn, placements, grads, *n in CASES:
+        results[name] = _run_case(fn, placements, grads, torch.Generator().manual_seed(seed), mesh, rank, world, *n)
     results["loss_parallel"] = _loss_parallel_case(torch.Generator().manual_seed(seed), mesh)
     for name, fn, placements in REFUSED:
         problem = _problem(torch.Generator().manual_seed(seed))

@@ -22,7 +22,7 @@ def test_placements_reproduce_the_single_process_result(tmp_path, world, backend
         assert messages[0] != "no error", f"{name} was not refused"
         assert all(m == messages[0] for m in messages), messages
     for rank, result in enumerate(results):
-        assert set(result) == {c[0] for c in CASES} | {"loss_parallel"}
+        assert set(result) == {c[0] for c in CASES} | {"loss_parallel"}, "every case of the worker ran"
         for case, rows in result.items():
             for what, got, want in rows:
                 assert_close(got, want, torch.float64, f"rank {rank}, {case}, {what}")

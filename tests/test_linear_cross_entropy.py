@@ -871,3 +871,17 @@ CONTRACT_CASES = [
          _lce_case((2, 9), 16, 50, shift=True, z_loss=1e-3, softcap=4.0, accumulate_in_input_dtype=True),
          grad_args=(0, 1, 3), compile=True),
 ]
+
+
+def test_fp16_dw_summed_in_fp16_takes_the_scale(tier):
+    """``accumulate_in_input_dtype=True`` in fp16 sums dW in fp16: the mean's 1 / N goes into G before the sum, or
+    4096 tokens of |G x| ~ 20 would overflow fp16 (it gave -inf)."""
+    if tier.name == "torch":
+        pytest.skip("the torch backend computes in fp32")
+    x = torch.full((4096, 4), 20.0, dtype=torch.float16, device=tier.device, requires_grad=True)
+    w = torch.zeros(8, 4, dtype=torch.float16, device=tier.device, requires_grad=True)
+    t = torch.zeros(4096, dtype=torch.long, device=tier.device)
+    (gw,) = torch.autograd.grad(linear_cross_entropy(x, w, t, accumulate_in_input_dtype=True), (w,))
+    (want,) = torch.autograd.grad(F.cross_entropy(F.linear(x.double(), w.double()), t), (w,))
+    assert torch.isfinite(gw).all()
+    assert_close(gw, want, torch.float16)

@@ -126,7 +126,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         alpha = focal_alpha if isinstance(focal_alpha, torch.Tensor) else None
         return _dtensor.dispatch(activations={"input": input}, weights={}, targets={"target": target},
                                  replicated={"weight": weight, "alpha": alpha}, reduction=reduction,
-                                 process_group=process_group, call=call)
+                                 process_group=process_group, call=call, logits=True)
     metrics = token_metrics.check(return_token_accuracy, return_entropy,
                                   isinstance(target, torch.Tensor) and target.is_floating_point())
     if metrics and process_group is not None:

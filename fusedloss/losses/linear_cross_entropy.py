@@ -206,7 +206,7 @@ def linear_cross_entropy(input, linear_weight, target, *legacy_bias, linear_bias
         return _dtensor.dispatch(activations={"input": input},
                                  weights={"linear_weight": linear_weight, "linear_bias": linear_bias},
                                  targets={"target": target}, replicated={"weight": weight}, reduction=reduction,
-                                 process_group=process_group, call=call)
+                                 process_group=process_group, call=call, shift=shift)
     if _checks.autocast_enabled(getattr(input, "device", torch.device("cpu"))):
         # F.linear runs in the autocast dtype under autocast; cast here, differentiably, so that the gradients of
         # fp32 parameters come back in fp32, as autocast's own casts give
@@ -625,7 +625,10 @@ def _chunked_sweep(opts, needs, x2d, weight, bias, y, class_weight, row_state, *
     view_shape = (opts.n_classes, *opts.out_features)
     dtype = row_state.dtype
     dt = _alloc.empty(tuple(y.shape), dtype=y.dtype, device=x2d.device) if need_t else None
-    post = scale if scale.dim() == 0 and x2d.dtype == torch.float16 else None
+    # fp16 with an fp32 dW accumulator keeps G unscaled by a 0-d scale (p / N would flush to zero) and scales at the
+    # end; a dW summed in fp16 (accumulate_in_input_dtype) would overflow unscaled, so it takes the scale in G, as
+    # eager's fp16 gradient does
+    post = scale if scale.dim() == 0 and x2d.dtype == torch.float16 and not opts.accumulate_in_input_dtype else None
     kernel_scale = torch.ones_like(scale) if post is not None else scale
     gradient = any(needs[:3])
 

@@ -121,7 +121,7 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
         return _dtensor.dispatch(activations={"input": input},
                                  weights={"linear_weight": linear_weight, "linear_bias": linear_bias},
                                  targets={"target": target, "temperature": _tensor_or_none(temperature)},
-                                 replicated={}, reduction=None, process_group=process_group, call=call)
+                                 replicated={}, reduction=None, process_group=process_group, call=call, shift=shift)
     _checks.check_tensor("input", input, floating=True)
     if input.dim() == 0:
         raise ValueError("input must have at least 1 dimension (..., H), got a 0-d tensor")
