@@ -68,7 +68,10 @@ def _log_probs_fwd_kernel(
         a += tl.sum(tl.where(mask & (e > 0), e * (z - shift[:, None]), 0.0), axis=1)  # a -inf logit adds 0
     y = tl.load(target_ptr + rows * stride_target, mask=row_mask, other=0).to(tl.int64)
     valid = row_mask & (y != ignore_index)
-    z_y = tl.load(row_ptrs + tl.where(valid, y, 0) * stride_class, mask=valid, other=0.0).to(DTYPE)
+    # an out-of-range class (checked on the host on CPU only: a GPU check would sync) reads nothing and gives NaN
+    in_range = (y >= 0) & (y < n_cols)
+    z_y = tl.load(row_ptrs + tl.where(valid & in_range, y, 0) * stride_class, mask=valid & in_range,
+                  other=float("nan")).to(DTYPE)
     if HAS_SOFTCAP:  # the same conversion and cap as the tiles, so that log p_y matches log p_c at c == y
         z_y, _ = soft_cap(z_y, softcap)
     z_y = z_y * inv_t

@@ -44,7 +44,7 @@ def log_probs(logits, target, *, temperature=1.0, ignore_index=-100, softcap=Non
     Args:
         logits: ``(..., V)``, float16, bfloat16, float32 or float64, any strides.
         target: class indices ``(...)`` (the logits' leading shape), int64 or int32, in ``[0, V)`` or
-            ``ignore_index``.
+            ``ignore_index`` (out of range: IndexError on the CPU backends, a NaN log-prob on GPU).
         temperature: a number ``> 0``, or a tensor of ``target``'s shape (one temperature per token; it gets no
             gradient).
         ignore_index: tokens whose target equals it give 0 (log-prob and entropy) and no gradient.
@@ -68,7 +68,7 @@ def log_probs(logits, target, *, temperature=1.0, ignore_index=-100, softcap=Non
     if logits.dim() == 0:
         raise ValueError("logits must have at least 1 dimension (..., V), got a 0-d tensor")
     opts, inv_t = _options(logits, target, tuple(logits.shape[:-1]), temperature, ignore_index, softcap,
-                           return_entropy, False, None)
+                           return_entropy, False, None, n_classes=logits.shape[-1])
     rows2d = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
     y = target.reshape(-1)
     # the definition where the kernels do not run: torch.func transforms, meta / fake tensors, torch.compile (its
