@@ -118,3 +118,58 @@ class _CopyToGroup(torch.autograd.Function):
 def copy_to_group(t, process_group):
     """``t`` unchanged, with a backward that sums its gradient over the ranks (module docstring)."""
     return _CopyToGroup.apply(t, process_group)
+
+
+def ring_pass(block, visit, process_group, accumulator=None, combine=None):
+    """Pass every rank's ``block`` (a tuple of tensors, the same shapes on every rank) around the group, one hop
+    to the next rank per step, and call ``visit(source, block_in_hand)`` on each in turn: this rank's own first
+    (``source`` = the rank it came from). The next block's receive and this one's send are in flight while
+    ``visit`` runs, and no rank ever holds more than two blocks: memory independent of the world size (the point
+    of a ring, against an all-gather's ``world`` blocks).
+
+    ``accumulator``: None, or a tuple of tensors whose shapes and dtypes ``visit``'s return matches: then each
+    block carries a sum around the ring behind it: ``visit`` returns this rank's contribution for the block in
+    hand, ``combine(arrived, contribution)`` (default: ``arrived.add_(contribution)``) merges it into what the
+    previous ranks contributed, and that travels on with the block. Returned: the accumulator of this rank's own
+    block once every rank has contributed (the block's last hop is this accumulator alone), else None.
+
+    The order of messages on each link is the same on both ends (an accumulator, then the next block), which
+    backends that match point-to-point messages by order (NCCL) need; ``batch_isend_irecv`` issues each step's."""
+    import torch.distributed as dist
+
+    rank, world = rank_and_size(process_group)
+    combine = combine or (lambda arrived, contribution: arrived.add_(contribution))
+    if world == 1:
+        out = visit(rank, block)
+        return tuple(out) if accumulator is not None else None
+    send_to = dist.get_global_rank(process_group, (rank + 1) % world)
+    receive_from = dist.get_global_rank(process_group, (rank - 1) % world)
+
+    def post(sends, receives):
+        ops = [dist.P2POp(dist.irecv, t, receive_from, process_group) for t in receives]
+        ops += [dist.P2POp(dist.isend, t, send_to, process_group) for t in sends]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    hand, in_flight = tuple(t.contiguous() for t in block), []
+    for step in range(world):
+        arrived = [torch.empty_like(t) for t in accumulator] if accumulator is not None and step > 0 else []
+        incoming = [torch.empty_like(t) for t in hand] if step < world - 1 else []
+        works = post(hand if incoming else (), arrived + incoming)
+        for work in in_flight:  # the previous step's accumulator, received as the next rank posts this step's
+            work.wait()
+        in_flight = []
+        contribution = visit((rank - step) % world, hand)
+        for work in works:
+            work.wait()
+        if accumulator is not None:
+            contribution = tuple(contribution)
+            total = tuple(combine(a, c) for a, c in zip(arrived, contribution)) if arrived else \
+                tuple(c.contiguous() for c in contribution)
+            in_flight = post(total, ())
+        hand = tuple(incoming)
+    if accumulator is None:
+        return None
+    home = [torch.empty_like(t) for t in accumulator]
+    for work in post((), home) + in_flight:
+        work.wait()
+    return tuple(home)

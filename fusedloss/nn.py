@@ -10,7 +10,7 @@ import torch
 
 from . import _checks
 from .losses.binary import binary_cross_entropy_with_logits, sigmoid_focal_loss
-from .losses.contrastive import check_open_clip_ranks, clip_loss, info_nce, nt_xent, siglip_loss
+from .losses.contrastive import check_dist_impl, check_open_clip_ranks, clip_loss, info_nce, nt_xent, siglip_loss
 from .losses.cross_entropy import cross_entropy
 from .losses.distillation import kl_div_with_logits
 from .losses.linear_cross_entropy import linear_cross_entropy
@@ -113,7 +113,9 @@ class ClipLoss(_Loss):
     The features are L2-normalized inside: for the normalized features open_clip's models return the loss is
     unchanged and their gradient is open_clip's minus its radial part (``g - x <x, g>``), which the model's own
     normalization removes anyway, so every parameter's gradient is open_clip's. ``process_group``: open_clip's
-    ``local_loss=True, gather_with_grad=True`` across the group's ranks (see ``fusedloss.clip_loss``).
+    ``local_loss=True, gather_with_grad=True`` across the group's ranks (see ``fusedloss.clip_loss``), the text
+    features all-gathered or, with ``dist_impl="ring"`` (keyword only; not an open_clip argument), passed around a
+    ring (memory per rank independent of the world size).
 
     open_clip's constructor arguments, in its order, honoured or refused by name (ValueError / TypeError):
 
@@ -128,7 +130,7 @@ class ClipLoss(_Loss):
     - ``use_horovod=True`` raises: fusedloss communicates through ``torch.distributed`` only."""
 
     def __init__(self, local_loss=None, gather_with_grad=None, cache_labels=False, rank=None, world_size=None,
-                 use_horovod=False, *, process_group=None):
+                 use_horovod=False, *, process_group=None, dist_impl="gather"):
         super().__init__()
         for name, value in (("local_loss", local_loss), ("gather_with_grad", gather_with_grad)):
             if value is not None:
@@ -148,9 +150,11 @@ class ClipLoss(_Loss):
                              "gather_with_grad=True")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.process_group = process_group
+        self.dist_impl = check_dist_impl(dist_impl)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
-        loss = clip_loss(image_features, text_features, logit_scale, logit_bias, process_group=self.process_group)
+        loss = clip_loss(image_features, text_features, logit_scale, logit_bias, process_group=self.process_group,
+                         dist_impl=self.dist_impl)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -166,11 +170,12 @@ class SigLipLoss(_Loss):
 
     open_clip's constructor arguments, in its order: ``cache_labels`` (a speed hint of open_clip's) is accepted and
     ignored; ``rank`` / ``world_size`` as in ``ClipLoss`` (the group's); ``dist_impl``, open_clip's choice of
-    exchange across ranks (None, which is ``'bidir'``, ``'shift'``, ``'reduce'`` or ``'gather'``), is checked and
-    stored, and changes nothing: every one gives the same loss, and fusedloss communicates its own way (one
-    all-gather, ``fusedloss.siglip_loss``)."""
+    exchange across ranks (None, which is ``'bidir'``, ``'shift'``, ``'reduce'`` or ``'gather'``): every one gives
+    the same loss and gradients; open_clip's neighbour exchanges (``'bidir'``, ``'shift'``) run fusedloss's ring
+    (``siglip_loss(dist_impl="ring")``: memory per rank independent of the world size, as theirs), its
+    all-gathering ones (``'reduce'``, ``'gather'``) fusedloss's gather."""
 
-    DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+    DIST_IMPLS = {"bidir": "ring", "shift": "ring", "reduce": "gather", "gather": "gather"}
 
     def __init__(self, cache_labels=False, rank=None, world_size=None, dist_impl=None, *, process_group=None):
         super().__init__()
@@ -183,7 +188,8 @@ class SigLipLoss(_Loss):
         self.process_group = process_group
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict=False):
-        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, process_group=self.process_group)
+        loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, process_group=self.process_group,
+                           dist_impl=self.DIST_IMPLS[self.dist_impl])
         return {"contrastive_loss": loss} if output_dict else loss
 
 

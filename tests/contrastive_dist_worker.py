@@ -1,10 +1,11 @@
 """One rank of the multi-process ``clip_loss`` / ``siglip_loss`` tests (run by tests/test_contrastive.py).
 
-    python tests/contrastive_dist_worker.py RANK WORLD INIT_FILE OUT_FILE N_LOCAL DIM SEED
+    python tests/contrastive_dist_worker.py RANK WORLD INIT_FILE OUT_FILE N_LOCAL DIM SEED DIST_IMPL
 
 Builds the global batch from SEED (identical on every rank: ``dist_batch``, which the test uses too), keeps rows
 ``RANK * N_LOCAL ...`` of it and, over a gloo group, for each loss: calls it, backpropagates this rank's own
 grad_output, and takes the gradients once more with ``create_graph=True`` (the definition's path across ranks).
+DIST_IMPL: fusedloss's ``"gather"`` or ``"ring"`` (for ``nn.SigLipLoss`` the open_clip exchange that runs it).
 Saves the losses and gradients to OUT_FILE. The backend comes from the environment (TRITON_INTERPRET=1 or
 FUSEDLOSS_BACKEND=torch), set by the test.
 """
@@ -26,14 +27,15 @@ def dist_batch(world, n_local, dim, seed):
     return images, texts, torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64), grad_outs
 
 
-def main(rank, world, n_local, dim, seed):
+def main(rank, world, n_local, dim, seed, dist_impl):
     import fusedloss
 
     images, texts, scale, bias, grad_outs = dist_batch(world, n_local, dim, seed)
     rows = slice(rank * n_local, (rank + 1) * n_local)
     results = {"backend": fusedloss.backend("cpu")}
-    modules = {"clip": fusedloss.nn.ClipLoss(process_group=dist.group.WORLD),
-               "siglip": fusedloss.nn.SigLipLoss(process_group=dist.group.WORLD)}
+    open_clip_exchange = {"gather": "gather", "ring": "shift"}[dist_impl]
+    modules = {"clip": fusedloss.nn.ClipLoss(process_group=dist.group.WORLD, dist_impl=dist_impl),
+               "siglip": fusedloss.nn.SigLipLoss(process_group=dist.group.WORLD, dist_impl=open_clip_exchange)}
     for kind, module in modules.items():
         image = images[rows].clone().requires_grad_()
         text = texts[rows].clone().requires_grad_()

@@ -7,15 +7,17 @@ import sys
 
 def serve(main):
     """Run ``main(rank, world, *args)`` as one rank of a gloo group, from ``sys.argv``: RANK WORLD INIT_FILE OUT_FILE
-    and the integer ARGS of ``conftest.run_gloo_ranks``; save the dict it returns to OUT_FILE, then ``finish``. A
-    failure tears the group down and propagates (the test reports the rank's output)."""
+    and the ARGS of ``conftest.run_gloo_ranks`` (integers as ints, the others as strings); save the dict it returns
+    to OUT_FILE, then ``finish``. A failure tears the group down and propagates (the test reports the rank's
+    output)."""
     import torch
     import torch.distributed as dist
 
     rank, world, init_file, out_file, *args = sys.argv[1:]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=int(rank), world_size=int(world))
     try:
-        torch.save(main(int(rank), int(world), *map(int, args)), out_file)
+        args = [int(a) if a.lstrip("-").isdigit() else a for a in args]
+        torch.save(main(int(rank), int(world), *args), out_file)
     except BaseException:
         dist.destroy_process_group()
         raise

@@ -86,6 +86,7 @@ class ContrastiveOptions:
     rank: int = 0
     world_size: int = 1
     process_group: Optional[object] = dataclasses.field(default=None, compare=False)
+    dist_impl: str = "gather"
 
 
 def nt_xent(features, temperature=0.07, *, schedule=None, gemm=None):
@@ -117,8 +118,8 @@ def nt_xent(features, temperature=0.07, *, schedule=None, gemm=None):
                     schedule, gemm)
 
 
-def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, process_group=None, schedule=None,
-              gemm=None):
+def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, process_group=None,
+              dist_impl="gather", schedule=None, gemm=None):
     """Symmetric CLIP loss, ``(CE(logits, arange) + CE(logits.T, arange)) / 2`` with
     ``logits = logit_scale * normalize(image) @ normalize(text).T (+ logit_bias)``: open_clip's ``ClipLoss``.
 
@@ -140,6 +141,12 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, pr
             (module docstring); DDP's averaging then gives the global batch's gradients. Communication: the text
             features are all-gathered and 3 numbers per column all-reduced in the forward; the texts' gradient is
             reduce-scattered (fp32) in the backward. Every rank must call it and backpropagate it.
+        dist_impl: how the text features travel across ranks: ``"gather"`` (above) or ``"ring"``: each rank's block
+            of texts visits every rank in turn, the next one's send / receive overlapping the block in hand, and
+            carries its columns' statistics (forward) and its gradient (backward) home with it; memory per rank
+            independent of the world size (two blocks, where the gather holds all of them and their fp32 gradient),
+            the same bytes on the wire, W steps instead of one collective. Same loss and gradients (module
+            docstring). The ring runs the ``"exact"`` schedule. Ignored without ``process_group``.
         schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
             ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
 
@@ -149,7 +156,8 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, pr
     x, y, scale, out_dtype = _image_text(image_features, text_features, logit_scale)
     bias = None if logit_bias is None else _scalar_tensor("logit_bias", logit_bias, x)
     with _checks.autocast_off(x.device):
-        loss = _run(_group_options("clip", process_group, out_dtype, x), x, y, scale, None, schedule, gemm)
+        loss = _run(_group_options("clip", process_group, dist_impl, out_dtype, x), x, y, scale, None, schedule,
+                    gemm)
     if isinstance(logit_bias, torch.Tensor):  # the bias's exact gradient, 0, and eager's NaN for a non-finite one
         loss = loss + 0.0 * bias.to(loss.dtype)
     return loss
@@ -194,8 +202,8 @@ def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean", 
         return _run(opts, x, y, scale, None, schedule, gemm)
 
 
-def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, process_group=None, schedule=None,
-                gemm=None):
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, process_group=None,
+                dist_impl="gather", schedule=None, gemm=None):
     """SigLIP's pairwise sigmoid loss (Zhai et al. 2023), open_clip's ``SigLipLoss``:
     ``-sum_ij logsigmoid(l_ij (logit_scale <x_i, y_j> + logit_bias)) / N`` with ``l = 2 I - 1`` (+1 for the pairs
     ``i == j``, -1 for every other), ``x`` and ``y`` the L2-normalized features, never forming the ``N x N`` logits.
@@ -214,6 +222,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, proce
             against the texts of every rank, ``/ n``, and its gradients (texts: the sum over every rank's loss).
             The text features are all-gathered in the forward (module docstring: why not a ring) and their
             gradient reduce-scattered (fp32) in the backward. Every rank must call it and backpropagate it.
+        dist_impl: ``"gather"`` (above) or ``"ring"`` (open_clip's neighbour exchange, memory independent of the
+            world size), as in ``clip_loss``.
         schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
             ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
 
@@ -224,7 +234,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, proce
     bias = (torch.zeros((), dtype=scale.dtype, device=x.device) if logit_bias is None
             else _scalar_tensor("logit_bias", logit_bias, x))
     with _checks.autocast_off(x.device):
-        return _run(_group_options("siglip", process_group, out_dtype, x), x, y, scale, bias, schedule, gemm)
+        return _run(_group_options("siglip", process_group, dist_impl, out_dtype, x), x, y, scale, bias, schedule,
+                    gemm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,22 +243,23 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, proce
 
 
 def clip_loss_and_grads(image_features, text_features, logit_scale, logit_bias=None, *, process_group=None,
-                        schedule=None, gemm=None):
+                        dist_impl="gather", schedule=None, gemm=None):
     """``clip_loss`` and its gradients, ``(loss, d_image_features, d_text_features, d_logit_scale[, d_logit_bias])``,
     detached: for GradCache loops, which embed a large batch in chunks without a graph, take the loss's gradients
     with respect to the cached embeddings here, then backpropagate each chunk's gradient through its re-embedded
     chunk. Arguments as ``clip_loss``'s; a number for ``logit_scale`` / ``logit_bias`` gets None. The same kernels
     (one forward, one backward pass); the gradients are those ``clip_loss(...).backward()`` would leave."""
     tensors = (image_features, text_features, logit_scale) + (() if logit_bias is None else (logit_bias,))
-    return _loss_and_grads(lambda *t: clip_loss(*t, process_group=process_group, schedule=schedule, gemm=gemm),
-                           tensors)
+    return _loss_and_grads(lambda *t: clip_loss(*t, process_group=process_group, dist_impl=dist_impl,
+                                                schedule=schedule, gemm=gemm), tensors)
 
 
 def siglip_loss_and_grads(image_features, text_features, logit_scale, logit_bias, *, process_group=None,
-                          schedule=None, gemm=None):
+                          dist_impl="gather", schedule=None, gemm=None):
     """``siglip_loss`` and its gradients, ``(loss, d_image_features, d_text_features, d_logit_scale,
     d_logit_bias)``, detached, as ``clip_loss_and_grads`` (a None or number ``logit_bias`` gets None)."""
-    return _loss_and_grads(lambda *t: siglip_loss(*t, process_group=process_group, schedule=schedule, gemm=gemm),
+    return _loss_and_grads(lambda *t: siglip_loss(*t, process_group=process_group, dist_impl=dist_impl,
+                                                  schedule=schedule, gemm=gemm),
                            (image_features, text_features, logit_scale, logit_bias))
 
 
@@ -338,12 +350,24 @@ def _engine(x):
     return "definition" if torch.compiler.is_compiling() else "torch"
 
 
-def _group_options(kind, process_group, out_dtype, x):
+DIST_IMPLS = ("gather", "ring")
+
+
+def check_dist_impl(dist_impl):
+    if dist_impl not in DIST_IMPLS:
+        raise ValueError(f"dist_impl must be one of {', '.join(map(repr, DIST_IMPLS))}, got {dist_impl!r}")
+    return dist_impl
+
+
+def _group_options(kind, process_group, dist_impl, out_dtype, x):
     rank, world = 0, 1
-    if process_group is not None:
+    dist_impl = check_dist_impl(dist_impl)
+    if process_group is None:
+        dist_impl = "gather"  # one block: nothing travels
+    else:
         rank, world = _distributed.rank_and_size(_distributed.check_group(process_group))
     return ContrastiveOptions(kind, out_dtype=out_dtype, engine=_engine(x), rank=rank, world_size=world,
-                              process_group=process_group)
+                              process_group=process_group, dist_impl=dist_impl)
 
 
 def check_open_clip_ranks(process_group, rank=None, world_size=None):
@@ -375,17 +399,26 @@ def _run(opts, x, y, scale, bias, schedule, gemm):
     if opts.engine == "definition":
         return _definition(opts, x, y, scale, bias)
     if opts.engine == "triton":
-        # The fixed shift needs unit vectors (not info_nce(normalize=False)); fp64 features take the exact kernels.
-        if not opts.normalized or x.dtype == torch.float64:
+        # The fixed shift needs unit vectors (not info_nce(normalize=False)); fp64 features take the exact kernels,
+        # and so does the ring, whose blocks without positives the fixed shift's column fallback does not know.
+        if not opts.normalized or x.dtype == torch.float64 or opts.dist_impl == "ring":
             schedule = "exact"
         opts = dataclasses.replace(opts, schedule=schedule, gemm=gemm)
     return _Contrastive.apply(opts, _family.needs_grad(x, y, scale, bias), x, y, scale, bias)[0]
 
 
+# The ``rank`` of a ring step's block of another rank's columns (``_block_options``): no positive among them.
+_FOREIGN_BLOCK = -1
+
+
 def _positives(kind, rank, n_rows):
-    """(offset, modulus, self_mask): row ``i``'s positive is column ``(i + offset) mod modulus``."""
+    """(offset, modulus, self_mask): row ``i``'s positive is column ``(i + offset) mod modulus``. For a block of
+    another rank's ``n_rows`` columns (``rank == _FOREIGN_BLOCK``) every row's positive is column ``n_rows + i``,
+    past the block: none is in it (``offset >= n_cols``: the engines' test)."""
     if kind == "nt_xent":
         return n_rows // 2, n_rows, True
+    if rank == _FOREIGN_BLOCK:
+        return n_rows, 2 * n_rows, False
     offset = rank * n_rows
     return offset, offset + n_rows, False
 
@@ -514,9 +547,12 @@ class _Contrastive(_family.LossFunction):
     @staticmethod
     def forward(opts, needs, x, y, scale, bias):
         k, gathered = (x if opts.kind == "nt_xent" else y), None
-        if opts.process_group is not None:
-            k = gathered = _distributed.all_gather(y, opts.process_group).flatten(0, 1)
-        rows, cols = _ENGINES[opts.engine].stats(opts, x, k, scale, bias)
+        if opts.dist_impl == "ring":
+            rows, cols = _ring_stats(opts, x, y, scale, bias)
+        else:
+            if opts.process_group is not None:
+                k = gathered = _distributed.all_gather(y, opts.process_group).flatten(0, 1)
+            rows, cols = _ENGINES[opts.engine].stats(opts, x, k, scale, bias)
         n_rows = x.shape[0]
         if opts.kind == "siglip":
             return (rows[:, 0].sum() / n_rows).to(opts.out_dtype), rows, None, gathered
@@ -529,11 +565,11 @@ class _Contrastive(_family.LossFunction):
             return _family.reduce(losses, opts.reduction, denominator, (n_rows,)).to(opts.out_dtype), row_state, \
                 None, gathered
         pos_dot = rows[:, 3]
-        if opts.process_group is not None:
+        if opts.process_group is not None and opts.dist_impl == "gather":
             cols = _all_reduce_partials(cols, opts.process_group)
             pos_dot = _distributed.all_gather(pos_dot, opts.process_group).flatten()
-        col_state = _finish(*cols, pos_dot, scale)
-        offset = opts.rank * n_rows
+        col_state = _finish(*cols, pos_dot, scale)  # the ring's: this rank's own columns only
+        offset = opts.rank * n_rows if opts.dist_impl == "gather" else 0
         loss = (losses.mean() + col_state[offset:offset + n_rows, 1].mean()) / 2
         return loss.to(opts.out_dtype), row_state, col_state, gathered
 
@@ -558,7 +594,7 @@ def _weights(opts, grad, n_rows):
         a = (grad / n_rows).expand(n_rows)
         return a, (a if opts.kind == "nt_xent" else None)
     a = (grad / (2 * n_rows)).expand(n_rows)
-    if opts.process_group is None:
+    if opts.process_group is None or opts.dist_impl == "ring":  # (the ring's columns carry their owner's b)
         return a, a
     every = _distributed.all_gather(grad.reshape(1), opts.process_group).reshape(-1)  # each rank's grad_output
     return a, (every / (2 * n_rows)).repeat_interleave(n_rows)
@@ -578,19 +614,81 @@ def _recompute(ctx, inputs, state, grad_outputs):
     k = x if opts.kind == "nt_xent" else (gathered if gathered is not None else y)
     need_k = need_y and opts.kind != "nt_xent"
     dx = dk = grad_scale = grad_bias = None
-    if need_x or need_k:
+    if opts.dist_impl == "ring" and (need_x or need_k):
+        dx, dk = _ring_grads(opts, x, y, scale, bias, row_state, col_state, a, b, need_x, need_k)
+    elif need_x or need_k:
         dx, dk = _ENGINES[opts.engine].grads(opts, x, k, scale, bias, row_state, col_state, a, b, need_x, need_k)
-    if dk is not None and opts.process_group is not None:
-        dk = _reduce_scatter(dk, opts.process_group)
+        if dk is not None and opts.process_group is not None:
+            dk = _reduce_scatter(dk, opts.process_group)
     if need_scale:
         grad_scale = (a * row_state[:, 2]).sum()
         if opts.kind == "clip":  # this rank's columns' own term
-            own = slice(opts.rank * n_rows, (opts.rank + 1) * n_rows)
+            first = opts.rank * n_rows if opts.dist_impl == "gather" else 0
+            own = slice(first, first + n_rows)
             grad_scale = grad_scale + (b[own] * col_state[own, 2]).sum()
         grad_scale = grad_scale.to(scale.dtype)
     if need_bias:
         grad_bias = (a * row_state[:, 1]).sum().to(bias.dtype)
     return (None if dx is None else dx.to(x.dtype), None if dk is None else dk.to(y.dtype), grad_scale, grad_bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ring across ranks (``dist_impl="ring"``): each rank's column block visits every rank
+# (``_distributed.ring_pass``); the engines run on one block at a time.
+
+
+def _block_options(opts, own):
+    """The options an engine runs one ring block with: this rank's own columns hold its rows' positives at the
+    same index; another rank's hold none (``_FOREIGN_BLOCK``)."""
+    return dataclasses.replace(opts, rank=0 if own else _FOREIGN_BLOCK)
+
+
+def _merge_rows(kind, held, part):
+    """The rows' statistics over two column blocks: SigLIP's sums add; the softmax's (max, sum-exp, moment) merge
+    and the positive's dot product (from the own block, 0 in the others) adds."""
+    if kind == "siglip":
+        return held + part
+    merged = _merge_partials(torch.stack([held[:, :3].t(), part[:, :3].t()])).t()
+    return torch.cat([merged, (held[:, 3] + part[:, 3])[:, None]], dim=1)
+
+
+def _ring_stats(opts, x, y, scale, bias):
+    """(rows, cols) as the gather path's, by a ring: the rows' statistics merged block by block; for CLIP each text
+    block carries its columns' partials over the rows it met and arrives home with them over every rank's rows
+    (both directions in one pass), ``cols`` then this rank's own columns only."""
+    engine, held = _ENGINES[opts.engine], []
+
+    def visit(source, block):
+        rows, cols = engine.stats(_block_options(opts, source == opts.rank), x, block[0], scale, bias)
+        held[:] = [rows if not held else _merge_rows(opts.kind, held[0], rows)]
+        return None if cols is None else (cols,)
+
+    carried = None
+    if opts.kind == "clip":
+        carried = (torch.empty((3, y.shape[0]), dtype=scale.dtype, device=y.device),)
+    cols = _distributed.ring_pass((y,), visit, opts.process_group, carried,
+                                  combine=lambda arrived, part: _merge_partials(torch.stack([arrived, part])))
+    return held[0], (None if cols is None else cols[0])
+
+
+def _ring_grads(opts, x, y, scale, bias, row_state, col_state, a, b, need_x, need_k):
+    """(dx, dk) as the gather path's, by a ring: each text block travels with what its owner knows of its columns
+    (CLIP: their statistics and weights ``b``) and with the sum of its gradient over the ranks it has visited, which
+    arrives home complete. Every rank must ask for the texts' gradient alike (``need_k``): the ring carries it."""
+    engine, dx = _ENGINES[opts.engine], []
+    block = (y,) if opts.kind != "clip" else (y, col_state.contiguous(), b.contiguous())
+
+    def visit(source, block):
+        cols, weights = (block[1], block[2]) if opts.kind == "clip" else (None, None)
+        dq, dk = engine.grads(_block_options(opts, source == opts.rank), x, block[0], scale, bias, row_state, cols,
+                              a, weights, need_x, need_k)
+        if dq is not None:
+            dx[:] = [dq if not dx else dx[0].add_(dq)]
+        return None if dk is None else (dk,)
+
+    carried = (torch.empty(y.shape, dtype=scale.dtype, device=y.device),) if need_k else None
+    dk = _distributed.ring_pass(block, visit, opts.process_group, carried)
+    return (dx[0] if dx else None), (None if dk is None else dk[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -715,9 +813,12 @@ class _TorchEngine:
     @staticmethod
     def _sigmoid_logits(c, scale, bias, local, pos):
         """SigLIP's ``z = s C + b`` of a band with its positives set to -inf, where the negatives' terms
-        ``softplus(z)`` and ``u = sigmoid(z)`` (docs/kernels/contrastive.md, l = -1) are 0, and z at the positives: the
-        positives' terms are then added per row, with no (R, N) label mask or select alive besides ``z``."""
+        ``softplus(z)`` and ``u = sigmoid(z)`` (docs/kernels/contrastive.md, l = -1) are 0, and z at the positives
+        (None for a block without them, ``pos`` None): the positives' terms are then added per row, with no (R, N)
+        label mask or select alive besides ``z``."""
         z = c * scale + bias
+        if pos is None:
+            return z, None
         z_pos = z[local, pos]
         z[local, pos] = float("-inf")
         return z, z_pos
@@ -728,6 +829,12 @@ class _TorchEngine:
         p = torch.exp(x - torch.where(m > float("-inf"), m, 0.0).unsqueeze(dim))
         return m, p.sum(dim), (p * c).sum(dim)
 
+    @staticmethod
+    def _positive_columns(offset, modulus, n_cols, start, stop, device):
+        """(local, pos): the band's rows and their positives' columns, pos None for a block without them."""
+        local = torch.arange(stop - start, device=device)
+        return local, ((local + start + offset) % modulus if offset < n_cols else None)
+
     @classmethod
     def stats(cls, opts, q, k, scale, bias):
         n_rows, n_cols = q.shape[0], k.shape[0]
@@ -737,21 +844,23 @@ class _TorchEngine:
         cols = None
         for start, stop in cls._bands(n_rows, n_cols):
             c = q[start:stop].to(scale.dtype) @ kc.T
-            local = torch.arange(stop - start, device=c.device)
-            pos = (local + start + offset) % modulus
+            local, pos = cls._positive_columns(offset, modulus, n_cols, start, stop, c.device)
             if opts.kind == "siglip":  # (loss, sum u, sum u C): the negatives' sums plus the positive's terms
                 z, z_pos = cls._sigmoid_logits(c, scale, bias, local, pos)
-                c_pos = c[local, pos]
-                loss = _softplus(z).sum(1) + _softplus(-z_pos)
-                u, u_pos = z.sigmoid_(), -torch.sigmoid(-z_pos)
-                rows[start:stop] = torch.stack([loss, u.sum(1) + u_pos, c.mul_(u).sum(1) + u_pos * c_pos], dim=1)
+                loss, u_sum, uc_sum = _softplus(z).sum(1), 0.0, 0.0
+                if pos is not None:
+                    u_pos = -torch.sigmoid(-z_pos)
+                    loss, u_sum, uc_sum = loss + _softplus(-z_pos), u_pos, u_pos * c[local, pos]
+                u = z.sigmoid_()
+                rows[start:stop] = torch.stack([loss, u.sum(1) + u_sum, c.mul_(u).sum(1) + uc_sum], dim=1)
                 continue
             x = c * scale
-            x[local, pos] = float("-inf")
+            if pos is not None:
+                x[local, pos] = float("-inf")
             if self_mask:
                 x[local, local + start] = float("-inf")
             rows[start:stop, :3] = torch.stack(cls._moments(x, c, 1), dim=1)
-            rows[start:stop, 3] = c[local, pos]
+            rows[start:stop, 3] = c[local, pos] if pos is not None else 0.0
             if opts.kind == "clip":
                 band = torch.stack(cls._moments(x, c, 0))
                 cols = band if cols is None else _merge_partials(torch.stack([cols, band]))
@@ -767,13 +876,13 @@ class _TorchEngine:
         for start, stop in cls._bands(n_rows, n_cols):
             qc = q[start:stop].to(scale.dtype)
             c = qc @ kc.T
-            local = torch.arange(stop - start, device=c.device)
-            pos = (local + start + offset) % modulus
+            local, pos = cls._positive_columns(offset, modulus, n_cols, start, stop, c.device)
             rows_a = a[start:stop]
             if opts.kind == "siglip":  # W = a u, in place
                 z, z_pos = cls._sigmoid_logits(c, scale, bias, local, pos)
                 w = z.sigmoid_()
-                w[local, pos] = -torch.sigmoid(-z_pos)
+                if pos is not None:
+                    w[local, pos] = -torch.sigmoid(-z_pos)
                 w.mul_(rows_a[:, None])
             else:
                 x = c * scale
@@ -782,8 +891,10 @@ class _TorchEngine:
                 pos_w = rows_a * torch.expm1(-loss)
                 if col_state is not None:
                     w += torch.exp(x - col_state[:, 0]) * b
-                    pos_w = pos_w + b[pos] * torch.expm1(-col_state[pos, 1])
-                w[local, pos] = pos_w
+                if pos is not None:
+                    if col_state is not None:
+                        pos_w = pos_w + b[pos] * torch.expm1(-col_state[pos, 1])
+                    w[local, pos] = pos_w
                 if self_mask:
                     w[local, local + start] = 0.0
             if need_q:
