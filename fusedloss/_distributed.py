@@ -82,6 +82,26 @@ def all_reduce_(t, process_group):
     return t
 
 
+def gather_with_grad(t, group):
+    """Every rank's ``t`` concatenated along dim 0, differentiable: the backward sums each rank's gradient of the
+    gathered tensor onto the slice's owner (``torch.distributed``'s functional collectives)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    gather = getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
+    return gather(t.contiguous(), gather_dim=0, group=group)
+
+
+def reduce_scatter(x, group):
+    """(W n, ...) summed over the ranks, this rank's n rows."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # (renamed in torch 2.13)
+    scatter(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
 class _GatherShards(torch.autograd.Function):
     @staticmethod
     def forward(t, process_group):

@@ -194,15 +194,20 @@ class SigLipLoss(_Loss):
 
 
 class InfoNCELoss(_Loss):
-    """``fusedloss.info_nce`` as a module: query row ``i`` against every key, its positive at key ``i``."""
+    """``fusedloss.info_nce`` as a module: query row ``i`` against every key (and ``negatives``), its positive at
+    key ``i`` or every key sharing its ``positive_ids``; the options as ``info_nce``'s."""
 
-    def __init__(self, temperature=0.07, *, normalize=True, reduction="mean"):
+    def __init__(self, temperature=0.07, *, false_negative_margin=None, normalize=True, reduction="mean",
+                 process_group=None, dist_impl="gather"):
         super().__init__()
         self.temperature, self.normalize, self.reduction = temperature, normalize, reduction
+        self.false_negative_margin, self.process_group = false_negative_margin, process_group
+        self.dist_impl = check_dist_impl(dist_impl)
 
-    def forward(self, query, key):
-        return info_nce(query, key, self.temperature, normalize=self.normalize, reduction=self.reduction)
-
+    def forward(self, query, key, negatives=None, positive_ids=None):
+        return info_nce(query, key, self.temperature, negatives=negatives, positive_ids=positive_ids,
+                        false_negative_margin=self.false_negative_margin, normalize=self.normalize,
+                        reduction=self.reduction, process_group=self.process_group, dist_impl=self.dist_impl)
 
 
 class LinearCrossEntropyLoss(_Loss):

@@ -27,6 +27,23 @@ def dist_batch(world, n_local, dim, seed):
     return images, texts, torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64), grad_outs
 
 
+def retrieval_batch(world, n_local, dim, seed):
+    """(queries, keys, shared, per_query, ids, temperature) in fp64 for ``info_nce`` across ranks: per rank
+    ``n_local`` queries, ``n_local + 2`` keys (a queue of 2), 3 shared and 2 per-query negatives; ids drawn from
+    ``n_local`` values, so that queries share positives within and across ranks."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    draw = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    queries = draw(world * n_local, dim)
+    keys = draw(world * (n_local + 2), dim)
+    keys.view(world, n_local + 2, dim)[:, :n_local] += queries.view(world, n_local, dim)
+    ids = torch.randint(0, n_local, (world * (n_local + 2),), generator=gen)
+    temperature = torch.tensor(0.2, dtype=torch.float64)
+    return queries, keys, draw(world * 3, dim), draw(world * n_local, 2, dim), ids, temperature
+
+
+RETRIEVAL_MARGIN = 0.1
+
+
 def main(rank, world, n_local, dim, seed, dist_impl):
     import fusedloss
 
@@ -49,6 +66,23 @@ def main(rank, world, n_local, dim, seed, dist_impl):
         higher = torch.autograd.grad(loss, leaves, grad_outs[rank], create_graph=True)
         results[kind] = {"loss": loss.detach(), "grads": [g.detach() for g in grads],
                          "create_graph": [g.detach() for g in higher]}
+    queries, keys, shared, per_query, ids, temperature = retrieval_batch(world, n_local, dim, seed)
+    key_rows = slice(rank * (n_local + 2), (rank + 1) * (n_local + 2))
+    for variant, negatives in (("shared", shared.view(world, 3, dim)[rank]), ("per_query", per_query[rows])):
+        leaves = [t.clone().requires_grad_() for t in (queries[rows], keys[key_rows], negatives, temperature)]
+        loss = fusedloss.info_nce(*leaves[:2], leaves[3], negatives=leaves[2], positive_ids=ids[key_rows],
+                                  false_negative_margin=RETRIEVAL_MARGIN, process_group=dist.group.WORLD,
+                                  dist_impl=dist_impl)
+        grads = torch.autograd.grad(loss, leaves, grad_outs[rank], retain_graph=True)
+        higher = torch.autograd.grad(loss, leaves, grad_outs[rank], create_graph=True)
+        results["info_nce_" + variant] = {"loss": loss.detach(), "grads": [g.detach() for g in grads],
+                                          "create_graph": [g.detach() for g in higher]}
+    from conftest import readme_example  # the README's retrieval call, on the shared-negatives batch
+
+    namespace = dict(fusedloss=fusedloss, dist=dist, query=queries[rows], key=keys[key_rows],
+                     hard_negatives=shared.view(world, 3, dim)[rank], doc_ids=ids[key_rows])
+    exec(readme_example("retrieval"), namespace)
+    results["readme_retrieval"] = namespace["loss"]
     return results
 
 

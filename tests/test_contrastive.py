@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from contrastive_dist_worker import dist_batch
+from contrastive_dist_worker import RETRIEVAL_MARGIN, dist_batch, retrieval_batch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -907,13 +907,14 @@ def test_open_clip_constructor_with_a_group(rank_1_of_2):
 
 
 @pytest.mark.parametrize("dist_impl", ["gather", "ring"])
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 @pytest.mark.parametrize("backend_name", ["torch", "interpret"])
 def test_gloo_ranks_match_open_clip(tmp_path, backend_name, world, dist_impl):
     """``nn.ClipLoss`` / ``nn.SigLipLoss`` with a process group, fp64, each rank a different grad_output, the text
     features gathered or passed around the ring: each rank's loss and every gradient are what open_clip's
     distributed loss gives on that rank; gradients through ``create_graph=True`` (the definition, differentiable
-    collectives) agree, the scale's summed over ranks."""
+    collectives) agree, the scale's summed over ranks. Likewise ``info_nce`` with every retrieval option
+    (``check_info_nce_ranks``)."""
     n_local, dim, seed = 13, 12, 1234
     results = run_gloo_ranks(tmp_path, "contrastive_dist_worker.py", backend_name, world, n_local, dim, seed,
                              dist_impl)
@@ -935,12 +936,57 @@ def test_gloo_ranks_match_open_clip(tmp_path, backend_name, world, dist_impl):
         assert_close(scale_sum, sum(res[kind]["grads"][2] for res in results), torch.float64, "create_graph scale")
         if kind == "clip":
             assert all(float(res[kind]["grads"][3]) == 0.0 for res in results)
+    check_info_nce_ranks(results, world, n_local, dim, seed)
     # DDP averages gradients: with equal grad_outputs the mean of the ranks' losses is the global batch's loss
     images, texts, scale, bias, _ = dist_batch(world, n_local, dim, seed)
     assert_close(sum(r["clip"]["loss"] for r in results) / world, open_clip_loss(images, texts, scale),
                  torch.float64, "mean of the CLIP rank losses")
     assert_close(sum(r["siglip"]["loss"] for r in results) / world, open_clip_siglip(images, texts, scale, bias),
                  torch.float64, "mean of the SigLIP rank losses")
+
+
+def check_info_nce_ranks(results, world, n_local, dim, seed):
+    """``info_nce`` across ranks with every option (a queue, shared or per-query negatives, positive ids shared
+    across ranks, a margin): rank r's loss is the single-process reference of its queries against the keys and
+    shared negatives of every rank (its own keys first: the loss does not depend on the candidates' order), the
+    keys' and shared negatives' gradients those of ``sum_s g_s loss_s``, the rest ``g_r loss_r``'s."""
+    from test_info_nce_retrieval import reference_info_nce
+
+    queries, keys, shared, per_query, ids, temperature = retrieval_batch(world, n_local, dim, seed)
+    grad_outs = dist_batch(world, n_local, dim, seed)[4]
+    n_keys = n_local + 2
+
+    def own_first(r):  # every rank's keys, rank r's first
+        return torch.cat([torch.arange(r * n_keys, (r + 1) * n_keys), torch.arange(0, r * n_keys),
+                          torch.arange((r + 1) * n_keys, world * n_keys)])
+
+    for variant in ("shared", "per_query"):
+        leaves = [t.clone().requires_grad_() for t in (queries, keys, shared if variant == "shared" else per_query,
+                                                       temperature)]
+        losses = []
+        for r in range(world):
+            order = own_first(r)
+            negatives = leaves[2] if variant == "shared" else leaves[2][r * n_local:(r + 1) * n_local]
+            losses.append(reference_info_nce(leaves[0][r * n_local:(r + 1) * n_local], leaves[1][order],
+                                             leaves[3], negatives, ids[order], RETRIEVAL_MARGIN))
+        losses = torch.stack(losses)
+        every = torch.autograd.grad((losses * grad_outs).sum(), leaves[1:3] if variant == "shared" else leaves[1:2],
+                                    retain_graph=True)
+        for r, res in enumerate(results):
+            got = res["info_nce_" + variant]
+            own = torch.autograd.grad(losses[r] * grad_outs[r], leaves, retain_graph=True)
+            expected = [own[0][r * n_local:(r + 1) * n_local], every[0][r * n_keys:(r + 1) * n_keys],
+                        every[1].view(world, 3, dim)[r] if variant == "shared" else
+                        own[2][r * n_local:(r + 1) * n_local], own[3]]
+            assert_close(got["loss"], losses[r], torch.float64, f"info_nce {variant} rank {r} loss")
+            for name, g, want in zip(("query", "key", "negatives", "temperature"), got["grads"], expected):
+                assert_close(g, want, torch.float64, f"info_nce {variant} rank {r} {name}.grad")
+            for g, want in zip(got["create_graph"][:3], expected[:3]):
+                assert_close(g, want, torch.float64, f"info_nce {variant} rank {r} create_graph grad")
+            if variant == "shared":  # the README's call (temperature 0.05, the ring) on the same batch
+                readme = reference_info_nce(queries[r * n_local:(r + 1) * n_local], keys[own_first(r)], 0.05,
+                                            shared, ids[own_first(r)], RETRIEVAL_MARGIN)
+                assert_close(res["readme_retrieval"], readme, torch.float64, f"README retrieval rank {r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -163,10 +163,15 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, pr
     return loss
 
 
-def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean", schedule=None, gemm=None):
-    """InfoNCE in one direction: row ``i`` of ``query`` against every row of ``key``, its positive at key ``i``.
+def info_nce(query, key, temperature=0.07, *, negatives=None, positive_ids=None, false_negative_margin=None,
+             normalize=True, reduction="mean", process_group=None, dist_impl="gather", schedule=None, gemm=None):
+    """InfoNCE in one direction: row ``i`` of ``query`` against every row of ``key`` (and ``negatives``), its
+    positive at key ``i`` (or every key sharing its ``positive_ids``).
 
-    ``loss_i = logsumexp_j(<q_i, k_j> / t) - <q_i, k_i> / t``, with ``q``, ``k`` L2-normalized when ``normalize``.
+    ``loss_i = -sum_{j in P_i} log softmax(<q_i, candidates> / t)_j / |P_i|``, with ``q``, ``k`` and the negatives
+    L2-normalized when ``normalize`` (cosines) and ``P_i`` query ``i``'s positives; without options
+    ``logsumexp_j(<q_i, k_j> / t) - <q_i, k_i> / t``. Tiled: the logits are never materialized
+    (``fusedloss.losses.retrieval`` for the options).
 
     Args:
         query: ``(M, d)``, float16, bfloat16, float32 or float64; any strides.
@@ -175,10 +180,31 @@ def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean", 
             positives). A key without ``requires_grad`` costs no gradient product.
         temperature: a positive number (``inf``: every logit 0), or a 0-d (or one-element) floating tensor, which
             then receives a gradient.
-        normalize: L2-normalize query and key rows first (cosine similarity), with ``F.normalize``'s gradient.
+        negatives: None; ``(S, d)`` negatives shared by every query (candidates after the keys, in order: sentence
+            transformers' MultipleNegativesRankingLoss); or ``(M, K, d)``, query ``i``'s own K hard negatives.
+            The query's dtype and device.
+        positive_ids: None, or an ``(N,)`` integer tensor, one id per key (query ``i``'s is ``positive_ids[i]``):
+            query ``i``'s target is uniform over every key with its id (cross-entropy with that soft target, the
+            supervised-contrastive ``L_out``). Negatives are never positives.
+        false_negative_margin: None, or a number ``m``: a candidate that is not one of query ``i``'s positives
+            leaves its softmax when its similarity exceeds ``sim(q_i, k_i) - m`` (GISTEmbed's absolute margin,
+            the model as its own guide; cosines when ``normalize``, else dot products). No gradient flows through
+            that choice.
+        normalize: L2-normalize query, key and negative rows first (cosine similarity), with ``F.normalize``'s
+            gradient.
         reduction: ``'mean'`` (over the M rows), ``'sum'`` or ``'none'`` (the ``(M,)`` per-row losses).
+        process_group: a ``torch.distributed`` group: every rank passes the same M, N (and S, K), and the keys,
+            their ids and the shared negatives of every rank are candidates of every query (rank order; query
+            ``i``'s positive is its own rank's key ``i``). Rank ``r`` returns its queries' loss; keys and negatives
+            get the gradient of ``sum_s g_s loss_s`` (``g_s`` rank ``s``'s grad_output), the rest that of ``g_r
+            loss_r`` (open_clip's gather_with_grad convention). Every rank must call it and backpropagate it.
+        dist_impl: ``"gather"`` (all-gather the keys and shared negatives, reduce-scatter their gradient) or
+            ``"ring"`` (each rank's block passed around the group: memory per rank independent of the world
+            size; ``clip_loss``). Ignored without ``process_group``.
         schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
-            ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
+            ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the
+            first. Only the plain call (and shared negatives alone) runs the kernels; the other options run the
+            band engine in torch ops on every backend.
 
     Returns:
         The loss in the query's dtype (fp32 under ``torch.autocast``).
@@ -194,12 +220,48 @@ def info_nce(query, key, temperature=0.07, *, normalize=True, reduction="mean", 
                          f"key i; got {key.shape[0]}")
     normalize = _checks.check_bool("normalize", normalize)
     _checks.check_reduction(reduction)
-    (x, y), out_dtype = _features((("query", query), ("key", key)), normalize=normalize)
+    _check_retrieval_options(query, key, negatives, positive_ids, false_negative_margin)
+    dist_impl = check_dist_impl(dist_impl)
+    named = (("query", query), ("key", key)) + (() if negatives is None else (("negatives", negatives),))
+    (x, y, *neg), out_dtype = _features(named, normalize=normalize)
+    neg = neg[0] if neg else None
+    plain = positive_ids is None and false_negative_margin is None and process_group is None
     with _checks.autocast_off(x.device):
         scale = _inverse_temperature(temperature, x)
-        opts = ContrastiveOptions("info_nce", reduction=reduction, normalized=normalize, out_dtype=out_dtype,
-                                  engine=_engine(x))
-        return _run(opts, x, y, scale, None, schedule, gemm)
+        if plain and (neg is None or neg.dim() == 2):
+            # shared negatives are more key columns to the kernels (after the queue: candidates in the same order)
+            opts = ContrastiveOptions("info_nce", reduction=reduction, normalized=normalize, out_dtype=out_dtype,
+                                      engine=_engine(x))
+            return _run(opts, x, y if neg is None else torch.cat([y, neg]), scale, None, schedule, gemm)
+        from .retrieval import RetrievalOptions, info_nce_retrieval
+
+        # (under torch.compile the definition, whose logits are materialized: the band loop is not traced)
+        engine = "definition" if _engine(x) == "definition" or torch.compiler.is_compiling() else "bands"
+        opts = RetrievalOptions(reduction, None if false_negative_margin is None else float(false_negative_margin),
+                                out_dtype, engine)
+        if process_group is not None:
+            rank, world = _distributed.rank_and_size(_distributed.check_group(process_group))
+            opts = dataclasses.replace(opts, rank=rank, world_size=world, process_group=process_group,
+                                       dist_impl=dist_impl)
+        shared, per_query = (neg, None) if neg is None or neg.dim() == 2 else (None, neg)
+        return info_nce_retrieval(opts, x, y, shared, per_query, positive_ids, scale)
+
+
+def _check_retrieval_options(query, key, negatives, positive_ids, margin):
+    if negatives is not None:
+        _checks.check_tensor("negatives", negatives, floating=True, dims=(2, 3), device=query.device, like="query")
+        if negatives.shape[-1] != query.shape[1] or 0 in negatives.shape or \
+                (negatives.dim() == 3 and negatives.shape[0] != query.shape[0]):
+            raise ValueError(f"negatives must be (S, {query.shape[1]}) shared or ({query.shape[0]}, K, "
+                             f"{query.shape[1]}) per query, S, K >= 1; got {tuple(negatives.shape)}")
+    if positive_ids is not None:
+        _checks.check_tensor("positive_ids", positive_ids, floating=False, dims=(1,), device=query.device,
+                             like="query")
+        if positive_ids.shape[0] != key.shape[0]:
+            raise ValueError(f"positive_ids must have one id per key row ({key.shape[0]}), got shape "
+                             f"{tuple(positive_ids.shape)}")
+    if margin is not None:
+        _checks.check_number("false_negative_margin", margin, finite=True)
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, *, process_group=None,
@@ -263,13 +325,21 @@ def siglip_loss_and_grads(image_features, text_features, logit_scale, logit_bias
                            (image_features, text_features, logit_scale, logit_bias))
 
 
-def info_nce_and_grads(query, key, temperature=0.07, *, normalize=True, reduction="mean", schedule=None, gemm=None):
-    """``info_nce`` and its gradients, ``(loss, d_query, d_key, d_temperature)``, detached, as
-    ``clip_loss_and_grads`` (``reduction`` 'mean' or 'sum': a scalar loss; a number ``temperature`` gets None)."""
+def info_nce_and_grads(query, key, temperature=0.07, *, negatives=None, positive_ids=None,
+                       false_negative_margin=None, normalize=True, reduction="mean", process_group=None,
+                       dist_impl="gather", schedule=None, gemm=None):
+    """``info_nce`` and its gradients, ``(loss, d_query, d_key, d_temperature)`` or with ``negatives``
+    ``(loss, d_query, d_key, d_negatives, d_temperature)``, detached, as ``clip_loss_and_grads`` (``reduction``
+    'mean' or 'sum': a scalar loss; a number ``temperature`` gets None)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (one loss to differentiate), got {reduction!r}")
-    return _loss_and_grads(lambda *t: info_nce(*t, normalize=normalize, reduction=reduction, schedule=schedule,
-                                               gemm=gemm), (query, key, temperature))
+    options = dict(positive_ids=positive_ids, false_negative_margin=false_negative_margin, normalize=normalize,
+                   reduction=reduction, process_group=process_group, dist_impl=dist_impl, schedule=schedule,
+                   gemm=gemm)
+    if negatives is None:
+        return _loss_and_grads(lambda q, k, t: info_nce(q, k, t, **options), (query, key, temperature))
+    return _loss_and_grads(lambda q, k, n, t: info_nce(q, k, t, negatives=n, **options),
+                           (query, key, negatives, temperature))
 
 
 def _loss_and_grads(loss_fn, values):
@@ -315,7 +385,7 @@ def _features(named, normalize):
             where = " (under torch.autocast: fp64 is not cast, so both or neither must be fp64)" if autocast else ""
             raise TypeError(f"{name} must have {first}'s dtype {x0.dtype}{where}, got {t.dtype}")
     with _checks.autocast_off(device):
-        out = [F.normalize(t.to(_family.compute_dtype(t)), dim=1).to(dtype) if normalize else t.to(dtype)
+        out = [F.normalize(t.to(_family.compute_dtype(t)), dim=-1).to(dtype) if normalize else t.to(dtype)
                for _, t in named]
     return out, _checks.autocast_fp32(device, dtype)
 
@@ -427,11 +497,6 @@ def _positives(kind, rank, n_rows):
 # The definition: the torch backend under torch.compile, and the higher-order gradients of every path
 
 
-def _softplus(v):
-    """log(1 + exp(v)) without F.softplus's linear cut-off above 20 (an fp64 error of 2e-9)."""
-    return torch.logaddexp(v, v.new_zeros(()))  # (a broadcast 0-d zero: no second temporary of v's size)
-
-
 def _definition(opts, x, y, scale, bias):
     """The loss in torch ops, the logits materialized. Each softmax loss is written through its negatives
     (``softplus(logsumexp_{j != pos} S_ij - S_i,pos)``, the cross-entropy; docs/kernels/contrastive.md), whose autograd
@@ -442,7 +507,7 @@ def _definition(opts, x, y, scale, bias):
     q = x.to(scale.dtype)
     k = q if opts.kind == "nt_xent" else y.to(scale.dtype)
     if opts.process_group is not None:
-        k = _gather_with_grad(k, opts.process_group)
+        k = _distributed.gather_with_grad(k, opts.process_group)
     c = q @ k.T
     n_rows, n_cols = c.shape
     offset, modulus, self_mask = _positives(opts.kind, opts.rank, n_rows)
@@ -455,7 +520,7 @@ def _definition(opts, x, y, scale, bias):
     excluded = is_pos | (torch.eye(n_rows, n_cols, dtype=torch.bool, device=c.device) if self_mask else False)
     negatives = logits.masked_fill(excluded, float("-inf"))
     positive = logits.gather(1, pos[:, None]).squeeze(1)
-    rows = _softplus(torch.logsumexp(negatives, dim=1) - positive)
+    rows = _family.softplus(torch.logsumexp(negatives, dim=1) - positive)
     if opts.kind != "clip":
         denominator = torch.full((), float(n_rows), dtype=rows.dtype, device=rows.device)
         return _family.reduce(rows, opts.reduction, denominator, (n_rows,)).to(opts.out_dtype)
@@ -464,9 +529,9 @@ def _definition(opts, x, y, scale, bias):
     else:  # every rank's column sums over its rows, summed over the ranks (the max without a gradient: it cancels)
         top = _all_reduce_max(negatives.detach().amax(0), opts.process_group)
         shift = torch.where(top > float("-inf"), top, 0.0)
-        sums = _gather_with_grad(torch.exp(negatives - shift).sum(0)[None], opts.process_group).sum(0)
+        sums = _distributed.gather_with_grad(torch.exp(negatives - shift).sum(0)[None], opts.process_group).sum(0)
         col_negatives = (shift + torch.log(sums))[offset:offset + n_rows]
-    cols = _softplus(col_negatives - positive)
+    cols = _family.softplus(col_negatives - positive)
     return ((rows.mean() + cols.mean()) / 2).to(opts.out_dtype)
 
 
@@ -482,7 +547,7 @@ def _finish(m, s, t, pos_dot, scale):
     positive = scale * pos_dot
     gap = negatives - positive
     dscale = torch.where(s > 0, torch.sigmoid(gap) * (t / s - pos_dot), 0.0)
-    return torch.stack([torch.logaddexp(negatives, positive), _softplus(gap), dscale, negatives], dim=1)
+    return torch.stack([torch.logaddexp(negatives, positive), _family.softplus(gap), dscale, negatives], dim=1)
 
 
 def _rebase(m, s, t, top):
@@ -499,15 +564,6 @@ def _merge_partials(parts):
     return torch.stack([top, s.sum(0), t.sum(0)])
 
 
-def _gather_with_grad(t, group):
-    """Every rank's ``t`` concatenated along dim 0, differentiable: the backward sums each rank's gradient of the
-    gathered tensor onto the slice's owner (``torch.distributed``'s functional collectives)."""
-    from torch.distributed import _functional_collectives as collectives
-
-    gather = getattr(collectives, "all_gather_single_autograd", None) or collectives.all_gather_tensor_autograd
-    return gather(t.contiguous(), gather_dim=0, group=group)
-
-
 def _all_reduce_max(t, group):
     import torch.distributed as dist
 
@@ -521,17 +577,6 @@ def _all_reduce_partials(cols, group):
     top = _all_reduce_max(cols[0], group)
     sums = _distributed.all_reduce_(torch.stack(_rebase(*cols, top)), group)
     return torch.cat([top[None], sums])
-
-
-def _reduce_scatter(x, group):
-    """(W n, ...) summed over the ranks, this rank's n rows."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # (renamed in torch 2.13)
-    scatter(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -619,7 +664,7 @@ def _recompute(ctx, inputs, state, grad_outputs):
     elif need_x or need_k:
         dx, dk = _ENGINES[opts.engine].grads(opts, x, k, scale, bias, row_state, col_state, a, b, need_x, need_k)
         if dk is not None and opts.process_group is not None:
-            dk = _reduce_scatter(dk, opts.process_group)
+            dk = _distributed.reduce_scatter(dk, opts.process_group)
     if need_scale:
         grad_scale = (a * row_state[:, 2]).sum()
         if opts.kind == "clip":  # this rank's columns' own term
@@ -847,10 +892,10 @@ class _TorchEngine:
             local, pos = cls._positive_columns(offset, modulus, n_cols, start, stop, c.device)
             if opts.kind == "siglip":  # (loss, sum u, sum u C): the negatives' sums plus the positive's terms
                 z, z_pos = cls._sigmoid_logits(c, scale, bias, local, pos)
-                loss, u_sum, uc_sum = _softplus(z).sum(1), 0.0, 0.0
+                loss, u_sum, uc_sum = _family.softplus(z).sum(1), 0.0, 0.0
                 if pos is not None:
                     u_pos = -torch.sigmoid(-z_pos)
-                    loss, u_sum, uc_sum = loss + _softplus(-z_pos), u_pos, u_pos * c[local, pos]
+                    loss, u_sum, uc_sum = loss + _family.softplus(-z_pos), u_pos, u_pos * c[local, pos]
                 u = z.sigmoid_()
                 rows[start:stop] = torch.stack([loss, u.sum(1) + u_sum, c.mul_(u).sum(1) + uc_sum], dim=1)
                 continue
