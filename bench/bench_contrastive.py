@@ -16,16 +16,25 @@ harness. Both take the band GEMMs where ``FUSEDLOSS_CONTRASTIVE_GEMM`` says (Tri
 second run with that variable set times the four combinations (bench/NOTES.md has the command). SigLIP has one
 schedule (the fixed shift leaves its kernels as they are).
 
-Sizes: ``--quick`` (CPU, fp32, the torch backend): CLIP and SigLIP N = 1024, NT-Xent 2N = 1024, d = 128. GPU (bf16):
-CLIP N = 65536, d = 768 (the performance target) and N = 16384, d = 512; SigLIP N = 65536, d = 768 (its target:
-within 1.1x of CLIP's time); NT-Xent 2N = 32768, d = 128.
+Retrieval InfoNCE (``info_nce`` with S shared negatives, ``positive_ids`` and ``false_negative_margin``): the same
+counts over the N + S candidate columns, ``2 N (N + S) d`` forward and ``6 N (N + S) d`` forward + backward (the
+fused path recomputes the similarities: 8). Its ``eager`` provider materializes the ``N x (N + S)`` logits, the
+masks and a soft-target cross-entropy. SigLIP's ``open_clip-chunked``: open_clip's own ``SigLipLoss`` with
+``chunk_size`` (merged 2026-04), where the installed open_clip has it.
+
+Sizes: ``--quick`` (CPU, fp32, the torch backend): CLIP and SigLIP N = 1024, NT-Xent 2N = 1024, retrieval N = S =
+512, d = 128. GPU (bf16): CLIP N = 65536, d = 768 (the performance target) and N = 16384, d = 512; SigLIP N =
+65536, d = 768 (its target: within 1.1x of CLIP's time); NT-Xent 2N = 32768, d = 128; retrieval N = S = 32768,
+d = 768.
 """
+
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedloss import clip_loss, nt_xent, siglip_loss
+from fusedloss import clip_loss, info_nce, nt_xent, siglip_loss
 
 from benchutil import compiled, row, skip_if_oom
 
@@ -82,6 +91,43 @@ def inf_cl_clip(dim):
     return loss
 
 
+RETRIEVAL_TEMPERATURE, RETRIEVAL_MARGIN, RETRIEVAL_IDS = 0.05, 0.1, 4  # ids: every 4 consecutive keys share one
+
+
+def retrieval_ids(n, device):
+    return torch.arange(n, device=device) // RETRIEVAL_IDS
+
+
+def fused_retrieval(query, key, negatives):
+    return info_nce(query, key, RETRIEVAL_TEMPERATURE, negatives=negatives,
+                    positive_ids=retrieval_ids(key.shape[0], key.device), false_negative_margin=RETRIEVAL_MARGIN)
+
+
+def eager_retrieval(query, key, negatives):
+    """What a user writes: the logits over keys and negatives, the false negatives masked, the uniform target over
+    the keys sharing the query's id."""
+    query, key, negatives = (F.normalize(t, dim=-1) for t in (query, key, negatives))
+    sim = query @ torch.cat([key, negatives]).T
+    ids = retrieval_ids(key.shape[0], key.device)
+    rows = torch.arange(query.shape[0], device=query.device)
+    positive = F.pad(ids[:, None] == ids[None, :], (0, negatives.shape[0]))
+    removed = ~positive & (sim > sim[rows, rows, None].detach() - RETRIEVAL_MARGIN)
+    log_p = torch.log_softmax((sim / RETRIEVAL_TEMPERATURE).masked_fill(removed, float("-inf")), dim=1)
+    return (-torch.where(positive, log_p, 0.0).sum(1) / positive.sum(1)).mean()
+
+
+def open_clip_chunked_siglip(dim):
+    """open_clip's ``SigLipLoss(chunk_size=512)`` (its per-rank chunked loss), on the normalized features its models
+    return; skipped where the installed open_clip predates ``chunk_size``."""
+    from open_clip.loss import SigLipLoss
+
+    if "chunk_size" not in inspect.signature(SigLipLoss).parameters:
+        pytest.skip("the installed open_clip's SigLipLoss has no chunk_size")
+    module = SigLipLoss(chunk_size=512)
+    return lambda image, text, scale, bias: module(F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale,
+                                                   bias)
+
+
 def bare_matmuls(q, k, w):
     """S = Q K^T, and with W (S's shape) the two gradient products W K and W^T Q."""
     q @ k.T
@@ -113,7 +159,14 @@ PROVIDERS = {
     "siglip": {
         "fusedloss": (lambda d: siglip_loss, "fusedloss.siglip_loss(image, text, logit_scale, logit_bias)", None),
         "eager": (lambda d: eager_siglip, "open_clip SigLipLoss, single process", None),
+        "open_clip-chunked": (open_clip_chunked_siglip, "open_clip.loss.SigLipLoss(chunk_size=512)", "open_clip"),
         "matmul": (None, "Q @ K.T; W @ K and W.T @ Q (forward + backward)", None),
+    },
+    "retrieval": {
+        "fusedloss": (lambda d: fused_retrieval, "fusedloss.info_nce(query, key, 0.05, negatives=, positive_ids=, "
+                                                 "false_negative_margin=0.1)", None),
+        "eager": (lambda d: eager_retrieval, "N x (N + S) logits, masks, soft-target cross-entropy", None),
+        "matmul": (None, "Q @ [K; S].T; W @ [K; S] and W.T @ Q (forward + backward)", None),
     },
 }
 GPU_ONLY = ("torch.compile", "inf_cl", "fusedloss-fixed_shift")  # (on CPU the kernels' schedule is not in play)
@@ -122,8 +175,9 @@ TARGET = ("clip", 65536, 768)  # torch.compile runs here only (compile time)
 
 def sizes(quick):
     if quick:
-        return {"clip": [(1024, 128)], "nt_xent": [(1024, 128)], "siglip": [(1024, 128)]}
-    return {"clip": [(65536, 768), (16384, 512)], "nt_xent": [(32768, 128)], "siglip": [(65536, 768)]}
+        return {"clip": [(1024, 128)], "nt_xent": [(1024, 128)], "siglip": [(1024, 128)], "retrieval": [(512, 128)]}
+    return {"clip": [(65536, 768), (16384, 512)], "nt_xent": [(32768, 128)], "siglip": [(65536, 768)],
+            "retrieval": [(32768, 768)]}
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -148,6 +202,12 @@ def test_siglip(run_bench, device, quick, provider, mode):
     _throughput(run_bench, device, "siglip", provider, mode, *sizes(quick)["siglip"][0])
 
 
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("provider", list(PROVIDERS["retrieval"]))
+def test_retrieval(run_bench, device, quick, provider, mode):
+    _throughput(run_bench, device, "retrieval", provider, mode, *sizes(quick)["retrieval"][0])
+
+
 def _throughput(run_bench, device, family, provider, mode, rows, dim):
     make, settings, module = PROVIDERS[family][provider]
     if device.type == "cpu" and provider in GPU_ONLY:
@@ -159,19 +219,23 @@ def _throughput(run_bench, device, family, provider, mode, rows, dim):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
     feats = [skip_if_oom(lambda: torch.randn(rows, dim, device=device, dtype=dtype, generator=gen))
-             for _ in range(1 if family == "nt_xent" else 2)]
+             for _ in range({"nt_xent": 1, "retrieval": 3}.get(family, 2))]
+    cols = 2 * rows if family == "retrieval" else rows  # (retrieval: N keys and S = N shared negatives)
     fused = 2 if mode == "fwd" else 6 if family == "nt_xent" else 8
     hw = {"fusedloss": fused, "fusedloss-fixed_shift": fused,
           "inf_cl": (4 if mode == "fwd" else 16)}.get(provider, 2 if mode == "fwd" else 6)
-    common = dict(flops=(2 if mode == "fwd" else 6) * rows * rows * dim, hw_flops=hw * rows * rows * dim,
+    common = dict(flops=(2 if mode == "fwd" else 6) * rows * cols * dim, hw_flops=hw * rows * cols * dim,
                   **row(family, provider, mode, f"{rows}x{dim}", f"d={dim}", dtype, settings))
     if provider == "matmul":
         w = None if mode == "fwd" else skip_if_oom(
-            lambda: torch.randn(rows, rows, device=device, dtype=dtype, generator=gen))
-        run_bench(bare_matmuls, [feats[0], feats[-1], w], **common)
+            lambda: torch.randn(rows, cols, device=device, dtype=dtype, generator=gen))
+        keys = torch.cat(feats[1:]) if family == "retrieval" else feats[-1]
+        run_bench(bare_matmuls, [feats[0], keys, w], **common)
         return
     inputs, reference = feats, eager_nt_xent
-    if family == "clip":
+    if family == "retrieval":
+        reference = eager_retrieval
+    elif family == "clip":
         inputs, reference = feats + [torch.tensor(LOGIT_SCALE, device=device)], eager_clip
     elif family == "siglip":
         inputs = feats + [torch.tensor(SIGLIP_SCALE, device=device), torch.tensor(SIGLIP_BIAS, device=device)]

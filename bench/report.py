@@ -41,6 +41,7 @@ PANELS = {
     "clip": "CLIP",
     "nt_xent": "NT-Xent",
     "siglip": "SigLIP",
+    "retrieval": "retrieval InfoNCE",
     "distillation": "distillation KL",
     "pointwise": "pointwise losses",
     "binary": "binary losses",

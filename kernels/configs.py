@@ -155,6 +155,20 @@ def contrastive_fwd_config(dim, itemsize, col_stats, sigmoid, schedule):
     return 32, 32, 16, 4, 1
 
 
+def retrieval_fwd_config(itemsize, ids):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the retrieval forward (kernels.retrieval): the
+    contrastive rows-only walk with two masks (``ids``: an int64 id compare) and two sums per similarity. Checked
+    with bench/compile_report.py, not timed: the contrastive forward's 128 x 128 x 64 spills here on sm_80 and sm_90
+    (32-680 bytes of local memory, the most with ids), 128 x 64 x 64 on sm_80 (24-112), and 128 x 64 x 32 with ids
+    and the margin on sm_80 (64): with ids the tile is 128 x 32. fp32's 64 x 32 x 16 spills 8 bytes with the
+    margin on sm_90; 64 x 32 x 32 does not."""
+    if itemsize == 2:
+        return (128, 32, 32, 8, 3) if ids else (128, 64, 32, 8, 3)
+    if itemsize == 4:
+        return 64, 32, 32, 4, 2
+    return 32, 32, 16, 4, 1
+
+
 def contrastive_dlogits_config(itemsize):
     """(BLOCK_M, BLOCK_N, BLOCK_D, GROUP_M, num_warps, num_stages) of the backward band kernel."""
     if itemsize == 2:

@@ -226,6 +226,25 @@ def _exact_weights(x, a, lse, b, lsec, COL_TERM: tl.constexpr):
 
 
 @triton.jit
+def band_tile(q_ptr, k_ptr, n_cols, dim, row_start, band_rows, stride_qm, stride_qd, stride_km, stride_kd,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+              PRECISION: tl.constexpr, DTYPE: tl.constexpr):
+    """This program's tile of a backward band (grouped, GEMM-style): (band-local rows, their mask, rows, columns,
+    their mask, the tile's row and column indices, the similarity tile ``Q[rows] K[cols]^T``)."""
+    num_m = tl.cdiv(band_rows, BLOCK_M)
+    num_n = tl.cdiv(n_cols, BLOCK_N)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = local < band_rows
+    rows = row_start + local
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    c = abt_tile(q_ptr, k_ptr, rows.to(tl.int64) * stride_qm, cols.to(tl.int64) * stride_km, row_mask, col_mask,
+                 dim, stride_qd, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, False, PRECISION, DTYPE)
+    return local, row_mask, rows, cols, col_mask, pid_m, pid_n, c
+
+
+@triton.jit
 def _contrastive_dlogits_kernel(
     # pointers
     q_ptr, k_ptr, scale_ptr, bias_ptr, band_scale_ptr, row_ptr, row_coef_ptr, col_ptr, col_coef_ptr, w_ptr,
@@ -243,16 +262,9 @@ def _contrastive_dlogits_kernel(
     dloss/ds, negatives' lse) of each row / column (softmax); ``row_coef`` / ``col_coef``: the weights ``a`` /
     ``b``, any stride (0 for one weight). SCHEDULE ``"fixed_shift"``: one exp per element in the tiles whose rows
     and columns all meet the fixed shift's criterion, the exact epilogue in the others."""
-    num_m = tl.cdiv(band_rows, BLOCK_M)
-    num_n = tl.cdiv(n_cols, BLOCK_N)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
-    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = local < band_rows
-    rows = row_start + local
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
-    c = abt_tile(q_ptr, k_ptr, rows.to(tl.int64) * stride_qm, cols.to(tl.int64) * stride_km, row_mask, col_mask,
-                 dim, stride_qd, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, False, PRECISION, DTYPE)
+    local, row_mask, rows, cols, col_mask, pid_m, pid_n, c = band_tile(
+        q_ptr, k_ptr, n_cols, dim, row_start, band_rows, stride_qm, stride_qd, stride_km, stride_kd, BLOCK_M, BLOCK_N,
+        BLOCK_D, GROUP_M, PRECISION, DTYPE)
     scale = tl.load(scale_ptr).to(DTYPE)
     a = tl.load(row_coef_ptr + rows.to(tl.int64) * stride_row_coef, mask=row_mask, other=0.0).to(DTYPE)
     pos = (rows + pos_offset) % pos_modulus  # indices < 2^31; only offsets need 64 bits

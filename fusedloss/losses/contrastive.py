@@ -203,8 +203,8 @@ def info_nce(query, key, temperature=0.07, *, negatives=None, positive_ids=None,
             size; ``clip_loss``). Ignored without ``process_group``.
         schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
             ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the
-            first. Only the plain call (and shared negatives alone) runs the kernels; the other options run the
-            band engine in torch ops on every backend.
+            first; they switch the plain call's kernels (and shared negatives alone), not the retrieval options'
+            (``fusedloss.losses.retrieval``).
 
     Returns:
         The loss in the query's dtype (fp32 under ``torch.autocast``).
@@ -236,7 +236,7 @@ def info_nce(query, key, temperature=0.07, *, negatives=None, positive_ids=None,
         from .retrieval import RetrievalOptions, info_nce_retrieval
 
         # (under torch.compile the definition, whose logits are materialized: the band loop is not traced)
-        engine = "definition" if _engine(x) == "definition" or torch.compiler.is_compiling() else "bands"
+        engine = "definition" if torch.compiler.is_compiling() else _engine(x)
         opts = RetrievalOptions(reduction, None if false_negative_margin is None else float(false_negative_margin),
                                 out_dtype, engine)
         if process_group is not None:

@@ -24,9 +24,16 @@ P_i] / |P_i|)`` with ``p = exp(x - lse)`` on the kept candidates and 0 on the re
 written ``expm1(x - lse + log |P_i|) / |P_i|`` (no cancellation where ``p`` is near its target). A removal mask is
 piecewise constant: no gradient flows through it, as through eager's ``masked_fill``.
 
-Bands: ``_BAND_ELEMENTS`` candidate similarities at a time (fp32 / fp64), in torch ops (cuBLAS on a GPU) on every
-backend: there is no Triton kernel for these options yet (the plain call and shared negatives alone run the
-contrastive kernels). Memory beyond the features and their gradients: one band and its masks.
+Engines (``RetrievalOptions.engine``):
+
+- ``"triton"``: ``fusedloss.kernels.retrieval``: per block of keys and shared negatives, the forward kernel's
+  statistics (one exp per similarity: the kept negatives and the positives share the running max), and in the
+  backward bands of ``W`` written by the band kernel in the features' dtype followed by the two band GEMMs of the
+  contrastive losses (``W @ candidates``, ``W^T @ queries``). The per-query negatives (``M x K``, O(M K d)) are
+  merged in torch ops. Memory beyond the features and their gradients: one ``R x C`` band.
+- ``"torch"``: the same statistics and bands in torch ops, ``_BAND_ELEMENTS`` candidates at a time.
+- ``"definition"``: the logits materialized (torch.func transforms, meta and fake tensors, ``torch.compile``,
+  higher-order gradients).
 
 Across ranks (``process_group``): every rank passes the same numbers of queries, keys and negatives. Rank ``r``
 returns the loss of its queries; the keys and shared negatives get ``d(sum_s g_s loss_s)`` (``g_s`` rank ``s``'s
@@ -41,21 +48,20 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import _distributed, _family
+from .. import _alloc, _distributed, _family
 
-# Candidate similarities per band (fp32: 4 MiB, with a few such temporaries and masks alive at once).
+# Torch engine: candidate similarities per band (fp32: 4 MiB, with a few such temporaries and masks alive at once).
 _BAND_ELEMENTS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalOptions:
-    """Everything but the tensors. ``engine``: ``'bands'`` or ``'definition'`` (the logits materialized: torch.func
-    transforms, meta and fake tensors, ``torch.compile``)."""
+    """Everything but the tensors; ``engine``: ``'triton'``, ``'torch'`` or ``'definition'`` (module docstring)."""
 
     reduction: str
     margin: Optional[float]
     out_dtype: torch.dtype
-    engine: str = "bands"
+    engine: str = "torch"
     rank: int = 0
     world_size: int = 1
     process_group: Optional[object] = dataclasses.field(default=None, compare=False)
@@ -63,14 +69,18 @@ class RetrievalOptions:
 
 
 class _Block(NamedTuple):
-    """One set of candidate keys: ``keys`` (n, d) and their ``ids`` (or None), the ``shared`` negatives (or None),
-    in the compute dtype, and ``own``: the index of query 0's positive key in ``keys`` when this block holds this
-    rank's keys (the per-query negatives join that block), else None."""
+    """One set of candidates of every query: ``keys`` (n, d) or None with their ``ids`` (or None), ``shared``
+    negatives (S, d) or None, ``per_query`` negatives (M, K, d) or None; ``own``: the index in ``keys`` of query 0's
+    own key when the block holds this rank's keys, else None."""
 
-    keys: torch.Tensor
+    keys: Optional[torch.Tensor]
     ids: Optional[torch.Tensor]
     shared: Optional[torch.Tensor]
+    per_query: Optional[torch.Tensor]
     own: Optional[int]
+
+    def width(self):
+        return sum(0 if t is None else t.shape[-2] for t in (self.keys, self.shared, self.per_query))
 
 
 def info_nce_retrieval(opts, q, k, shared, per_query, ids, scale):
@@ -83,45 +93,7 @@ def info_nce_retrieval(opts, q, k, shared, per_query, ids, scale):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One band of queries against one block
-
-
-def _bands(n_rows, n_cols):
-    step = max(1, _BAND_ELEMENTS // max(n_cols, 1))
-    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
-
-
-def _band(q, per_query, start, stop, block, query_ids, diag, margin):
-    """(c, positive, kept) of queries ``start:stop`` against ``block``: the similarities (R, C) in the compute
-    dtype, the positives, the kept non-positives; and ``diag``, each row's ``sim(q_i, k_i)`` (read from this band
-    in the own block, which every pass visits first; passed in for the others)."""
-    qb = q[start:stop]
-    parts = [qb @ block.keys.T]
-    if block.shared is not None:
-        parts.append(qb @ block.shared.T)
-    if per_query is not None and block.own is not None:
-        parts.append(torch.bmm(per_query[start:stop], qb[:, :, None])[:, :, 0])
-    c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    local = torch.arange(stop - start, device=c.device)
-    if block.own is not None:
-        diag = c[local, block.own + start + local]
-    positive = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
-    n_keys = block.keys.shape[0]
-    if query_ids is not None:
-        positive[:, :n_keys] = query_ids[start:stop, None] == block.ids[None, :]
-    elif block.own is not None:
-        positive[local, block.own + start + local] = True
-    kept = ~positive
-    if margin is not None:
-        kept &= ~(c > (diag - margin)[:, None])
-    return c, positive, kept, diag
-
-
-def _max_and_sum(x, mask):
-    """(max, sum of exp(x - max)) over ``mask`` along rows; an empty row gives (-inf, 0)."""
-    x = x.masked_fill(~mask, float("-inf"))
-    m = x.amax(1)
-    return m, torch.exp(x - torch.where(m > float("-inf"), m, 0.0)[:, None]).sum(1)
+# The statistics every engine adds to, block by block
 
 
 def _merge(m1, s1, m2, s2):
@@ -135,25 +107,19 @@ def _log_sum(m, s):
 
 
 class _Stats:
-    """The forward's running per-query statistics over the blocks it has seen (module docstring)."""
+    """Per query over the blocks seen so far: (max, sum-exp) of the kept negatives and of the positives, the
+    positives' similarity sum and count (module docstring). ``diag``: each query's ``sim(q_i, k_i)``."""
 
-    def __init__(self, n_rows, like):
-        full = lambda v: torch.full((n_rows,), v, dtype=like.dtype, device=like.device)  # noqa: E731
+    def __init__(self, diag):
+        full = lambda v: torch.full_like(diag, v)  # noqa: E731
         self.m_neg, self.s_neg, self.m_pos, self.s_pos = full(float("-inf")), full(0.0), full(float("-inf")), full(0.0)
-        self.pos_sum, self.count, self.diag = full(0.0), full(0.0), full(float("nan"))
+        self.pos_sum, self.count, self.diag = full(0.0), full(0.0), diag
 
-    def add(self, opts, q, per_query, block, query_ids, scale):
-        for start, stop in _bands(q.shape[0], block.keys.shape[0] + _extra_columns(block, per_query)):
-            rows = slice(start, stop)
-            c, positive, kept, diag = _band(q, per_query, start, stop, block, query_ids, self.diag[rows],
-                                            opts.margin)
-            self.diag[rows] = diag
-            x = c * scale
-            self.m_neg[rows], self.s_neg[rows] = _merge(self.m_neg[rows], self.s_neg[rows], *_max_and_sum(x, kept))
-            self.m_pos[rows], self.s_pos[rows] = _merge(self.m_pos[rows], self.s_pos[rows],
-                                                        *_max_and_sum(x, positive))
-            self.pos_sum[rows] += torch.where(positive, c, 0.0).sum(1)
-            self.count[rows] += positive.sum(1)
+    def add(self, rows, m_neg, s_neg, m_pos, s_pos, pos_sum, count):
+        self.m_neg[rows], self.s_neg[rows] = _merge(self.m_neg[rows], self.s_neg[rows], m_neg, s_neg)
+        self.m_pos[rows], self.s_pos[rows] = _merge(self.m_pos[rows], self.s_pos[rows], m_pos, s_pos)
+        self.pos_sum[rows] += pos_sum
+        self.count[rows] += count
 
     def finish(self, scale):
         """(per-query losses, row state (lse, diag, count) for the backward)."""
@@ -162,45 +128,188 @@ class _Stats:
         return losses, torch.stack([torch.logaddexp(lse_neg, lse_pos), self.diag, self.count], dim=1)
 
 
-def _extra_columns(block, per_query):
-    return (0 if block.shared is None else block.shared.shape[0]) + \
-        (per_query.shape[1] if per_query is not None and block.own is not None else 0)
+def _diagonal(q, k, cd):
+    """``sim(q_i, k_i)`` of each query and its own key, in the compute dtype (the margin's anchor)."""
+    return (q.to(cd) * k[:q.shape[0]].to(cd)).sum(1)
 
 
-def _block_grads(opts, q, per_query, block, query_ids, scale, row_state, a, need):
-    """This block's share of the gradients: (dq, d keys, d shared, d per-query, d scale), each None unless asked
-    (``need``: q, keys, shared, per-query, scale), unscaled by ``scale`` (the caller multiplies once)."""
-    n_rows, n_keys = q.shape[0], block.keys.shape[0]
-    n_shared = 0 if block.shared is None else block.shared.shape[0]
-    dq = torch.zeros_like(q) if need[0] else None
-    dkeys = torch.zeros_like(block.keys) if need[1] else None
-    dshared = torch.zeros_like(block.shared) if need[2] and block.shared is not None else None
-    dper_query = torch.zeros_like(per_query) if need[3] and per_query is not None and block.own is not None else None
-    dscale = torch.zeros((), dtype=q.dtype, device=q.device) if need[4] else None
-    for start, stop in _bands(n_rows, n_keys + _extra_columns(block, per_query)):
-        rows = slice(start, stop)
-        c, positive, kept, _ = _band(q, per_query, start, stop, block, query_ids, row_state[rows, 1], opts.margin)
-        lse, count = row_state[rows, 0, None], row_state[rows, 2, None]
-        x = c * scale
-        w = torch.where(kept, torch.exp(x - lse), 0.0)
-        w = torch.where(positive, torch.expm1(x - lse + torch.log(count)) / count, w) * a[rows, None]
-        if dscale is not None:
-            dscale += (w * c).sum()
-        w_keys, w_shared, w_own = w[:, :n_keys], w[:, n_keys:n_keys + n_shared], w[:, n_keys + n_shared:]
-        qb = q[rows]
-        if dq is not None:
-            dq[rows] = w_keys @ block.keys
-            if n_shared:
-                dq[rows] += w_shared @ block.shared
-            if w_own.shape[1]:
-                dq[rows] += torch.bmm(w_own[:, None, :], per_query[rows])[:, 0]
-        if dkeys is not None:
-            dkeys.addmm_(w_keys.T, qb)
-        if dshared is not None:
-            dshared.addmm_(w_shared.T, qb)
-        if dper_query is not None:
-            dper_query[rows] = w_own[:, :, None] * qb[:, None, :]
-    return dq, dkeys, dshared, dper_query, dscale
+# ---------------------------------------------------------------------------------------------------------------
+# Torch engine: one band of queries against one block, in the compute dtype
+
+
+def _bands(n_rows, n_cols):
+    step = max(1, _BAND_ELEMENTS // max(n_cols, 1))
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def _band(q, start, stop, block, query_ids, diag, margin):
+    """(c, positive, kept) of queries ``start:stop`` against ``block`` (compute dtype): the similarities (R, C),
+    the positives, the kept non-positives."""
+    qb = q[start:stop]
+    parts = []
+    if block.keys is not None:
+        parts.append(qb @ block.keys.T)
+    if block.shared is not None:
+        parts.append(qb @ block.shared.T)
+    if block.per_query is not None:
+        parts.append(torch.bmm(block.per_query[start:stop], qb[:, :, None])[:, :, 0])
+    c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    positive = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
+    if block.keys is not None and query_ids is not None:
+        positive[:, :block.keys.shape[0]] = query_ids[start:stop, None] == block.ids[None, :]
+    elif block.own is not None:
+        local = torch.arange(stop - start, device=c.device)
+        positive[local, block.own + start + local] = True
+    kept = ~positive
+    if margin is not None:
+        kept &= ~(c > (diag[start:stop] - margin)[:, None])
+    return c, positive, kept
+
+
+def _max_and_sum(x, mask):
+    """(max, sum of exp(x - max)) over ``mask`` along rows; an empty row gives (-inf, 0)."""
+    x = x.masked_fill(~mask, float("-inf"))
+    m = x.amax(1)
+    return m, torch.exp(x - torch.where(m > float("-inf"), m, 0.0)[:, None]).sum(1)
+
+
+def _in_compute_dtype(block, cd):
+    return block._replace(**{name: getattr(block, name).to(cd) for name in ("keys", "shared", "per_query")
+                             if getattr(block, name) is not None})
+
+
+class _TorchEngine:
+    @staticmethod
+    def stats(opts, q, block, query_ids, stats, scale):
+        block = _in_compute_dtype(block, scale.dtype)
+        q = q.to(scale.dtype)
+        for start, stop in _bands(q.shape[0], block.width()):
+            c, positive, kept = _band(q, start, stop, block, query_ids, stats.diag, opts.margin)
+            x = c * scale
+            stats.add(slice(start, stop), *_max_and_sum(x, kept), *_max_and_sum(x, positive),
+                      torch.where(positive, c, 0.0).sum(1), positive.sum(1))
+
+    @staticmethod
+    def grads(opts, q, block, query_ids, scale, row_state, a, need):
+        """This block's share of the gradients: (dq, d keys, d shared, d per-query, d scale), each None unless
+        asked (``need``: q, keys, shared, per-query, scale), in the compute dtype, unscaled by ``scale`` (the
+        caller multiplies once)."""
+        block = _in_compute_dtype(block, scale.dtype)
+        q = q.to(scale.dtype)
+        n_keys = 0 if block.keys is None else block.keys.shape[0]
+        n_shared = 0 if block.shared is None else block.shared.shape[0]
+        dq = torch.zeros_like(q) if need[0] else None
+        dkeys = torch.zeros_like(block.keys) if need[1] and block.keys is not None else None
+        dshared = torch.zeros_like(block.shared) if need[2] and block.shared is not None else None
+        dper_query = torch.zeros_like(block.per_query) if need[3] and block.per_query is not None else None
+        dscale = torch.zeros((), dtype=q.dtype, device=q.device) if need[4] else None
+        for start, stop in _bands(q.shape[0], block.width()):
+            rows = slice(start, stop)
+            c, positive, kept = _band(q, start, stop, block, query_ids, row_state[:, 1], opts.margin)
+            lse, count = row_state[rows, 0, None], row_state[rows, 2, None]
+            x = c * scale
+            w = torch.where(kept, torch.exp(x - lse), 0.0)
+            w = torch.where(positive, torch.expm1(x - lse + torch.log(count)) / count, w) * a[rows, None]
+            if dscale is not None:
+                dscale += (w * c).sum()
+            w_keys, w_shared, w_own = w[:, :n_keys], w[:, n_keys:n_keys + n_shared], w[:, n_keys + n_shared:]
+            qb = q[rows]
+            if dq is not None:
+                dq[rows] = w_keys @ block.keys if n_keys else 0.0
+                if n_shared:
+                    dq[rows] += w_shared @ block.shared
+                if block.per_query is not None:
+                    dq[rows] += torch.bmm(w_own[:, None, :], block.per_query[rows])[:, 0]
+            if dkeys is not None:
+                dkeys.addmm_(w_keys.T, qb)
+            if dshared is not None:
+                dshared.addmm_(w_shared.T, qb)
+            if dper_query is not None:
+                dper_query[rows] = w_own[:, :, None] * qb[:, None, :]
+        return dq, dkeys, dshared, dper_query, dscale
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton engine: the kernels on the block's keys and shared negatives, the per-query negatives in torch ops
+
+
+def _candidates(block):
+    """(candidates (C, d): the keys then the shared negatives, one tensor for the kernels; their ids; the index of
+    query 0's own key or None)."""
+    parts = [t for t in (block.keys, block.shared) if t is not None]
+    cand = parts[0] if len(parts) == 1 else torch.cat(parts)
+    ids = None
+    if block.ids is not None:  # (ids past the keys are never read: the kernels compare ids of keys only)
+        ids = block.ids if block.shared is None else torch.cat([block.ids, block.ids.new_zeros(block.shared.shape[0])])
+    return cand, ids, block.own
+
+
+class _TritonEngine:
+    @staticmethod
+    def stats(opts, q, block, query_ids, stats, scale):
+        from ..kernels.retrieval import ROW_STATS, retrieval_forward
+
+        if block.per_query is not None:
+            _TorchEngine.stats(opts, q, _Block(None, None, None, block.per_query, None), query_ids, stats, scale)
+        if block.keys is None and block.shared is None:
+            return
+        cand, ids, own = _candidates(block)
+        out = _alloc.empty((q.shape[0], ROW_STATS), dtype=scale.dtype, device=q.device)
+        retrieval_forward(q, cand, scale, None if ids is None else query_ids.contiguous(), ids,
+                          None if opts.margin is None else stats.diag, out, n_keys=0 if block.keys is None else
+                          block.keys.shape[0], pos_offset=own, margin=opts.margin)
+        m, s_neg, s_pos, pos_sum, count = out.unbind(1)
+        stats.add(slice(None), m, s_neg, m, s_pos, pos_sum, count)
+
+    @staticmethod
+    def grads(opts, q, block, query_ids, scale, row_state, a, need):
+        from ..kernels.contrastive import band_matmul, band_rows
+        from ..kernels.retrieval import dlogits_column_tiles, retrieval_dlogits
+
+        dq, _, _, dper_query, dscale = _TorchEngine.grads(
+            opts, q, _Block(None, None, None, block.per_query, None), query_ids, scale, row_state, a,
+            (need[0], False, False, need[3], need[4])) if block.per_query is not None else (None,) * 5
+        if block.keys is None and block.shared is None:
+            return dq, None, None, dper_query, dscale
+        cand, ids, own = _candidates(block)
+        n_rows, n_cols, n_keys = q.shape[0], cand.shape[0], 0 if block.keys is None else block.keys.shape[0]
+        need_cand = need[1] or need[2]
+        # W is stored times 1 / max |a| (|W| <= 1 then), so that fp16 bands stay clear of subnormals
+        top = a.abs().amax()
+        band_scale = torch.where(top > 0, 1.0 / top, torch.ones_like(top))
+        r = band_rows(n_rows, n_cols, q.dtype)
+        band = _alloc.empty((r, n_cols), dtype=q.dtype, device=q.device)
+        wc = _alloc.empty((r, dlogits_column_tiles(n_cols, q.dtype)), dtype=scale.dtype, device=q.device)
+        dq_cand = _alloc.empty((n_rows, q.shape[1]), dtype=scale.dtype, device=q.device) if need[0] else None
+        dcand = _alloc.empty((n_cols, q.shape[1]), dtype=scale.dtype, device=q.device) if need_cand else None
+        state = row_state.contiguous()
+        wc_sum = torch.zeros((), dtype=scale.dtype, device=q.device)
+        for start in range(0, n_rows, r):
+            stop = min(n_rows, start + r)
+            w = band[:stop - start]
+            retrieval_dlogits(q, cand, scale, band_scale, None if ids is None else query_ids.contiguous(), ids,
+                              state, a, w, wc[:stop - start], row_start=start, n_keys=n_keys, pos_offset=own,
+                              margin=opts.margin)
+            wc_sum += wc[:stop - start].sum()
+            if dq_cand is not None:
+                band_matmul(w, cand, dq_cand[start:stop], accumulate=False, cublas=False)
+            if dcand is not None:
+                band_matmul(w.t(), q[start:stop], dcand, accumulate=start > 0, cublas=False)
+        unscale = 1.0 / band_scale
+        if dq_cand is not None:
+            dq_cand.mul_(unscale)
+            dq = dq_cand if dq is None else dq.add_(dq_cand)
+        if need[4]:
+            dscale = wc_sum if dscale is None else dscale + wc_sum
+        dkeys = dshared = None
+        if dcand is not None:
+            dcand.mul_(unscale)
+            dkeys = dcand[:n_keys] if need[1] and block.keys is not None else None
+            dshared = dcand[n_keys:] if need[2] and block.shared is not None else None
+        return dq, dkeys, dshared, dper_query, dscale
+
+
+_ENGINES = {"triton": _TritonEngine, "torch": _TorchEngine}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,44 +322,53 @@ def _weights(opts, grad, n_rows):
     return (grad / n_rows if opts.reduction == "mean" else grad).expand(n_rows)
 
 
-def _travelling(k, ids, shared, cd):
+def _travelling(k, ids, shared):
     """This rank's block as it travels: keys, then ids and shared negatives where given."""
-    return tuple(t for t in (k.to(cd), ids, None if shared is None else shared.to(cd)) if t is not None)
+    return tuple(t for t in (k, ids, shared) if t is not None)
 
 
-def _arrived(parts, has_ids, has_shared, own):
+def _arrived(parts, has_ids, has_shared, per_query, own):
     parts = list(parts)
     keys = parts.pop(0)
     ids = parts.pop(0) if has_ids else None
-    return _Block(keys, ids, parts.pop(0) if has_shared else None, own)
+    return _Block(keys, ids, parts.pop(0) if has_shared else None, per_query if own is not None else None, own)
+
+
+def _gathered_block(opts, k, ids, shared, per_query):
+    if opts.process_group is None:
+        return _Block(k, ids, shared, per_query, 0)
+    group = opts.process_group
+    return _Block(_distributed.all_gather(k, group).flatten(0, 1),
+                  None if ids is None else _distributed.all_gather(ids, group).flatten(),
+                  None if shared is None else _distributed.all_gather(shared, group).flatten(0, 1),
+                  per_query, opts.rank * k.shape[0])
 
 
 class _RetrievalInfoNCE(_family.LossFunction):
     """Inputs: ``q`` (M, d), ``k`` (N, d), ``shared`` (S, d) or None, ``per_query`` (M, K, d) or None (the features
     as the loss sees them), ``ids`` (N,) or None, ``scale`` 0-d in the compute dtype. State: the rows' (lse, diag,
-    count) and, for the gather, the gathered keys, ids and shared negatives."""
+    count) and, for the gather across ranks, the gathered keys, ids and shared negatives."""
 
     @staticmethod
     def forward(opts, needs, q, k, shared, per_query, ids, scale):
-        cd = scale.dtype
-        qc = q.to(cd)
-        pq = None if per_query is None else per_query.to(cd)
+        engine = _ENGINES[opts.engine]
         query_ids = None if ids is None else ids[:q.shape[0]]
-        stats = _Stats(q.shape[0], scale)
+        stats = _Stats(_diagonal(q, k, scale.dtype))
         gathered = (None, None, None)
         if opts.dist_impl == "ring":
-            _distributed.ring_pass(
-                _travelling(k, ids, shared, cd),
-                lambda source, parts: stats.add(opts, qc, pq, _arrived(parts, ids is not None, shared is not None,
-                                                                        0 if source == opts.rank else None),
-                                                query_ids, scale),
-                opts.process_group)
+            def visit(source, parts):
+                own = 0 if source == opts.rank else None
+                engine.stats(opts, q, _arrived(parts, ids is not None, shared is not None, per_query, own),
+                             query_ids, stats, scale)
+
+            _distributed.ring_pass(_travelling(k, ids, shared), visit, opts.process_group)
         else:
-            block = _gathered_block(opts, k, ids, shared, cd)
-            gathered = (block.keys, block.ids, block.shared) if opts.process_group is not None else gathered
-            stats.add(opts, qc, pq, block, query_ids, scale)
+            block = _gathered_block(opts, k, ids, shared, per_query)
+            if opts.process_group is not None:
+                gathered = (block.keys, block.ids, block.shared)
+            engine.stats(opts, q, block, query_ids, stats, scale)
         losses, row_state = stats.finish(scale)
-        n_rows = torch.full((), float(q.shape[0]), dtype=cd, device=q.device)
+        n_rows = torch.full((), float(q.shape[0]), dtype=scale.dtype, device=q.device)
         loss = _family.reduce(losses, opts.reduction, n_rows, (q.shape[0],)).to(opts.out_dtype)
         return (loss, row_state) + gathered
 
@@ -265,28 +383,16 @@ class _RetrievalInfoNCE(_family.LossFunction):
         return _family.backward(ctx, _recompute, _definition, grad_outputs)
 
 
-def _gathered_block(opts, k, ids, shared, cd):
-    if opts.process_group is None:
-        return _Block(k.to(cd), ids, None if shared is None else shared.to(cd), 0)
-    group = opts.process_group
-    return _Block(_distributed.all_gather(k, group).flatten(0, 1).to(cd),
-                  None if ids is None else _distributed.all_gather(ids, group).flatten(),
-                  None if shared is None else _distributed.all_gather(shared, group).flatten(0, 1).to(cd),
-                  opts.rank * k.shape[0])
-
-
 def _recompute(ctx, inputs, state, grad_outputs):
-    opts = ctx.opts
+    opts, engine = ctx.opts, _ENGINES[ctx.opts.engine]
     q, k, shared, per_query, ids, scale = inputs
     row_state, *gathered = state
     cd = scale.dtype
-    qc = q.to(cd)
-    pq = None if per_query is None else per_query.to(cd)
     query_ids = None if ids is None else ids[:q.shape[0]]
     a = _weights(opts, grad_outputs[0].to(cd), q.shape[0])
     need_q, need_k, need_shared, need_pq, _, need_scale = ctx.needs
     need = (need_q, need_k, need_shared, need_pq, need_scale)
-    own = {}  # this rank's own block's share: the per-query negatives' gradient, and the scale's
+    own = {}  # the sums over blocks of this rank's own gradients: queries', per-query negatives', the scale's
 
     def add(grads):
         for name, g in zip(("q", "per_query", "scale"), (grads[0], grads[3], grads[4])):
@@ -295,24 +401,24 @@ def _recompute(ctx, inputs, state, grad_outputs):
 
     if opts.dist_impl == "ring":
         def visit(source, parts):
-            grads = _block_grads(opts, qc, pq, _arrived(parts, ids is not None, shared is not None,
-                                                        0 if source == opts.rank else None),
-                                 query_ids, scale, row_state, a, need)
+            block = _arrived(parts, ids is not None, shared is not None, per_query,
+                             0 if source == opts.rank else None)
+            grads = engine.grads(opts, q, block, query_ids, scale, row_state, a, need)
             add(grads)
-            return tuple(g for g in grads[1:3] if g is not None) if need_k or need_shared else None
+            return tuple(g for g in grads[1:3] if g is not None) or None
 
         carried = tuple(torch.empty(t.shape, dtype=cd, device=t.device)
                         for t, wanted in ((k, need_k), (shared, need_shared)) if wanted and t is not None)
-        carried = _distributed.ring_pass(_travelling(k, ids, shared, cd), visit, opts.process_group,
-                                         carried or None)
-        carried = iter(carried or ())
+        carried = iter(_distributed.ring_pass(_travelling(k, ids, shared), visit, opts.process_group,
+                                              carried or None) or ())
         dk = next(carried) if need_k else None
         dshared = next(carried) if need_shared and shared is not None else None
     else:
-        keys, key_ids, shared_all = gathered if opts.process_group is not None else (None, None, None)
-        block = _gathered_block(opts, k, ids, shared, cd) if keys is None else \
-            _Block(keys, key_ids, shared_all, opts.rank * k.shape[0])
-        grads = _block_grads(opts, qc, pq, block, query_ids, scale, row_state, a, need)
+        if opts.process_group is None:
+            block = _gathered_block(opts, k, ids, shared, per_query)
+        else:
+            block = _Block(*gathered, per_query, opts.rank * k.shape[0])
+        grads = engine.grads(opts, q, block, query_ids, scale, row_state, a, need)
         add(grads)
         dk, dshared = grads[1], grads[2]
         if opts.process_group is not None:
