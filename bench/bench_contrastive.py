@@ -16,8 +16,9 @@ harness. Both take the band GEMMs where ``FUSEDLOSS_CONTRASTIVE_GEMM`` says (Tri
 second run with that variable set times the four combinations (bench/NOTES.md has the command). SigLIP has one
 schedule (the fixed shift leaves its kernels as they are).
 
-Retrieval InfoNCE (``info_nce`` with S shared negatives, ``positive_ids`` and ``false_negative_margin``): the same
-counts over the N + S candidate columns, ``2 N (N + S) d`` forward and ``6 N (N + S) d`` forward + backward (the
+Retrieval InfoNCE (``info_nce`` with S shared negatives, ``positive_ids`` and ``false_negative_margin``; providers
+``fusedloss``, the default torch bands, and ``fusedloss-kernels``, the opt-in kernels): the same counts over the
+N + S candidate columns, ``2 N (N + S) d`` forward and ``6 N (N + S) d`` forward + backward (the
 fused path recomputes the similarities: 8). Its ``eager`` provider materializes the ``N x (N + S)`` logits, the
 masks and a soft-target cross-entropy. SigLIP's ``open_clip-chunked``: open_clip's own ``SigLipLoss`` with
 ``chunk_size`` (merged 2026-04), where the installed open_clip has it.
@@ -98,9 +99,10 @@ def retrieval_ids(n, device):
     return torch.arange(n, device=device) // RETRIEVAL_IDS
 
 
-def fused_retrieval(query, key, negatives):
-    return info_nce(query, key, RETRIEVAL_TEMPERATURE, negatives=negatives,
-                    positive_ids=retrieval_ids(key.shape[0], key.device), false_negative_margin=RETRIEVAL_MARGIN)
+def fused_retrieval(schedule=None):
+    return lambda query, key, negatives: info_nce(
+        query, key, RETRIEVAL_TEMPERATURE, negatives=negatives, positive_ids=retrieval_ids(key.shape[0], key.device),
+        false_negative_margin=RETRIEVAL_MARGIN, schedule=schedule)
 
 
 def eager_retrieval(query, key, negatives):
@@ -163,13 +165,16 @@ PROVIDERS = {
         "matmul": (None, "Q @ K.T; W @ K and W.T @ Q (forward + backward)", None),
     },
     "retrieval": {
-        "fusedloss": (lambda d: fused_retrieval, "fusedloss.info_nce(query, key, 0.05, negatives=, positive_ids=, "
-                                                 "false_negative_margin=0.1)", None),
+        "fusedloss": (lambda d: fused_retrieval(), "fusedloss.info_nce(query, key, 0.05, negatives=, positive_ids=, "
+                                                   "false_negative_margin=0.1): the torch bands", None),
+        "fusedloss-kernels": (lambda d: fused_retrieval("kernels"), "fusedloss.info_nce(..., schedule='kernels')",
+                              "triton"),
         "eager": (lambda d: eager_retrieval, "N x (N + S) logits, masks, soft-target cross-entropy", None),
         "matmul": (None, "Q @ [K; S].T; W @ [K; S] and W.T @ Q (forward + backward)", None),
     },
 }
-GPU_ONLY = ("torch.compile", "inf_cl", "fusedloss-fixed_shift")  # (on CPU the kernels' schedule is not in play)
+# (on CPU the kernels' schedules are not in play)
+GPU_ONLY = ("torch.compile", "inf_cl", "fusedloss-fixed_shift", "fusedloss-kernels")
 TARGET = ("clip", 65536, 768)  # torch.compile runs here only (compile time)
 
 

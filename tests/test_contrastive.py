@@ -909,13 +909,16 @@ def test_open_clip_constructor_with_a_group(rank_1_of_2):
 @pytest.mark.parametrize("dist_impl", ["gather", "ring"])
 @pytest.mark.parametrize("world", [2, 4, 8])
 @pytest.mark.parametrize("backend_name", ["torch", "interpret"])
-def test_gloo_ranks_match_open_clip(tmp_path, backend_name, world, dist_impl):
+def test_gloo_ranks_match_open_clip(tmp_path, monkeypatch, backend_name, world, dist_impl):
     """``nn.ClipLoss`` / ``nn.SigLipLoss`` with a process group, fp64, each rank a different grad_output, the text
     features gathered or passed around the ring: each rank's loss and every gradient are what open_clip's
     distributed loss gives on that rank; gradients through ``create_graph=True`` (the definition, differentiable
     collectives) agree, the scale's summed over ranks. Likewise ``info_nce`` with every retrieval option
-    (``check_info_nce_ranks``)."""
+    (``check_info_nce_ranks``): on the torch bands in the torch backend's run, on the retrieval kernels in the
+    interpreter's."""
     n_local, dim, seed = 13, 12, 1234
+    if backend_name == "interpret":
+        monkeypatch.setenv("FUSEDLOSS_RETRIEVAL_SCHEDULE", "kernels")
     results = run_gloo_ranks(tmp_path, "contrastive_dist_worker.py", backend_name, world, n_local, dim, seed,
                              dist_impl)
     for kind in ("clip", "siglip"):

@@ -111,13 +111,23 @@ def test_reference_hand_examples(name):
 # info_nce against the reference
 
 
+@pytest.fixture(params=["bands", "kernels"])
+def schedule(tier, request, monkeypatch):
+    """The retrieval engine of the Triton tiers (``FUSEDLOSS_RETRIEVAL_SCHEDULE``): the torch bands (the default)
+    or the kernels (opt-in); the torch tier has one engine."""
+    if tier.name == "torch" and request.param == "kernels":
+        pytest.skip("the torch backend runs the torch bands whatever the schedule")
+    monkeypatch.setenv("FUSEDLOSS_RETRIEVAL_SCHEDULE", request.param)
+    return request.param
+
+
 def _call(query, key, temperature, negatives=None, positive_ids=None, margin=None, **kw):
     return fusedloss.info_nce(query, key, temperature, negatives=negatives, positive_ids=positive_ids,
                               false_negative_margin=margin, **kw)
 
 
 @pytest.mark.parametrize("name", HAND)
-def test_hand_examples(tier, name):
+def test_hand_examples(tier, schedule, name):
     kw, expected = _hand_inputs(name, tier.device)
     loss = _call(temperature=1.0, normalize=False, reduction="none", **kw)
     assert_close(loss, expected, torch.float64, name)
@@ -168,8 +178,8 @@ def _compare(tier, dtype, tested, kw, gen, reduction):
        id_range=st.sampled_from([None, 1, 2, 3, 5]), margin=st.none() | st.floats(-0.2, 0.5),
        normalize=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]),
        temperature=st.floats(0.05, 1.0), temperature_tensor=st.booleans(), seed=st.integers(0, 2**16))
-def test_property_every_option(tier, m, extra, dim, neg, count, id_range, margin, normalize, reduction, temperature,
-                               temperature_tensor, seed):
+def test_property_every_option(tier, schedule, m, extra, dim, neg, count, id_range, margin, normalize, reduction,
+                               temperature, temperature_tensor, seed):
     if tier.name == "cuda":
         pytest.skip("the fp64 property tests run in the CPU tiers")
     gen, n = torch.Generator().manual_seed(seed), m + extra
@@ -196,7 +206,7 @@ def test_property_every_option(tier, m, extra, dim, neg, count, id_range, margin
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("neg", ["shared", "per_query"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_low_precision_every_option(tier, gen, dtype, neg, normalize):
+def test_low_precision_every_option(tier, schedule, gen, dtype, neg, normalize):
     """24 queries, 8 queue keys, 6 shared or 3 per-query negatives, ids with duplicates, a margin that removes the
     planted near-copies of every fourth query, a temperature tensor. Rows of norm ~1 (so that the dot products of
     normalize=False are O(1) too); the margin is placed where no candidate is within 0.02 of its threshold (a

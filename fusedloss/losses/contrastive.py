@@ -201,10 +201,12 @@ def info_nce(query, key, temperature=0.07, *, negatives=None, positive_ids=None,
         dist_impl: ``"gather"`` (all-gather the keys and shared negatives, reduce-scatter their gradient) or
             ``"ring"`` (each rank's block passed around the group: memory per rank independent of the world
             size; ``clip_loss``). Ignored without ``process_group``.
-        schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
-            ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the
-            first; they switch the plain call's kernels (and shared negatives alone), not the retrieval options'
-            (``fusedloss.losses.retrieval``).
+        schedule, gemm: the Triton backends' switches. The plain call (and shared negatives alone):
+            ``SCHEDULES`` ``"exact"`` or ``"fixed_shift"``, ``GEMMS`` ``"triton"`` or ``"cublas"``, None taking
+            ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first. With a retrieval option:
+            ``retrieval.SCHEDULES`` ``"bands"`` (torch ops, cuBLAS band GEMMs: the default until a GPU has timed
+            the kernels) or ``"kernels"`` (``kernels/retrieval.py``), None taking
+            ``FUSEDLOSS_RETRIEVAL_SCHEDULE``; ``gemm`` unused there.
 
     Returns:
         The loss in the query's dtype (fp32 under ``torch.autocast``).
@@ -233,10 +235,10 @@ def info_nce(query, key, temperature=0.07, *, negatives=None, positive_ids=None,
             opts = ContrastiveOptions("info_nce", reduction=reduction, normalized=normalize, out_dtype=out_dtype,
                                       engine=_engine(x))
             return _run(opts, x, y if neg is None else torch.cat([y, neg]), scale, None, schedule, gemm)
-        from .retrieval import RetrievalOptions, info_nce_retrieval
+        from .retrieval import RetrievalOptions, choose_engine, info_nce_retrieval
 
         # (under torch.compile the definition, whose logits are materialized: the band loop is not traced)
-        engine = "definition" if torch.compiler.is_compiling() else _engine(x)
+        engine = "definition" if torch.compiler.is_compiling() else choose_engine(_engine(x), schedule)
         opts = RetrievalOptions(reduction, None if false_negative_margin is None else float(false_negative_margin),
                                 out_dtype, engine)
         if process_group is not None:

@@ -26,12 +26,16 @@ piecewise constant: no gradient flows through it, as through eager's ``masked_fi
 
 Engines (``RetrievalOptions.engine``):
 
-- ``"triton"``: ``fusedloss.kernels.retrieval``: per block of keys and shared negatives, the forward kernel's
-  statistics (one exp per similarity: the kept negatives and the positives share the running max), and in the
-  backward bands of ``W`` written by the band kernel in the features' dtype followed by the two band GEMMs of the
-  contrastive losses (``W @ candidates``, ``W^T @ queries``). The per-query negatives (``M x K``, O(M K d)) are
-  merged in torch ops. Memory beyond the features and their gradients: one ``R x C`` band.
-- ``"torch"``: the same statistics and bands in torch ops, ``_BAND_ELEMENTS`` candidates at a time.
+- ``"triton"`` (on the Triton backends with ``schedule="kernels"``, opt-in until a GPU has timed it against the
+  torch bands: ``bench/bench_contrastive.py::test_retrieval``): ``fusedloss.kernels.retrieval``: per block of keys
+  and shared negatives, the forward kernel's statistics (one exp per similarity: the kept negatives and the
+  positives share the running max), and in the backward bands of ``W`` written by the band kernel in the
+  features' dtype followed by the two band GEMMs of the contrastive losses (``W @ candidates``, ``W^T @
+  queries``). The per-query negatives (``M x K``, O(M K d)) are merged in torch ops. Memory beyond the features
+  and their gradients: one ``R x C`` band.
+- ``"torch"``: the same statistics and bands in torch ops, ``_BAND_ELEMENTS`` candidates at a time (on a GPU
+  cuBLAS GEMMs and elementwise passes over each band): the torch backend's, and the Triton backends' default
+  (``schedule="bands"``).
 - ``"definition"``: the logits materialized (torch.func transforms, meta and fake tensors, ``torch.compile``,
   higher-order gradients).
 
@@ -48,7 +52,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import _alloc, _distributed, _family
+from .. import _alloc, _distributed, _family, _schedules
+
+# The Triton backends' two engines (``schedule``; the first is the default): the bands in torch ops, or the kernels.
+SCHEDULES = {"bands": "torch", "kernels": "triton"}
+SCHEDULE_ENV = "FUSEDLOSS_RETRIEVAL_SCHEDULE"
 
 # Torch engine: candidate similarities per band (fp32: 4 MiB, with a few such temporaries and masks alive at once).
 _BAND_ELEMENTS = 1 << 20
@@ -81,6 +89,13 @@ class _Block(NamedTuple):
 
     def width(self):
         return sum(0 if t is None else t.shape[-2] for t in (self.keys, self.shared, self.per_query))
+
+
+def choose_engine(backend_engine, schedule):
+    """The engine a call runs: the backend's (``contrastive._engine``: "triton", "torch" or "definition"), on the
+    Triton backends the one ``schedule`` names (``SCHEDULES``, None: ``SCHEDULE_ENV``, unset: "bands")."""
+    chosen = _schedules.resolve("schedule", schedule, SCHEDULES, SCHEDULE_ENV)
+    return chosen if backend_engine == "triton" else backend_engine
 
 
 def info_nce_retrieval(opts, q, k, shared, per_query, ids, scale):
