@@ -156,12 +156,9 @@ def contrastive_fwd_config(dim, itemsize, col_stats, sigmoid, schedule):
 
 
 def retrieval_fwd_config(itemsize, ids):
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the retrieval forward (kernels.retrieval): the
-    contrastive rows-only walk with two masks (``ids``: an int64 id compare) and two sums per similarity. Checked
-    with bench/compile_report.py, not timed: the contrastive forward's 128 x 128 x 64 spills here on sm_80 and sm_90
-    (32-680 bytes of local memory, the most with ids), 128 x 64 x 64 on sm_80 (24-112), and 128 x 64 x 32 with ids
-    and the margin on sm_80 (64): with ids the tile is 128 x 32. fp32's 64 x 32 x 16 spills 8 bytes with the
-    margin on sm_90; 64 x 32 x 32 does not."""
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of the retrieval forward (kernels.retrieval; ``ids``:
+    positives by id, an int64 compare per element). Checked with bench/compile_report.py (no spills on sm_80 /
+    sm_90), not timed; the tiles that spilled are listed in docs/kernels/retrieval.md."""
     if itemsize == 2:
         return (128, 32, 32, 8, 3) if ids else (128, 64, 32, 8, 3)
     if itemsize == 4:

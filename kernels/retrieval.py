@@ -1,14 +1,7 @@
 """Retrieval InfoNCE (``fusedloss.losses.retrieval``): each query's statistics over a block of candidates (keys,
 then shared negatives) and the band of its logit gradient, tile by tile, with positives found by id or by index
-and GISTEmbed's false-negative margin. The definition, the statistics and the gradient are derived in that module's
-docstring; the per-query negatives (``M x K`` similarities, O(M K d)) are merged by the host in torch ops.
-
-Bytes and FLOPs: as the contrastive kernels' rows-only pass (``docs/kernels/contrastive.md``): ``2 M C d`` FLOPs per
-pass over ``C`` candidates, the row tile re-read from L2 per column tile; the extras per element are the id
-compare (one int64 load per column per tile, cached) and the margin compare, and one exp: the kept negatives and
-the positives share the running max, so one ``exp(x - m)`` serves both sums (their own maxima would cost a second
-exp per element; a sum shared in this way loses nothing the fp32 range can hold: a negatives' sum under ``e^-87``
-of the positives' is a loss below fp32's smallest normal).
+and GISTEmbed's false-negative margin. The definition is derived in that module's docstring; the kernels' design,
+byte and FLOP counts and configs in ``docs/kernels/retrieval.md``.
 """
 
 from typing import Optional

@@ -37,10 +37,16 @@ are all-gathered (one collective; the gradient of the gathered copy is reduce-sc
 - ``siglip_loss``: rank ``r``'s images against every text: ``loss_r = sum_{i, j} softplus(-l_ij z_ij) / n`` with
   positives at ``r n + i``, open_clip's ``SigLipLoss(rank, world_size)`` (its neighbour exchange visits the same
   blocks), and open_clip's gradients: texts get ``d(sum_s g_s loss_s) / d(texts)``, everything else
-  ``d(g_r loss_r)``. An all-gather rather than open_clip's ring of neighbour exchanges: the same bytes on the wire
-  per rank ((W - 1) n d), one collective each way, and one kernel launch over all ``W n`` columns instead of W;
-  the price is memory, the gathered features (W n d, the features' dtype) and their fp32 gradient (4 W n d bytes),
-  where a ring holds two blocks.
+  ``d(g_r loss_r)``.
+
+``dist_impl`` chooses how the text features travel. ``"gather"`` (above): one all-gather of the features and one
+reduce-scatter of their fp32 gradient, one kernel launch over all ``W n`` columns; its price is memory, the gathered
+features (W n d, the features' dtype) and their fp32 gradient (4 W n d bytes). ``"ring"`` (``_ring_stats``,
+``_ring_grads`` on ``_distributed.ring_pass``): each rank's text block visits every rank, one hop per step, the
+next block's transfer overlapping the engine's work on the block in hand; the rows' statistics merge block by
+block, CLIP's column statistics and each block's fp32 gradient travel home with the block (both directions in one
+pass). The same (W - 1) n d bytes on the wire per rank, W launches, two blocks and two accumulators alive: memory
+independent of the world size.
 """
 
 import dataclasses
