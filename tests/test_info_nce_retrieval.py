@@ -235,6 +235,29 @@ def test_low_precision_every_option(tier, schedule, gen, dtype, neg, normalize):
              "none")
 
 
+@pytest.mark.parametrize("neg", ["shared", "per_query"])
+def test_strided_inputs(tier, schedule, gen, neg):
+    """Transposed and strided views (query, key, negatives, ids: every stride but the unit one) give the contiguous
+    copies' loss and gradients, on both engines."""
+    m, n, d = 9, 12, 7
+    query_t = randn(gen, d, m, dtype=torch.float64, device=tier.device).requires_grad_()
+    key_wide = randn(gen, n, 2 * d, dtype=torch.float64, device=tier.device).requires_grad_()
+    negatives = randn(gen, *((5, d) if neg == "shared" else (m, 3, d)), dtype=torch.float64, device=tier.device)
+    negatives = negatives.transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()  # column-major rows
+    ids_wide = torch.arange(2 * n, device=tier.device) // 4
+    views = (query_t.T, key_wide[:, ::2], negatives, ids_wide[::2])
+    copies = [t.detach().contiguous().requires_grad_(t.is_floating_point()) for t in views]
+    leaves = [(query_t, key_wide, negatives), copies[:3]]
+    results = []
+    for (q, k, ng, ids), wrt in ((views, leaves[0]), (copies, leaves[1])):
+        loss = _call(q, k, 0.1, negatives=ng, positive_ids=ids, margin=0.2)
+        grads = torch.autograd.grad(loss, wrt)
+        results.append([loss, grads[0].T if wrt is leaves[0] else grads[0],
+                        grads[1][:, ::2] if wrt is leaves[0] else grads[1], grads[2]])
+    for got, want, what in zip(results[0], results[1], ("loss", "query", "key", "negatives")):
+        assert_close(got, want, torch.float64, what)
+
+
 def test_default_call_is_cross_entropy(tier, gen):
     """No new option (omitted or None): F.cross_entropy over the cosine logits, queue keys included."""
     q = randn(gen, 20, 16, device=tier.device, requires_grad=True)

@@ -254,8 +254,9 @@ def _candidates(block):
     parts = [t for t in (block.keys, block.shared) if t is not None]
     cand = parts[0] if len(parts) == 1 else torch.cat(parts)
     ids = None
-    if block.ids is not None:  # (ids past the keys are never read: the kernels compare ids of keys only)
-        ids = block.ids if block.shared is None else torch.cat([block.ids, block.ids.new_zeros(block.shared.shape[0])])
+    if block.ids is not None:  # contiguous (the kernels read ids at unit stride); past the keys never read
+        ids = block.ids.contiguous() if block.shared is None else \
+            torch.cat([block.ids, block.ids.new_zeros(block.shared.shape[0])])
     return cand, ids, block.own
 
 
