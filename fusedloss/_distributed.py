@@ -37,28 +37,35 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.in
 def shard_classes(process_group, local_classes, device, **must_agree):
     """(n_classes, class_offset, widths): the class count of the whole vocabulary, the first class of this rank's
     contiguous slice and every rank's slice width, so that shards need not be even (11 classes on 2 ranks: 6
-    and 5). ``must_agree``: name -> an int or a dtype that every rank must hold the same (rows, hidden size, dtypes);
-    a disagreement raises the same ValueError on every rank, before the loss's own collectives, instead of a
-    one-sided abort or a wrong answer. One all-gather of a few int64 per rank, read on the host: on a GPU group a
-    host sync, the price of offsets that no rank can know alone."""
+    and 5). ``must_agree`` as ``agree``'s, checked in the same collective."""
+    table = agree(process_group, device, (local_classes,), **must_agree)
+    rank, _ = rank_and_size(process_group)
+    widths = tuple(row[0] for row in table)
+    return sum(widths), sum(widths[:rank]), widths
+
+
+def agree(process_group, device, free=(), **must_agree):
+    """Every rank's ``free`` integers (which may differ) as a table, one row per rank, after checking that every
+    rank holds the same ``must_agree`` values (name -> an int, a bool or a dtype: rows, hidden size, dtypes, which
+    inputs need a gradient). A disagreement raises the same ValueError on every rank, before the loss's own
+    collectives, instead of a one-sided abort, a hang or a wrong answer. One all-gather of a few int64 per rank,
+    read on the host: on a GPU group a host sync, the price of facts that no rank can know alone."""
     names = list(must_agree)
     values = [_DTYPES.index(v) if isinstance(v, torch.dtype) else int(v) for v in must_agree.values()]
     import torch.distributed as dist
 
     if dist.get_backend(process_group) == "gloo":
         device = torch.device("cpu")
-    table = all_gather(torch.tensor([local_classes] + values, dtype=torch.int64, device=device),
-                       process_group).tolist()
-    rank, _ = rank_and_size(process_group)
-    for column, name in enumerate(names, start=1):
+    table = all_gather(torch.tensor(list(free) + values, dtype=torch.int64, device=device), process_group).tolist()
+    for column, name in enumerate(names, start=len(free)):
         seen = [row[column] for row in table]
         if len(set(seen)) > 1:
             shown = [_DTYPES[v] if isinstance(must_agree[name], torch.dtype) else v for v in seen]
             raise ValueError(f"process_group: the ranks disagree on {name} ("
                              + ", ".join(f"{v} on rank {r}" for r, v in enumerate(shown))
-                             + "); every rank must call the loss on the same rows with the same dtypes")
-    widths = tuple(row[0] for row in table)
-    return sum(widths), sum(widths[:rank]), widths
+                             + "); every rank must call the loss on the same shapes with the same dtypes and "
+                             "options")
+    return [row[:len(free)] for row in table]
 
 
 def all_gather(t, process_group):
@@ -153,8 +160,11 @@ def ring_pass(block, visit, process_group, accumulator=None, combine=None):
     previous ranks contributed, and that travels on with the block. Returned: the accumulator of this rank's own
     block once every rank has contributed (the block's last hop is this accumulator alone), else None.
 
-    The order of messages on each link is the same on both ends (an accumulator, then the next block), which
-    backends that match point-to-point messages by order (NCCL) need; ``batch_isend_irecv`` issues each step's."""
+    Each step is two ``batch_isend_irecv`` groups, the same on every rank: the accumulators' exchange, waited for
+    before ``visit`` (so the previous sum is freed before the next is made), then the blocks', overlapping
+    ``visit``. Every send and its receive are in one group on both ends and in the same order, as NCCL needs (its
+    point-to-point calls block the GPU until matched, and match in order); the price is that the accumulator's
+    hop (n x d x 4 bytes) is not overlapped."""
     import torch.distributed as dist
 
     rank, world = rank_and_size(process_group)
@@ -165,31 +175,32 @@ def ring_pass(block, visit, process_group, accumulator=None, combine=None):
     send_to = dist.get_global_rank(process_group, (rank + 1) % world)
     receive_from = dist.get_global_rank(process_group, (rank - 1) % world)
 
-    def post(sends, receives):
+    def exchange(sends, receives):
         ops = [dist.P2POp(dist.irecv, t, receive_from, process_group) for t in receives]
         ops += [dist.P2POp(dist.isend, t, send_to, process_group) for t in sends]
         return dist.batch_isend_irecv(ops) if ops else []
 
-    hand, in_flight = tuple(t.contiguous() for t in block), []
-    for step in range(world):
-        arrived = [torch.empty_like(t) for t in accumulator] if accumulator is not None and step > 0 else []
-        incoming = [torch.empty_like(t) for t in hand] if step < world - 1 else []
-        works = post(hand if incoming else (), arrived + incoming)
-        for work in in_flight:  # the previous step's accumulator, received as the next rank posts this step's
-            work.wait()
-        in_flight = []
-        contribution = visit((rank - step) % world, hand)
+    def wait(works):
         for work in works:
             work.wait()
+
+    hand, total = tuple(t.contiguous() for t in block), None
+    for step in range(world):
+        arrived = None
+        if total is not None:  # the sum of the block this rank held last step goes on; the next one's comes in
+            arrived = tuple(torch.empty_like(t) for t in accumulator)
+            wait(exchange(total, arrived))
+        incoming = tuple(torch.empty_like(t) for t in hand) if step < world - 1 else ()
+        works = exchange(hand if incoming else (), incoming)
+        contribution = visit((rank - step) % world, hand)
         if accumulator is not None:
             contribution = tuple(contribution)
-            total = tuple(combine(a, c) for a, c in zip(arrived, contribution)) if arrived else \
+            total = tuple(combine(a, c) for a, c in zip(arrived, contribution)) if arrived is not None else \
                 tuple(c.contiguous() for c in contribution)
-            in_flight = post(total, ())
-        hand = tuple(incoming)
+        wait(works)
+        hand = incoming
     if accumulator is None:
         return None
-    home = [torch.empty_like(t) for t in accumulator]
-    for work in post((), home) + in_flight:
-        work.wait()
-    return tuple(home)
+    home = tuple(torch.empty_like(t) for t in accumulator)
+    wait(exchange(total, home))
+    return home

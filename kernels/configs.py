@@ -166,6 +166,14 @@ def retrieval_fwd_config(itemsize, ids):
     return 32, 32, 16, 4, 1
 
 
+def retrieval_dlogits_config(itemsize):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, GROUP_M, num_warps, num_stages) of the retrieval band kernel: the contrastive
+    band kernel's with the forward's BLOCK_D, so that each similarity is the same sum of products in both passes
+    (the margin's removals then agree between the forward and the backward at a tie)."""
+    block_m, block_n, _, group_m, num_warps, num_stages = contrastive_dlogits_config(itemsize)
+    return block_m, block_n, retrieval_fwd_config(itemsize, False)[2], group_m, num_warps, num_stages
+
+
 def contrastive_dlogits_config(itemsize):
     """(BLOCK_M, BLOCK_N, BLOCK_D, GROUP_M, num_warps, num_stages) of the backward band kernel."""
     if itemsize == 2:

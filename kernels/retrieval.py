@@ -52,10 +52,13 @@ def _retrieval_fwd_kernel(
     stride_qm, stride_qd, stride_cm, stride_cd, stride_out,
     # constants
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IDS: tl.constexpr, HAS_POS: tl.constexpr,
-    MARGIN: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
+    MARGIN: tl.constexpr, DIAG: tl.constexpr, PRECISION: tl.constexpr, DTYPE: tl.constexpr,
 ):
     """One row tile's ``ROW_STATS`` over every candidate of the block into ``out`` (n_rows x ROW_STATS, unit
-    column stride)."""
+    column stride). MARGIN: the anchor ``diag`` (each row's ``sim(q_i, k_i)``) is read from ``diag``, or with DIAG
+    (the block holding this rank's keys, at ``pos_offset``) first taken from the column tiles holding the rows' own
+    keys, on the main loop's tile grid, and written there: the same products as the candidates', so that a
+    duplicate of the positive compares equal to it."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     q_offs = rows.to(tl.int64) * stride_qm
@@ -64,7 +67,18 @@ def _retrieval_fwd_kernel(
     if IDS:
         row_ids = tl.load(row_ids_ptr + rows, mask=row_mask, other=0)
     diag = None
-    if MARGIN:
+    if DIAG:
+        diag = tl.zeros([BLOCK_M], DTYPE)
+        own = rows + pos_offset
+        first = tl.program_id(0) * BLOCK_M + pos_offset
+        for col_start in range((first // BLOCK_N) * BLOCK_N, first + BLOCK_M, BLOCK_N):
+            cols = col_start + tl.arange(0, BLOCK_N)
+            col_mask = cols < n_cols
+            c = abt_tile(q_ptr, cand_ptr, q_offs, cols.to(tl.int64) * stride_cm, row_mask, col_mask, dim, stride_qd,
+                         stride_cd, BLOCK_M, BLOCK_N, BLOCK_D, False, PRECISION, DTYPE)
+            diag += tl.sum(tl.where(cols[None, :] == own[:, None], c, 0.0), axis=1)
+        tl.store(diag_ptr + rows, diag, mask=row_mask)
+    elif MARGIN:
         diag = tl.load(diag_ptr + rows, mask=row_mask, other=0.0).to(DTYPE)
     m = tl.full([BLOCK_M], float("-inf"), DTYPE)
     s_neg = tl.zeros([BLOCK_M], DTYPE)
@@ -142,13 +156,14 @@ def _retrieval_dlogits_kernel(
 # Launchers: registered custom ops (``_launch.custom_launcher``) writing into caller-allocated buffers
 
 
-@custom_launcher("retrieval_forward", mutates_args=("out",))
+@custom_launcher("retrieval_forward", mutates_args=("diag", "out"))
 def retrieval_forward(q: torch.Tensor, cand: torch.Tensor, scale: torch.Tensor, row_ids: Optional[torch.Tensor],
                       ids: Optional[torch.Tensor], diag: Optional[torch.Tensor], out: torch.Tensor, *, n_keys: int,
                       pos_offset: Optional[int], margin: Optional[float]) -> None:
     """``_retrieval_fwd_kernel``: ``q`` (M, d) and ``cand`` (C, d) of one dtype, any strides; ``row_ids`` (M,) and
     ``ids`` (C,) int64 contiguous or None (positives by id); ``pos_offset``: column of query 0's own key, or None
-    (no positive by index in this block); ``diag`` (M,) or None (no margin, ``margin`` None); ``out``
+    (this rank's keys are not in this block); ``diag`` (M,) or None (no margin, ``margin`` None), the margin's
+    anchor, written here where the block holds this rank's keys and read otherwise; ``out``
     (M, ROW_STATS) of the compute dtype, unit column stride."""
     n_rows, dim = q.shape
     assert out.stride(1) == 1 and out.shape == (n_rows, ROW_STATS)
@@ -160,6 +175,7 @@ def retrieval_forward(q: torch.Tensor, cand: torch.Tensor, scale: torch.Tensor, 
         q.stride(0), q.stride(1), cand.stride(0), cand.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IDS=ids is not None,
         HAS_POS=ids is None and pos_offset is not None, MARGIN=margin is not None,
+        DIAG=margin is not None and pos_offset is not None,
         PRECISION=dot_precision(q.dtype), DTYPE=math_dtype(q), num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -175,7 +191,7 @@ def retrieval_dlogits(q: torch.Tensor, cand: torch.Tensor, scale: torch.Tensor, 
     ``retrieval_forward``'s."""
     rows, n_cols = w.shape
     assert w.stride(1) == 1 and state.stride(1) == 1 and row_start + rows <= q.shape[0]
-    block_m, block_n, block_d, group_m, num_warps, num_stages = configs.contrastive_dlogits_config(q.dtype.itemsize)
+    block_m, block_n, block_d, group_m, num_warps, num_stages = configs.retrieval_dlogits_config(q.dtype.itemsize)
     assert wc.shape == (rows, triton.cdiv(n_cols, block_n))
     _retrieval_dlogits_kernel[(triton.cdiv(rows, block_m) * triton.cdiv(n_cols, block_n),)](
         q, cand, scale, band_scale, row_ids, ids, state, coef, w, wc,
@@ -191,7 +207,7 @@ def retrieval_dlogits(q: torch.Tensor, cand: torch.Tensor, scale: torch.Tensor, 
 
 def dlogits_column_tiles(n_cols, dtype):
     """The second dimension of ``retrieval_dlogits``' ``wc``."""
-    return triton.cdiv(n_cols, configs.contrastive_dlogits_config(dtype.itemsize)[1])
+    return triton.cdiv(n_cols, configs.retrieval_dlogits_config(dtype.itemsize)[1])
 
 
 def compile_variants():

@@ -83,6 +83,18 @@ def main(rank, world, n_local, dim, seed, dist_impl):
                      hard_negatives=shared.view(world, 3, dim)[rank], doc_ids=ids[key_rows])
     exec(readme_example("retrieval"), namespace)
     results["readme_retrieval"] = namespace["loss"]
+    # ranks that disagree get the same ValueError on every rank, naming what differs (a ring would hang instead)
+    image, text = images[rows].clone().requires_grad_(), texts[rows].clone().requires_grad_(rank != 1)
+    query, key = queries[rows].clone().requires_grad_(), keys[key_rows][:n_local + (rank == 1)].clone()
+    for what, call in (
+            ("text_features_grad", lambda: fusedloss.clip_loss(image, text, scale, process_group=dist.group.WORLD,
+                                                               dist_impl="ring")),
+            ("key_rows", lambda: fusedloss.info_nce(query, key, process_group=dist.group.WORLD,
+                                                    dist_impl=dist_impl))):
+        try:
+            call()
+        except ValueError as error:
+            results["disagree/" + what] = str(error)
     return results
 
 

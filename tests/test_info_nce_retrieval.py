@@ -258,6 +258,43 @@ def test_strided_inputs(tier, schedule, gen, neg):
         assert_close(got, want, torch.float64, what)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_duplicate_keys_tie_at_margin_zero(tier, schedule, gen, normalize):
+    """Keys repeated after the positives (duplicate passages, common in a batch) have exactly the positive's
+    similarity: with GISTEmbed's default margin 0 the strict test keeps them, as the definition's one matmul does,
+    in the forward and the backward of both engines (the anchor comes from the same products as the candidates')."""
+    m, d = 8, 96
+    size = 1.0 if normalize else 0.1  # (raw dot products of about unit size: the softmax not saturated)
+    query = randn(gen, m, d, device=tier.device, scale=size, requires_grad=True)
+    base = randn(gen, m, d, device=tier.device, scale=size)
+    key = torch.cat([base, base]).requires_grad_()
+    loss = _call(query, key, 0.05, margin=0.0, normalize=normalize, reduction="none")
+    grads = torch.autograd.grad(loss, [query, key], torch.linspace(0.5, 1.5, m, device=tier.device))
+    leaves = _leaf_copies([query, key])
+    want = reference_info_nce(*leaves, 0.05, margin=0.0, normalize=normalize, reduction="none")
+    assert not reference_parts(*leaves, margin=0.0, normalize=normalize)[2][:, m:].diagonal().any()  # kept
+    want_grads = torch.autograd.grad(want, leaves, torch.linspace(0.5, 1.5, m, dtype=torch.float64))
+    assert_close(loss, want, torch.float32, "loss")
+    for got, expected, name in zip(grads, want_grads, ("query", "key")):
+        assert_close(got, expected, torch.float32, f"{name}.grad")
+
+
+@pytest.mark.parametrize("options", [{}, {"positive_ids": True}])
+def test_subnormal_grad_output(tier, schedule, gen, options):
+    """A grad_output below the smallest normal number (1e-310 in fp64) scales the gradients; the band kernels'
+    1 / max|weight| scaling once made it inf and the gradients NaN (the plain call's kernels too)."""
+    query = randn(gen, 10, 6, dtype=torch.float64, device=tier.device, requires_grad=True)
+    key = randn(gen, 12, 6, dtype=torch.float64, device=tier.device, requires_grad=True)
+    ids = torch.arange(12, device=tier.device) // 2 if options else None
+    loss = _call(query, key, 0.1, positive_ids=ids, reduction="sum")
+    tiny = torch.tensor(1e-310, dtype=torch.float64, device=tier.device)
+    grads = torch.autograd.grad(loss, [query, key], tiny, retain_graph=True)
+    ones = torch.autograd.grad(loss, [query, key])
+    for got, unit, name in zip(grads, ones, ("query", "key")):
+        assert torch.isfinite(got).all(), name
+        assert_close(got / 1e-310, unit, torch.float64, f"{name}.grad", factor=1e3)  # (subnormals: ~13 digits)
+
+
 def test_default_call_is_cross_entropy(tier, gen):
     """No new option (omitted or None): F.cross_entropy over the cosine logits, queue keys included."""
     q = randn(gen, 20, 16, device=tier.device, requires_grad=True)

@@ -152,7 +152,10 @@ def clip_loss(image_features, text_features, logit_scale, logit_bias=None, *, pr
             carries its columns' statistics (forward) and its gradient (backward) home with it; memory per rank
             independent of the world size (two blocks, where the gather holds all of them and their fp32 gradient),
             the same bytes on the wire, W steps instead of one collective. Same loss and gradients (module
-            docstring). The ring runs the ``"exact"`` schedule. Ignored without ``process_group``.
+            docstring). The ring runs the ``"exact"`` schedule, and first checks that every rank passes the same
+            shapes and asks for the texts' gradient alike (one all-gather of a few integers: a host sync on a GPU
+            group; a disagreement would hang the ring). Under ``torch.compile`` the definition runs, whose
+            features are gathered. Ignored without ``process_group``.
         schedule, gemm: the Triton backends' switches (``SCHEDULES``: ``"exact"`` or ``"fixed_shift"``; ``GEMMS``:
             ``"triton"`` or ``"cublas"``); None takes ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first.
 
@@ -203,10 +206,13 @@ def info_nce(query, key, temperature=0.07, *, negatives=None, positive_ids=None,
             their ids and the shared negatives of every rank are candidates of every query (rank order; query
             ``i``'s positive is its own rank's key ``i``). Rank ``r`` returns its queries' loss; keys and negatives
             get the gradient of ``sum_s g_s loss_s`` (``g_s`` rank ``s``'s grad_output), the rest that of ``g_r
-            loss_r`` (open_clip's gather_with_grad convention). Every rank must call it and backpropagate it.
+            loss_r`` (open_clip's gather_with_grad convention). Every rank must call it and backpropagate it;
+            each call first checks that the ranks agree on the shapes, the options and which inputs need a
+            gradient (one all-gather of a few integers: a host sync on a GPU group).
         dist_impl: ``"gather"`` (all-gather the keys and shared negatives, reduce-scatter their gradient) or
             ``"ring"`` (each rank's block passed around the group: memory per rank independent of the world
-            size; ``clip_loss``). Ignored without ``process_group``.
+            size; ``clip_loss``). Ignored without ``process_group``, and under ``torch.compile``, where the
+            definition runs (its keys gathered).
         schedule, gemm: the Triton backends' switches. The plain call (and shared negatives alone):
             ``SCHEDULES`` ``"exact"`` or ``"fixed_shift"``, ``GEMMS`` ``"triton"`` or ``"cublas"``, None taking
             ``FUSEDLOSS_CONTRASTIVE_SCHEDULE`` / ``_GEMM``, unset the first. With a retrieval option:
@@ -247,12 +253,20 @@ def info_nce(query, key, temperature=0.07, *, negatives=None, positive_ids=None,
         engine = "definition" if torch.compiler.is_compiling() else choose_engine(_engine(x), schedule)
         opts = RetrievalOptions(reduction, None if false_negative_margin is None else float(false_negative_margin),
                                 out_dtype, engine)
+        shared, per_query = (neg, None) if neg is None or neg.dim() == 2 else (None, neg)
         if process_group is not None:
             rank, world = _distributed.rank_and_size(_distributed.check_group(process_group))
             opts = dataclasses.replace(opts, rank=rank, world_size=world, process_group=process_group,
                                        dist_impl=dist_impl)
-        shared, per_query = (neg, None) if neg is None or neg.dim() == 2 else (None, neg)
-        return info_nce_retrieval(opts, x, y, shared, per_query, positive_ids, scale)
+            if engine != "definition":
+                needs = _family.needs_grad(y, shared)
+                _distributed.agree(process_group, x.device, query_rows=x.shape[0], key_rows=y.shape[0],
+                                   dim=x.shape[1], dtype=x.dtype, shared_negatives=0 if shared is None else len(shared),
+                                   per_query_negatives=0 if per_query is None else per_query.shape[1],
+                                   positive_ids=positive_ids is not None, margin=false_negative_margin is not None,
+                                   key_grad=needs[0], negatives_grad=needs[1])
+        ids = None if positive_ids is None else positive_ids.to(torch.int64)  # (every backend's collectives take it)
+        return info_nce_retrieval(opts, x, y, shared, per_query, ids, scale)
 
 
 def _check_retrieval_options(query, key, negatives, positive_ids, margin):
@@ -476,13 +490,17 @@ def _run(opts, x, y, scale, bias, schedule, gemm):
     gemm = _schedules.resolve("gemm", gemm, GEMMS, GEMM_ENV)
     if opts.engine == "definition":
         return _definition(opts, x, y, scale, bias)
+    needs = _family.needs_grad(x, y, scale, bias)
+    if opts.dist_impl == "ring":  # (a rank carrying a gradient accumulator that its neighbour does not would hang)
+        _distributed.agree(opts.process_group, x.device, rows=x.shape[0], dim=x.shape[1], dtype=x.dtype,
+                           text_features_grad=needs[1])
     if opts.engine == "triton":
         # The fixed shift needs unit vectors (not info_nce(normalize=False)); fp64 features take the exact kernels,
         # and so does the ring, whose blocks without positives the fixed shift's column fallback does not know.
         if not opts.normalized or x.dtype == torch.float64 or opts.dist_impl == "ring":
             schedule = "exact"
         opts = dataclasses.replace(opts, schedule=schedule, gemm=gemm)
-    return _Contrastive.apply(opts, _family.needs_grad(x, y, scale, bias), x, y, scale, bias)[0]
+    return _Contrastive.apply(opts, needs, x, y, scale, bias)[0]
 
 
 # The ``rank`` of a ring step's block of another rank's columns (``_block_options``): no positive among them.
@@ -819,7 +837,7 @@ def _triton_grads(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: O
     offset, modulus, self_mask = _positives(kind, rank, n_rows)
     # W is stored times 1 / max |weight| (|W| <= 2 then), so that fp16 bands stay clear of subnormals.
     top = a.abs().amax() if b is None else torch.maximum(a.abs().amax(), b.abs().amax())
-    band_scale = torch.where(top > 0, 1.0 / top, torch.ones_like(top))
+    band_scale = 1.0 / top.clamp(min=torch.finfo(top.dtype).tiny)  # (finite for a subnormal or zero top)
     r = band_rows(n_rows, n_cols, q.dtype)
     band = _alloc.empty((r, n_cols), dtype=q.dtype, device=q.device)
     cublas = gemm == "cublas"

@@ -123,12 +123,13 @@ def _log_sum(m, s):
 
 class _Stats:
     """Per query over the blocks seen so far: (max, sum-exp) of the kept negatives and of the positives, the
-    positives' similarity sum and count (module docstring). ``diag``: each query's ``sim(q_i, k_i)``."""
+    positives' similarity sum and count (module docstring); ``diag``: each query's ``sim(q_i, k_i)``, the margin's
+    anchor, written by the engine from the block holding this rank's keys, which every pass visits first."""
 
-    def __init__(self, diag):
-        full = lambda v: torch.full_like(diag, v)  # noqa: E731
+    def __init__(self, n_rows, like):
+        full = lambda v: torch.full((n_rows,), v, dtype=like.dtype, device=like.device)  # noqa: E731
         self.m_neg, self.s_neg, self.m_pos, self.s_pos = full(float("-inf")), full(0.0), full(float("-inf")), full(0.0)
-        self.pos_sum, self.count, self.diag = full(0.0), full(0.0), diag
+        self.pos_sum, self.count, self.diag = full(0.0), full(0.0), full(float("nan"))
 
     def add(self, rows, m_neg, s_neg, m_pos, s_pos, pos_sum, count):
         self.m_neg[rows], self.s_neg[rows] = _merge(self.m_neg[rows], self.s_neg[rows], m_neg, s_neg)
@@ -143,11 +144,6 @@ class _Stats:
         return losses, torch.stack([torch.logaddexp(lse_neg, lse_pos), self.diag, self.count], dim=1)
 
 
-def _diagonal(q, k, cd):
-    """``sim(q_i, k_i)`` of each query and its own key, in the compute dtype (the margin's anchor)."""
-    return (q.to(cd) * k[:q.shape[0]].to(cd)).sum(1)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Torch engine: one band of queries against one block, in the compute dtype
 
@@ -159,7 +155,9 @@ def _bands(n_rows, n_cols):
 
 def _band(q, start, stop, block, query_ids, diag, margin):
     """(c, positive, kept) of queries ``start:stop`` against ``block`` (compute dtype): the similarities (R, C),
-    the positives, the kept non-positives."""
+    the positives, the kept non-positives. The margin's anchor ``diag`` (the rows' ``sim(q_i, k_i)``) is written
+    from this band's own product where the block holds this rank's keys, so that a candidate equal to the
+    positive (a duplicate key) compares equal to it, as in the definition's one matmul; other blocks read it."""
     qb = q[start:stop]
     parts = []
     if block.keys is not None:
@@ -169,6 +167,9 @@ def _band(q, start, stop, block, query_ids, diag, margin):
     if block.per_query is not None:
         parts.append(torch.bmm(block.per_query[start:stop], qb[:, :, None])[:, :, 0])
     c = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    if block.own is not None and block.keys is not None:
+        local = torch.arange(stop - start, device=c.device)
+        diag[start:stop] = c[local, block.own + start + local]
     positive = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
     if block.keys is not None and query_ids is not None:
         positive[:, :block.keys.shape[0]] = query_ids[start:stop, None] == block.ids[None, :]
@@ -218,9 +219,10 @@ class _TorchEngine:
         dshared = torch.zeros_like(block.shared) if need[2] and block.shared is not None else None
         dper_query = torch.zeros_like(block.per_query) if need[3] and block.per_query is not None else None
         dscale = torch.zeros((), dtype=q.dtype, device=q.device) if need[4] else None
+        diag = row_state[:, 1].clone()  # (the own block's bands write theirs again: the same products)
         for start, stop in _bands(q.shape[0], block.width()):
             rows = slice(start, stop)
-            c, positive, kept = _band(q, start, stop, block, query_ids, row_state[:, 1], opts.margin)
+            c, positive, kept = _band(q, start, stop, block, query_ids, diag, opts.margin)
             lse, count = row_state[rows, 0, None], row_state[rows, 2, None]
             x = c * scale
             w = torch.where(kept, torch.exp(x - lse), 0.0)
@@ -265,17 +267,16 @@ class _TritonEngine:
     def stats(opts, q, block, query_ids, stats, scale):
         from ..kernels.retrieval import ROW_STATS, retrieval_forward
 
+        if block.keys is not None or block.shared is not None:  # first: the kernel writes the margin's anchor
+            cand, ids, own = _candidates(block)
+            out = _alloc.empty((q.shape[0], ROW_STATS), dtype=scale.dtype, device=q.device)
+            retrieval_forward(q, cand, scale, None if ids is None else query_ids.contiguous(), ids,
+                              None if opts.margin is None else stats.diag, out, n_keys=0 if block.keys is None else
+                              block.keys.shape[0], pos_offset=own, margin=opts.margin)
+            m, s_neg, s_pos, pos_sum, count = out.unbind(1)
+            stats.add(slice(None), m, s_neg, m, s_pos, pos_sum, count)
         if block.per_query is not None:
             _TorchEngine.stats(opts, q, _Block(None, None, None, block.per_query, None), query_ids, stats, scale)
-        if block.keys is None and block.shared is None:
-            return
-        cand, ids, own = _candidates(block)
-        out = _alloc.empty((q.shape[0], ROW_STATS), dtype=scale.dtype, device=q.device)
-        retrieval_forward(q, cand, scale, None if ids is None else query_ids.contiguous(), ids,
-                          None if opts.margin is None else stats.diag, out, n_keys=0 if block.keys is None else
-                          block.keys.shape[0], pos_offset=own, margin=opts.margin)
-        m, s_neg, s_pos, pos_sum, count = out.unbind(1)
-        stats.add(slice(None), m, s_neg, m, s_pos, pos_sum, count)
 
     @staticmethod
     def grads(opts, q, block, query_ids, scale, row_state, a, need):
@@ -291,8 +292,7 @@ class _TritonEngine:
         n_rows, n_cols, n_keys = q.shape[0], cand.shape[0], 0 if block.keys is None else block.keys.shape[0]
         need_cand = need[1] or need[2]
         # W is stored times 1 / max |a| (|W| <= 1 then), so that fp16 bands stay clear of subnormals
-        top = a.abs().amax()
-        band_scale = torch.where(top > 0, 1.0 / top, torch.ones_like(top))
+        band_scale = 1.0 / a.abs().amax().clamp(min=torch.finfo(a.dtype).tiny)  # (finite for a subnormal top)
         r = band_rows(n_rows, n_cols, q.dtype)
         band = _alloc.empty((r, n_cols), dtype=q.dtype, device=q.device)
         wc = _alloc.empty((r, dlogits_column_tiles(n_cols, q.dtype)), dtype=scale.dtype, device=q.device)
@@ -369,7 +369,7 @@ class _RetrievalInfoNCE(_family.LossFunction):
     def forward(opts, needs, q, k, shared, per_query, ids, scale):
         engine = _ENGINES[opts.engine]
         query_ids = None if ids is None else ids[:q.shape[0]]
-        stats = _Stats(_diagonal(q, k, scale.dtype))
+        stats = _Stats(q.shape[0], scale)
         gathered = (None, None, None)
         if opts.dist_impl == "ring":
             def visit(source, parts):
