@@ -61,6 +61,13 @@ def softplus(v):
     return torch.logaddexp(v, v.new_zeros(()))  # (a broadcast 0-d zero: no second temporary of v's size)
 
 
+def row_bands(n_rows, n_cols, elements):
+    """(start, stop) of consecutive row bands of about ``elements`` entries of an ``n_rows x n_cols`` matrix (at
+    least one row each): the torch engines' unit of work where the whole matrix would not fit."""
+    step = max(1, elements // max(n_cols, 1))
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
 def reduce(rows, reduction, denominator=None, shape=None):
     """Per-row losses (flat, compute dtype) -> the loss: ``'none'`` reshaped to ``shape``, ``'sum'``, or
     ``'mean'`` = sum / ``denominator`` (a 0-d tensor; NaN when it is 0, as torch's all-ignored mean)."""

@@ -1277,11 +1277,11 @@ def test_ring_memory_per_rank_is_flat_in_the_world_size(tmp_path, monkeypatch):
     """The ring's point: with the same local batch (256 x 8192 fp32: 8 MiB per block) each rank's peak resident
     memory during ``clip_loss`` / ``siglip_loss`` forward + backward does not grow with the world size: equal
     (within 10%) at 4 and 8 gloo ranks, and no higher at 2, where no step holds a block arriving and an
-    accumulator arriving at once (measured 64, 80, 80 MiB), while the gather's grows with the gathered features
-    and their fp32 gradient (79, 128, 224 MiB): the test checks that growth too, so that the measurement is seen
-    to resolve it. glibc's allocator is told to map every block of 64 KiB or more and unmap it when freed, so that
-    resident memory follows the live tensors (its default keeps freed heap resident, which hides or shifts a
-    peak). On every rank the ring's loss and gradients are the gather's (fp32)."""
+    accumulator arriving at once, while the gather's grows with the gathered features and their fp32 gradient
+    (bench/results/cpu-xeon-2core-2026-12-07-ring-memory.md has one run's figures): the test checks that growth
+    too, so that the measurement is seen to resolve it. glibc's allocator is told to map every block of 64 KiB or
+    more and unmap it when freed, so that resident memory follows the live tensors (its default keeps freed heap
+    resident, which hides or shifts a peak). On every rank the ring's loss and gradients are the gather's (fp32)."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     peaks = {}

@@ -727,11 +727,12 @@ def _ring_stats(opts, x, y, scale, bias):
     """(rows, cols) as the gather path's, by a ring: the rows' statistics merged block by block; for CLIP each text
     block carries its columns' partials over the rows it met and arrives home with them over every rank's rows
     (both directions in one pass), ``cols`` then this rank's own columns only."""
-    engine, held = _ENGINES[opts.engine], []
+    engine, held = _ENGINES[opts.engine], None
 
     def visit(source, block):
+        nonlocal held
         rows, cols = engine.stats(_block_options(opts, source == opts.rank), x, block[0], scale, bias)
-        held[:] = [rows if not held else _merge_rows(opts.kind, held[0], rows)]
+        held = rows if held is None else _merge_rows(opts.kind, held, rows)
         return None if cols is None else (cols,)
 
     carried = None
@@ -739,27 +740,28 @@ def _ring_stats(opts, x, y, scale, bias):
         carried = (torch.empty((3, y.shape[0]), dtype=scale.dtype, device=y.device),)
     cols = _distributed.ring_pass((y,), visit, opts.process_group, carried,
                                   combine=lambda arrived, part: _merge_partials(torch.stack([arrived, part])))
-    return held[0], (None if cols is None else cols[0])
+    return held, (None if cols is None else cols[0])
 
 
 def _ring_grads(opts, x, y, scale, bias, row_state, col_state, a, b, need_x, need_k):
     """(dx, dk) as the gather path's, by a ring: each text block travels with what its owner knows of its columns
     (CLIP: their statistics and weights ``b``) and with the sum of its gradient over the ranks it has visited, which
     arrives home complete. Every rank must ask for the texts' gradient alike (``need_k``): the ring carries it."""
-    engine, dx = _ENGINES[opts.engine], []
+    engine, dx = _ENGINES[opts.engine], None
     block = (y,) if opts.kind != "clip" else (y, col_state.contiguous(), b.contiguous())
 
     def visit(source, block):
+        nonlocal dx
         cols, weights = (block[1], block[2]) if opts.kind == "clip" else (None, None)
         dq, dk = engine.grads(_block_options(opts, source == opts.rank), x, block[0], scale, bias, row_state, cols,
                               a, weights, need_x, need_k)
         if dq is not None:
-            dx[:] = [dq if not dx else dx[0].add_(dq)]
+            dx = dq if dx is None else dx.add_(dq)
         return None if dk is None else (dk,)
 
     carried = (torch.empty(y.shape, dtype=scale.dtype, device=y.device),) if need_k else None
     dk = _distributed.ring_pass(block, visit, opts.process_group, carried)
-    return (dx[0] if dx else None), (None if dk is None else dk[0])
+    return dx, (None if dk is None else dk[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -877,11 +879,6 @@ class _TorchEngine:
     """The same statistics and bands in torch ops, in the compute dtype (fp32 / fp64)."""
 
     @staticmethod
-    def _bands(n_rows, n_cols):
-        step = max(1, _TORCH_BAND_ELEMENTS // max(n_cols, 1))
-        return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
-
-    @staticmethod
     def _sigmoid_logits(c, scale, bias, local, pos):
         """SigLIP's ``z = s C + b`` of a band with its positives set to -inf, where the negatives' terms
         ``softplus(z)`` and ``u = sigmoid(z)`` (docs/kernels/contrastive.md, l = -1) are 0, and z at the positives
@@ -913,7 +910,7 @@ class _TorchEngine:
         kc = k.to(scale.dtype)
         rows = torch.empty((n_rows, 3 if opts.kind == "siglip" else 4), dtype=scale.dtype, device=q.device)
         cols = None
-        for start, stop in cls._bands(n_rows, n_cols):
+        for start, stop in _family.row_bands(n_rows, n_cols, _TORCH_BAND_ELEMENTS):
             c = q[start:stop].to(scale.dtype) @ kc.T
             local, pos = cls._positive_columns(offset, modulus, n_cols, start, stop, c.device)
             if opts.kind == "siglip":  # (loss, sum u, sum u C): the negatives' sums plus the positive's terms
@@ -944,7 +941,7 @@ class _TorchEngine:
         kc = k.to(scale.dtype)
         dq = torch.empty((n_rows, kc.shape[1]), dtype=scale.dtype, device=q.device) if need_q else None
         dk = torch.zeros((n_cols, kc.shape[1]), dtype=scale.dtype, device=q.device) if need_k else None
-        for start, stop in cls._bands(n_rows, n_cols):
+        for start, stop in _family.row_bands(n_rows, n_cols, _TORCH_BAND_ELEMENTS):
             qc = q[start:stop].to(scale.dtype)
             c = qc @ kc.T
             local, pos = cls._positive_columns(offset, modulus, n_cols, start, stop, c.device)

@@ -148,11 +148,6 @@ class _Stats:
 # Torch engine: one band of queries against one block, in the compute dtype
 
 
-def _bands(n_rows, n_cols):
-    step = max(1, _BAND_ELEMENTS // max(n_cols, 1))
-    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
-
-
 def _band(q, start, stop, block, query_ids, diag, margin):
     """(c, positive, kept) of queries ``start:stop`` against ``block`` (compute dtype): the similarities (R, C),
     the positives, the kept non-positives. The margin's anchor ``diag`` (the rows' ``sim(q_i, k_i)``) is written
@@ -199,7 +194,7 @@ class _TorchEngine:
     def stats(opts, q, block, query_ids, stats, scale):
         block = _in_compute_dtype(block, scale.dtype)
         q = q.to(scale.dtype)
-        for start, stop in _bands(q.shape[0], block.width()):
+        for start, stop in _family.row_bands(q.shape[0], block.width(), _BAND_ELEMENTS):
             c, positive, kept = _band(q, start, stop, block, query_ids, stats.diag, opts.margin)
             x = c * scale
             stats.add(slice(start, stop), *_max_and_sum(x, kept), *_max_and_sum(x, positive),
@@ -220,7 +215,7 @@ class _TorchEngine:
         dper_query = torch.zeros_like(block.per_query) if need[3] and block.per_query is not None else None
         dscale = torch.zeros((), dtype=q.dtype, device=q.device) if need[4] else None
         diag = row_state[:, 1].clone()  # (the own block's bands write theirs again: the same products)
-        for start, stop in _bands(q.shape[0], block.width()):
+        for start, stop in _family.row_bands(q.shape[0], block.width(), _BAND_ELEMENTS):
             rows = slice(start, stop)
             c, positive, kept = _band(q, start, stop, block, query_ids, diag, opts.margin)
             lse, count = row_state[rows, 0, None], row_state[rows, 2, None]
@@ -332,12 +327,6 @@ _ENGINES = {"triton": _TritonEngine, "torch": _TorchEngine}
 # The autograd Function: one block (one process, or the gathered keys) or a ring of blocks
 
 
-def _weights(opts, grad, n_rows):
-    if opts.reduction == "none":
-        return grad.reshape(-1)
-    return (grad / n_rows if opts.reduction == "mean" else grad).expand(n_rows)
-
-
 def _travelling(k, ids, shared):
     """This rank's block as it travels: keys, then ids and shared negatives where given."""
     return tuple(t for t in (k, ids, shared) if t is not None)
@@ -405,7 +394,8 @@ def _recompute(ctx, inputs, state, grad_outputs):
     row_state, *gathered = state
     cd = scale.dtype
     query_ids = None if ids is None else ids[:q.shape[0]]
-    a = _weights(opts, grad_outputs[0].to(cd), q.shape[0])
+    n_rows = torch.full((), float(q.shape[0]), dtype=cd, device=q.device)
+    a = _family.grad_scale(grad_outputs[0].to(cd), opts.reduction, n_rows).expand(q.shape[0])
     need_q, need_k, need_shared, need_pq, _, need_scale = ctx.needs
     need = (need_q, need_k, need_shared, need_pq, need_scale)
     own = {}  # the sums over blocks of this rank's own gradients: queries', per-query negatives', the scale's
